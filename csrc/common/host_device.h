@@ -1,0 +1,31 @@
+// Portability macros for math headers compiled by both g++ (CPU kernels) and
+// nvcc (CUDA kernels). Everything in csrc/common/ is written once against
+// these so the CPU tests exercise the exact arithmetic the GPU runs.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MRO_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MRO_HOST_DEVICE inline
+#endif
+
+namespace maskrcnn_ops {
+
+// True for finite values, false for NaN and +-Inf. Written without
+// std::isfinite so it is callable from device code for float and double.
+template <typename T>
+MRO_HOST_DEVICE bool is_finite(T value) {
+  return (value - value) == T(0);
+}
+
+template <typename T>
+MRO_HOST_DEVICE T max_of(T a, T b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+MRO_HOST_DEVICE T min_of(T a, T b) {
+  return a < b ? a : b;
+}
+
+}  // namespace maskrcnn_ops

@@ -1,0 +1,99 @@
+// Argument validation for the RoIAlign ops, shared by the CPU and CUDA
+// kernels so both backends reject the same inputs with the same messages.
+// Host-only: included from .cpp and .cu files alike, but never from device code.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "roi_align_math.h"
+
+namespace maskrcnn_ops {
+
+inline bool is_supported_feature_dtype(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf ||
+         t == c10::kBFloat16;
+}
+
+// Accumulation dtype: float64 for double features, float32 otherwise.
+inline c10::ScalarType accumulate_dtype(c10::ScalarType t) {
+  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+inline void check_roi_align_common(const char* op, const at::Tensor& rois,
+                                   double spatial_scale, int64_t pooled_h,
+                                   int64_t pooled_w, int64_t sampling_ratio) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
+              ": expected rois of shape [K, 5] (batch_index, x1, y1, x2, y2), "
+              "got shape ",
+              rois.sizes());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op,
+              ": expected floating-point rois, got ", rois.scalar_type());
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op,
+              ": expected a positive output size, got (", pooled_h, ", ",
+              pooled_w, ")");
+  TORCH_CHECK(std::isfinite(spatial_scale) && spatial_scale > 0, op,
+              ": expected a finite, positive spatial_scale, got ",
+              spatial_scale);
+  TORCH_CHECK(sampling_ratio <= kMaxAdaptiveGrid, op,
+              ": sampling_ratio must be at most ", kMaxAdaptiveGrid, ", got ",
+              sampling_ratio);
+}
+
+inline void check_roi_align_forward(const at::Tensor& input,
+                                    const at::Tensor& rois,
+                                    double spatial_scale, int64_t pooled_h,
+                                    int64_t pooled_w, int64_t sampling_ratio) {
+  const char* op = "maskrcnn_ops::roi_align";
+  TORCH_CHECK(input.dim() == 4, op,
+              ": expected input of shape [N, C, H, W], got a ", input.dim(),
+              "-D tensor of shape ", input.sizes());
+  TORCH_CHECK(is_supported_feature_dtype(input.scalar_type()), op,
+              ": expected input of dtype float32, float64, float16 or "
+              "bfloat16, got ",
+              input.scalar_type());
+  TORCH_CHECK(input.device() == rois.device(), op,
+              ": input and rois must be on the same device, got input on ",
+              input.device(), " and rois on ", rois.device());
+  check_roi_align_common(op, rois, spatial_scale, pooled_h, pooled_w,
+                         sampling_ratio);
+}
+
+inline void check_roi_align_backward(const at::Tensor& grad,
+                                     const at::Tensor& rois,
+                                     double spatial_scale, int64_t pooled_h,
+                                     int64_t pooled_w, int64_t batch_size,
+                                     int64_t channels, int64_t height,
+                                     int64_t width, int64_t sampling_ratio) {
+  const char* op = "maskrcnn_ops::roi_align_backward";
+  TORCH_CHECK(is_supported_feature_dtype(grad.scalar_type()), op,
+              ": expected grad of dtype float32, float64, float16 or "
+              "bfloat16, got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad.device() == rois.device(), op,
+              ": grad and rois must be on the same device, got grad on ",
+              grad.device(), " and rois on ", rois.device());
+  check_roi_align_common(op, rois, spatial_scale, pooled_h, pooled_w,
+                         sampling_ratio);
+  TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
+              op, ": expected a non-negative input shape, got [", batch_size,
+              ", ", channels, ", ", height, ", ", width, "]");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) &&
+                  grad.size(1) == channels && grad.size(2) == pooled_h &&
+                  grad.size(3) == pooled_w,
+              op, ": expected grad of shape [", rois.size(0), ", ", channels,
+              ", ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+}
+
+// Layout policy shared by the kernels and mirrored by the fake kernels in
+// maskrcnn_ops/_fake.py: a tensor that is channels_last-contiguous but not
+// NCHW-contiguous is processed as NHWC without a copy; anything else is
+// processed as NCHW (made contiguous if it is not already).
+inline bool use_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+}  // namespace maskrcnn_ops

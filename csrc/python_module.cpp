@@ -1,0 +1,33 @@
+// The importable `maskrcnn_ops._C` module. Loading it runs the static
+// TORCH_LIBRARY registrations; its attributes let maskrcnn_ops/__init__.py
+// check that the binary matches the torch it is loaded into.
+#include <Python.h>
+#include <torch/version.h>
+
+namespace {
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "Compiled kernels of maskrcnn_ops; the operators live in torch.ops.maskrcnn_ops.",
+    -1,
+    nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef MASKRCNN_OPS_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddStringConstant(module, "built_with_torch", TORCH_VERSION) < 0 ||
+      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,58 @@
+"""maskrcnn_ops: hand-written CPU and CUDA kernels for Mask R-CNN's hot operators.
+
+The operators are registered with the PyTorch dispatcher under
+``torch.ops.maskrcnn_ops`` (so they work with autograd, ``torch.compile``,
+autocast and ``torch.library.opcheck``); this package adds typed wrappers
+with torchvision's signatures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _load_extension():
+    """Import the compiled kernels, or fail with the reason and the fix."""
+    try:
+        from . import _C
+    except ImportError as error:
+        text = str(error)
+        if "undefined symbol" in text or "version" in text.lower():
+            cause = (
+                f"it was most likely built against a different torch than the one "
+                f"installed ({torch.__version__})"
+            )
+        elif "No module named" in text or "cannot import name" in text:
+            cause = "the extension has not been built"
+        else:
+            cause = "the shared library failed to load"
+        raise ImportError(
+            f"maskrcnn_ops could not load its compiled extension maskrcnn_ops._C: {cause}. "
+            f"Rebuild it against the installed torch with "
+            f"`pip install --no-build-isolation .` (or `-e .`) in the source tree. "
+            f"Original error: {text}"
+        ) from error
+
+    runtime = torch.__version__.split("+")[0]
+    if runtime.split(".")[:2] != _C.built_with_torch.split(".")[:2]:
+        raise ImportError(
+            f"maskrcnn_ops._C was built against torch {_C.built_with_torch} but torch "
+            f"{torch.__version__} is installed; rebuild with "
+            f"`pip install --no-build-isolation .` in the source tree."
+        )
+    return _C
+
+
+_C = _load_extension()
+
+from . import _autograd, _fake  # noqa: E402,F401  (registrations)
+from .roi_align import RoIAlign, roi_align  # noqa: E402
+
+
+def build_info() -> dict:
+    """How the loaded extension was built: torch version and whether the CUDA
+    kernels are compiled in."""
+    return {"built_with_torch": _C.built_with_torch, "with_cuda": bool(_C.with_cuda)}
+
+
+__all__ = ["roi_align", "RoIAlign", "build_info"]

@@ -1,0 +1,63 @@
+"""Autograd formulas for the operators.
+
+roi_align is differentiable with respect to its input features (not the
+boxes, as in torchvision). Its backward is a linear map of the output
+gradient, so the backward op is differentiable too: its gradient is
+roi_align applied to the incoming gradient, which gives exact double
+backward (the second derivative with respect to the features is zero).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.maskrcnn_ops
+
+
+def _roi_align_setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.input_shape = input.shape
+    ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+def _roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.params
+    batch_size, channels, height, width = ctx.input_shape
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.roi_align_backward(
+            grad, rois, spatial_scale, pooled_height, pooled_width,
+            batch_size, channels, height, width, sampling_ratio, aligned,
+        )
+    return grad_input, None, None, None, None, None, None
+
+
+def _roi_align_backward_setup_context(ctx, inputs, output):
+    rois = inputs[1]
+    spatial_scale, pooled_height, pooled_width = inputs[2:5]
+    sampling_ratio, aligned = inputs[9:11]
+    ctx.save_for_backward(rois)
+    ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+def _roi_align_backward_backward(ctx, grad_grad_input):
+    (rois,) = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.params
+    grad_grad = None
+    if ctx.needs_input_grad[0]:
+        grad_grad = _ops.roi_align(
+            grad_grad_input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
+        )
+    return (grad_grad,) + (None,) * 10
+
+
+torch.library.register_autograd(
+    "maskrcnn_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup_context
+)
+torch.library.register_autograd(
+    "maskrcnn_ops::roi_align_backward",
+    _roi_align_backward_backward,
+    setup_context=_roi_align_backward_setup_context,
+)

@@ -1,0 +1,39 @@
+"""Fake (shape-only) kernels, used by torch.compile, torch.export and opcheck.
+
+Each mirrors the output shape, dtype and memory format of the real kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._layout import memory_format_of
+
+
+@torch.library.register_fake("maskrcnn_ops::roi_align")
+def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    torch._check(input.dim() == 4, lambda: f"roi_align: expected a 4-D input, got {input.dim()}-D")
+    torch._check(
+        rois.dim() == 2 and rois.size(1) == 5,
+        lambda: f"roi_align: expected rois of shape [K, 5], got {tuple(rois.shape)}",
+    )
+    return torch.empty(
+        (rois.size(0), input.size(1), pooled_height, pooled_width),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=memory_format_of(input),
+    )
+
+
+@torch.library.register_fake("maskrcnn_ops::roi_align_backward")
+def _roi_align_backward_fake(
+    grad, rois, spatial_scale, pooled_height, pooled_width,
+    batch_size, channels, height, width, sampling_ratio, aligned,
+):
+    torch._check(grad.dim() == 4, lambda: f"roi_align_backward: expected a 4-D grad, got {grad.dim()}-D")
+    return torch.empty(
+        (batch_size, channels, height, width),
+        dtype=grad.dtype,
+        device=grad.device,
+        memory_format=memory_format_of(grad),
+    )

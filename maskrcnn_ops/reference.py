@@ -1,0 +1,116 @@
+"""Pure-PyTorch reference implementations: the oracles of the tests.
+
+They use no custom kernel, favour clarity over speed (a Python loop over
+RoIs), and are differentiable through autograd. Geometry is computed in the
+kernels' accumulation precision (float32, float64 for float64 features), with
+the same operation order, so sample positions agree bit for bit and results
+differ only by summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor
+
+MAX_ADAPTIVE_GRID = 1024  # csrc/common/roi_align_math.h: kMaxAdaptiveGrid
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _axis_taps(coord: Tensor, size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis. coord: [S] sample coordinates.
+    Returns (low, high, w_low, w_high), each [S]; weights are zero outside [-1, size]."""
+    valid = (coord >= -1) & (coord <= size)
+    c = coord.clamp(min=0)
+    low = c.floor().clamp(max=max(size - 1, 0)).long()
+    at_edge = low >= size - 1
+    high = torch.where(at_edge, low, low + 1)
+    c = torch.where(at_edge, low.to(c.dtype), c)
+    frac = c - low.to(c.dtype)
+    zero = torch.zeros_like(frac)
+    w_low = torch.where(valid, 1 - frac, zero)
+    w_high = torch.where(valid, frac, zero)
+    return low.where(valid, 0), high.where(valid, 0), w_low, w_high
+
+
+def _sample_coordinates(start: Tensor, bin_size: Tensor, bins: int, grid: int) -> Tensor:
+    """Coordinates of all samples along one axis, bin-major: [bins * grid]."""
+    dtype = start.dtype
+    b = torch.arange(bins, dtype=dtype).repeat_interleave(grid)
+    i = torch.arange(grid, dtype=dtype).repeat(bins)
+    return start + b * bin_size + (i + 0.5) * bin_size / grid
+
+
+def _adaptive_grid(bin_size: float) -> int:
+    if not bin_size > 0:
+        return 0
+    if bin_size >= MAX_ADAPTIVE_GRID:
+        return MAX_ADAPTIVE_GRID
+    return int(torch.tensor(bin_size).ceil().item())
+
+
+def roi_align(
+    input: Tensor,
+    rois: Tensor,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """Reference RoIAlign.
+
+    Args:
+        input: [N, C, H, W] features.
+        rois: [K, 5] rows of (batch_index, x1, y1, x2, y2).
+    Returns:
+        [K, C, PH, PW] in input's dtype (computed in the accumulation dtype).
+    """
+    pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    n, channels, height, width = input.shape
+    acc = _accumulate_dtype(input.dtype)
+    features = input.to(acc)
+    rois_acc = rois.to(acc).cpu()
+    scale = torch.tensor(spatial_scale, dtype=acc)
+    offset = 0.5 if aligned else 0.0
+    outputs = []
+    for roi in rois_acc:
+        batch = roi[0].item()
+        if not (0 <= batch < n):
+            raise ValueError(f"batch index {batch} outside [0, {n})")
+        start_w, start_h, end_w, end_h = (roi[1:] * scale - offset).unbind()
+        roi_w, roi_h = end_w - start_w, end_h - start_h
+        if not aligned:
+            roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
+        bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+        finite = bool(torch.isfinite(torch.stack([start_w, start_h, end_w, end_h])).all())
+        if sampling_ratio > 0:
+            grid_h = grid_w = sampling_ratio
+        else:
+            grid_h, grid_w = _adaptive_grid(bin_h.item()), _adaptive_grid(bin_w.item())
+        if not finite or height == 0 or width == 0 or grid_h == 0 or grid_w == 0:
+            outputs.append(features.new_zeros(channels, pooled_h, pooled_w))
+            continue
+        ys = _sample_coordinates(start_h, bin_h, pooled_h, grid_h)
+        xs = _sample_coordinates(start_w, bin_w, pooled_w, grid_w)
+        y_lo, y_hi, wy_lo, wy_hi = (t.to(input.device) for t in _axis_taps(ys, height))
+        x_lo, x_hi, wx_lo, wx_hi = (t.to(input.device) for t in _axis_taps(xs, width))
+        f = features[int(batch)]
+
+        def corner(yi, xi):
+            return f[:, yi[:, None], xi[None, :]]  # [C, Sy, Sx]
+
+        samples = (
+            corner(y_lo, x_lo) * (wy_lo[:, None] * wx_lo[None, :])
+            + corner(y_lo, x_hi) * (wy_lo[:, None] * wx_hi[None, :])
+            + corner(y_hi, x_lo) * (wy_hi[:, None] * wx_lo[None, :])
+            + corner(y_hi, x_hi) * (wy_hi[:, None] * wx_hi[None, :])
+        )
+        pooled = samples.reshape(channels, pooled_h, grid_h, pooled_w, grid_w).sum(dim=(2, 4))
+        outputs.append(pooled / max(grid_h * grid_w, 1))
+    if not outputs:
+        return input.new_zeros(0, channels, pooled_h, pooled_w)
+    return torch.stack(outputs).to(input.dtype)
