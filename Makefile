@@ -1,0 +1,38 @@
+# Quick start on a fresh Linux machine with Python 3.10+ (and optionally a
+# CUDA toolkit): `make demo` or `make test` set everything up and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEV_DEPS := numpy pytest hypothesis expecttest ninja pybind11
+
+# Without a visible GPU, compile the CUDA kernels for Hopper only (keeps the
+# build short); with one, torch targets the GPUs it sees.
+ifeq ($(shell nvidia-smi -L 2>/dev/null),)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: demo test bench build clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS) $(DEV_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^ *maskrcnn_ops:|error" || true
+	$(PY) -c "import maskrcnn_ops; print('maskrcnn_ops', maskrcnn_ops.build_info())"
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m benchmarks.roi_align
+
+clean:
+	rm -rf build *.egg-info maskrcnn_ops/*.so $(VENV)/.built

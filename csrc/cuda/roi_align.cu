@@ -1,0 +1,361 @@
+// RoIAlign forward and backward on CUDA.
+//
+// Thread mapping follows the memory layout, so that neighbouring threads
+// touch neighbouring addresses:
+//   * channels_last: one thread per (RoI, bin, channel), channel fastest. Loads
+//     of a warp are one contiguous run of channels; the backward's atomics are
+//     coalesced the same way.
+//   * NCHW: one thread per (RoI, channel group, bin), output column fastest;
+//     each thread computes the sample taps once and applies them to
+//     kChannelsPerThread channel planes, which amortizes the geometry and
+//     keeps several independent loads in flight.
+// The geometry and bilinear taps are the shared code in csrc/common, so the
+// CPU tests check the arithmetic these kernels run. All index arithmetic is
+// 64-bit.
+//
+// Backward: atomics into a zeroed buffer (float32 for half types, rounded once
+// at the end). With torch.use_deterministic_algorithms(True) the atomics add
+// 64-bit fixed-point integers instead: integer addition is associative, so the
+// sum, and the result, is bitwise independent of the order of the atomics. The
+// fixed-point scale is derived on the device from max|grad| (no host sync), at
+// 2^-45 of the largest possible sum or finer, far below float32 resolution.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common/roi_align_checks.h"
+#include "../common/roi_align_math.h"
+
+namespace maskrcnn_ops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChannelsPerThread = 4;
+
+inline unsigned int grid_size(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 30)));
+}
+
+// Where the elements of channel c of image b live, for either layout.
+struct FeatureLayout {
+  int64_t channels, height, width;
+  bool channels_last;
+
+  __host__ __device__ int64_t channel_origin(int64_t b, int64_t c) const {
+    return channels_last ? b * height * width * channels + c
+                         : (b * channels + c) * height * width;
+  }
+  __host__ __device__ int64_t channel_stride() const {
+    return channels_last ? 1 : height * width;
+  }
+  __host__ __device__ int64_t y_stride() const {
+    return channels_last ? width * channels : width;
+  }
+  __host__ __device__ int64_t x_stride() const {
+    return channels_last ? channels : 1;
+  }
+};
+
+struct Bin {
+  int64_t k, c, ph, pw;
+};
+
+// Decomposes a flat work index. channels_last: (k, ph, pw, c), c fastest, one
+// channel per thread. NCHW: (k, channel group, ph, pw), pw fastest.
+__device__ __forceinline__ Bin decompose(int64_t index, int64_t channels,
+                                         int64_t pooled_h, int64_t pooled_w,
+                                         bool channels_last, int group) {
+  Bin bin;
+  if (channels_last) {
+    bin.c = index % channels;
+    index /= channels;
+    bin.pw = index % pooled_w;
+    index /= pooled_w;
+    bin.ph = index % pooled_h;
+    bin.k = index / pooled_h;
+  } else {
+    const int64_t groups = (channels + group - 1) / group;
+    bin.pw = index % pooled_w;
+    index /= pooled_w;
+    bin.ph = index % pooled_h;
+    index /= pooled_h;
+    bin.c = (index % groups) * group;
+    bin.k = index / groups;
+  }
+  return bin;
+}
+
+template <typename scalar_t, typename acc_t, int CPT>
+__global__ void roi_align_forward_kernel(
+    const scalar_t* __restrict__ input, const acc_t* __restrict__ rois,
+    scalar_t* __restrict__ output, int64_t work, int64_t batch,
+    FeatureLayout layout, int64_t pooled_h, int64_t pooled_w,
+    acc_t spatial_scale, int64_t sampling_ratio, bool aligned) {
+  const int group = layout.channels_last ? 1 : CPT;
+  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Bin bin = decompose(index, layout.channels, pooled_h, pooled_w,
+                              layout.channels_last, group);
+    const auto g = roi_geometry<acc_t>(rois + bin.k * 5, batch, layout.height,
+                                       layout.width, spatial_scale, pooled_h,
+                                       pooled_w, sampling_ratio, aligned);
+    const int n = static_cast<int>(min_of<int64_t>(group, layout.channels - bin.c));
+    acc_t sum[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) sum[j] = acc_t(0);
+    if (g.grid_h > 0 && g.grid_w > 0) {
+      const scalar_t* base = input + layout.channel_origin(g.batch_index, bin.c);
+      const int64_t cs = layout.channel_stride(), sy = layout.y_stride(), sx = layout.x_stride();
+      for (int iy = 0; iy < g.grid_h; ++iy) {
+        const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
+        for (int ix = 0; ix < g.grid_w; ++ix) {
+          const auto tx = bin_sample_tap(g.start_w, g.bin_w, bin.pw, ix, g.grid_w, layout.width);
+          const int64_t o1 = ty.low * sy + tx.low * sx, o2 = ty.low * sy + tx.high * sx;
+          const int64_t o3 = ty.high * sy + tx.low * sx, o4 = ty.high * sy + tx.high * sx;
+          const acc_t w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
+          const acc_t w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
+#pragma unroll
+          for (int j = 0; j < CPT; ++j) {
+            if (j < n) {
+              const scalar_t* p = base + j * cs;
+              sum[j] += w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
+                        w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
+            }
+          }
+        }
+      }
+    }
+    // Output has the input's layout: [K, PH, PW, C] or [K, C, PH, PW].
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      if (j < n) {
+        const int64_t c = bin.c + j;
+        const int64_t o = layout.channels_last
+                              ? ((bin.k * pooled_h + bin.ph) * pooled_w + bin.pw) * layout.channels + c
+                              : ((bin.k * layout.channels + c) * pooled_h + bin.ph) * pooled_w + bin.pw;
+        output[o] = static_cast<scalar_t>(sum[j] / g.count);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------- backward
+
+template <typename acc_t>
+struct FloatAtomicSink {
+  acc_t* data;
+  __device__ __forceinline__ void add(int64_t i, acc_t v) const { atomicAdd(data + i, v); }
+};
+
+template <typename acc_t>
+struct FixedPointSink {
+  unsigned long long* data;
+  const double* scale;  // device scalar; 0 flags a non-finite grad
+  __device__ __forceinline__ void add(int64_t i, acc_t v) const {
+    const long long q = __double2ll_rn(static_cast<double>(v) * *scale);
+    atomicAdd(data + i, static_cast<unsigned long long>(q));
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename Sink>
+__global__ void roi_align_backward_kernel(
+    const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois, Sink sink,
+    int64_t work, int64_t batch, FeatureLayout layout, int64_t pooled_h,
+    int64_t pooled_w, acc_t spatial_scale, int64_t sampling_ratio, bool aligned) {
+  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Bin bin = decompose(index, layout.channels, pooled_h, pooled_w,
+                              layout.channels_last, 1);
+    const auto g = roi_geometry<acc_t>(rois + bin.k * 5, batch, layout.height,
+                                       layout.width, spatial_scale, pooled_h,
+                                       pooled_w, sampling_ratio, aligned);
+    if (g.grid_h == 0 || g.grid_w == 0) continue;
+    // With one channel per thread, the work index is grad's storage offset
+    // in either layout.
+    const acc_t gbin = static_cast<acc_t>(grad[index]) / g.count;
+    const int64_t base = layout.channel_origin(g.batch_index, bin.c);
+    const int64_t sy = layout.y_stride(), sx = layout.x_stride();
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
+      const acc_t g_lo = gbin * ty.w_low, g_hi = gbin * ty.w_high;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        const auto tx = bin_sample_tap(g.start_w, g.bin_w, bin.pw, ix, g.grid_w, layout.width);
+        sink.add(base + ty.low * sy + tx.low * sx, g_lo * tx.w_low);
+        sink.add(base + ty.low * sy + tx.high * sx, g_lo * tx.w_high);
+        sink.add(base + ty.high * sy + tx.low * sx, g_hi * tx.w_low);
+        sink.add(base + ty.high * sy + tx.high * sx, g_hi * tx.w_high);
+      }
+    }
+  }
+}
+
+// Largest power of two such that the largest possible accumulated magnitude,
+// max|grad| * bound, times the scale stays below 2^62.
+// The exponent is capped so the scale stays finite for tiny float64 grads.
+__global__ void fixed_point_scale_kernel(const double* max_abs_grad, double bound,
+                                         double* scale) {
+  const double m = *max_abs_grad;
+  if (!(m - m == 0.0)) {
+    *scale = 0.0;  // NaN or Inf in grad
+  } else if (m == 0.0) {
+    *scale = 1.0;
+  } else {
+    *scale = exp2(fmin(floor(62.0 - log2(m * bound) - 1.0), 1000.0));
+  }
+}
+
+template <typename scalar_t>
+__global__ void fixed_point_to_float_kernel(const unsigned long long* __restrict__ fixed,
+                                            const double* scale, scalar_t* __restrict__ out,
+                                            int64_t n) {
+  const double s = *scale;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double value = s == 0.0 ? __longlong_as_double(0x7ff8000000000000LL)
+                                  : static_cast<double>(static_cast<long long>(fixed[i])) / s;
+    out[i] = static_cast<scalar_t>(value);
+  }
+}
+
+// Batch indices are checked with one device-to-host copy; during CUDA graph
+// capture that copy is impossible, and the kernels' own guard (invalid rows
+// give zeros and read nothing) is what remains.
+void check_batch_indices(const at::Tensor& rois, int64_t batch) {
+  if (rois.size(0) == 0) return;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  const at::Tensor index = rois.select(1, 0);
+  const at::Tensor bad = index.lt(0).logical_or_(index.ge(batch)).logical_or_(index.ne(index));
+  const bool any_bad = bad.any().item<bool>();
+  TORCH_CHECK(!any_bad, "maskrcnn_ops::roi_align: rois[:, 0] holds a batch index outside the valid "
+              "range [0, ", batch, ") (or NaN)");
+}
+
+at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
+                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                  int64_t sampling_ratio, bool aligned) {
+  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const bool channels_last = use_channels_last(input);
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
+  const int64_t num_rois = rois.size(0), batch = input.size(0), channels = input.size(1);
+  const FeatureLayout layout{channels, input.size(2), input.size(3), channels_last};
+  const auto acc_dtype = accumulate_dtype(input.scalar_type());
+  const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
+  check_batch_indices(rois_acc, batch);
+  at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w},
+                                input.options().memory_format(memory_format));
+  if (output.numel() == 0) return output;
+  const at::Tensor input_c = input.contiguous(memory_format);
+  const int64_t groups = channels_last ? channels : (channels + kChannelsPerThread - 1) / kChannelsPerThread;
+  const int64_t work = num_rois * pooled_h * pooled_w * groups;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread>
+            <<<grid_size(work), kThreads, 0, stream>>>(
+                input_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(),
+                output.mutable_data_ptr<scalar_t>(), work, batch, layout, pooled_h, pooled_w,
+                static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return output;
+}
+
+at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                   int64_t batch, int64_t channels, int64_t height,
+                                   int64_t width, int64_t sampling_ratio, bool aligned) {
+  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
+                           height, width, sampling_ratio);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const bool channels_last = use_channels_last(grad);
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
+  const FeatureLayout layout{channels, height, width, channels_last};
+  const auto acc_dtype = accumulate_dtype(grad.scalar_type());
+  const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
+  const auto options = grad.options().memory_format(memory_format);
+  const int64_t work = grad.numel();
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  if (deterministic) {
+    at::Tensor grad_input = at::empty({batch, channels, height, width}, options);
+    if (grad_input.numel() == 0) return grad_input;
+    at::Tensor fixed = at::zeros({grad_input.numel()}, grad.options().dtype(at::kLong));
+    at::Tensor scale = at::empty({}, grad.options().dtype(at::kDouble));
+    if (work > 0) {
+      const at::Tensor max_abs = grad.abs().max().to(at::kDouble);
+      // Each bin spreads |grad| / count over count samples of total weight 1,
+      // so no element can gather more than K * PH * PW * max|grad|.
+      const double bound = static_cast<double>(std::max<int64_t>(1, rois.size(0) * pooled_h * pooled_w));
+      fixed_point_scale_kernel<<<1, 1, 0, stream>>>(max_abs.const_data_ptr<double>(), bound,
+                                                    scale.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      scale.fill_(1.0);
+    }
+    const at::Tensor grad_c = grad.contiguous(memory_format);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda_deterministic", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          if (work > 0) {
+            const FixedPointSink<acc_t> sink{
+                reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
+                scale.const_data_ptr<double>()};
+            roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
+                grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), sink, work,
+                batch, layout, pooled_h, pooled_w, static_cast<acc_t>(spatial_scale),
+                sampling_ratio, aligned);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          const int64_t n = grad_input.numel();
+          fixed_point_to_float_kernel<scalar_t><<<grid_size(n), kThreads, 0, stream>>>(
+              reinterpret_cast<const unsigned long long*>(fixed.const_data_ptr<int64_t>()),
+              scale.const_data_ptr<double>(), grad_input.mutable_data_ptr<scalar_t>(), n);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    return grad_input;
+  }
+
+  // Half types gather into float32 and are rounded once at the end.
+  at::Tensor grad_input = at::zeros({batch, channels, height, width}, options.dtype(acc_dtype));
+  if (grad_input.numel() > 0 && work > 0) {
+    const at::Tensor grad_c = grad.contiguous(memory_format);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const FloatAtomicSink<acc_t> sink{grad_input.mutable_data_ptr<acc_t>()};
+          roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
+              grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), sink, work,
+              batch, layout, pooled_h, pooled_w, static_cast<acc_t>(spatial_scale),
+              sampling_ratio, aligned);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  if (grad_input.scalar_type() != grad.scalar_type()) grad_input = grad_input.to(grad.scalar_type());
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskrcnn_ops, CUDA, m) {
+  m.impl("roi_align", &roi_align_forward_cuda);
+  m.impl("roi_align_backward", &roi_align_backward_cuda);
+}
+
+}  // namespace maskrcnn_ops

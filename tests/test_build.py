@@ -1,0 +1,74 @@
+"""The package loads its kernels, registers every op for the backends it was
+built with, and fails loudly (never silently) when the extension cannot load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import maskrcnn_ops
+
+OPS = ["roi_align", "roi_align_backward"]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_build_info_matches_torch():
+    info = maskrcnn_ops.build_info()
+    assert info["built_with_torch"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+
+
+@pytest.mark.skipif(os.environ.get("MASKRCNN_OPS_EXPECT_CUDA") != "1", reason="set by CI, which builds the CUDA kernels")
+def test_cuda_kernels_compiled_in():
+    assert maskrcnn_ops.build_info()["with_cuda"], "CI expected a build with the CUDA kernels"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernels_registered_per_backend(op):
+    name = f"maskrcnn_ops::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    assert has_cuda == maskrcnn_ops.build_info()["with_cuda"]
+
+
+def test_roi_align_has_autocast_kernels():
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("maskrcnn_ops::roi_align", key)
+
+
+def test_missing_extension_is_a_clear_import_error():
+    result = run_python(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "maskrcnn_ops._C":
+                    raise ImportError("No module named 'maskrcnn_ops._C'")
+        sys.meta_path.insert(0, Block())
+        import maskrcnn_ops
+        """
+    )
+    assert result.returncode != 0
+    assert "could not load its compiled extension" in result.stderr
+    assert "has not been built" in result.stderr
+    assert "pip install --no-build-isolation" in result.stderr
+
+
+def test_torch_version_mismatch_is_a_clear_import_error():
+    result = run_python(
+        """
+        import torch
+        torch.__version__ = "1.0.0"
+        import maskrcnn_ops
+        """
+    )
+    assert result.returncode != 0
+    assert "was built against torch" in result.stderr
+    assert "1.0.0 is installed" in result.stderr
