@@ -9,6 +9,7 @@ differ only by summation order.
 
 from __future__ import annotations
 
+import math
 from typing import Tuple, Union
 
 import torch
@@ -50,7 +51,7 @@ def _adaptive_grid(bin_size: float) -> int:
         return 0
     if bin_size >= MAX_ADAPTIVE_GRID:
         return MAX_ADAPTIVE_GRID
-    return int(torch.tensor(bin_size).ceil().item())
+    return math.ceil(bin_size)
 
 
 def roi_align(
@@ -79,7 +80,7 @@ def roi_align(
     outputs = []
     for roi in rois_acc:
         batch = roi[0].item()
-        if not (0 <= batch < n):
+        if not (-1 < batch < n):  # truncated toward zero, as in the kernels
             raise ValueError(f"batch index {batch} outside [0, {n})")
         start_w, start_h, end_w, end_h = (roi[1:] * scale - offset).unbind()
         roi_w, roi_h = end_w - start_w, end_h - start_h

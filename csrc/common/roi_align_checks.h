@@ -43,6 +43,19 @@ inline void check_roi_align_common(const char* op, const at::Tensor& rois,
               sampling_ratio);
 }
 
+// The feature-like tensor of an op (input or grad): dtype, and same device
+// as the rois.
+inline void check_features(const char* op, const char* name,
+                           const at::Tensor& features, const at::Tensor& rois) {
+  TORCH_CHECK(is_supported_feature_dtype(features.scalar_type()), op,
+              ": expected ", name,
+              " of dtype float32, float64, float16 or bfloat16, got ",
+              features.scalar_type());
+  TORCH_CHECK(features.device() == rois.device(), op, ": ", name,
+              " and rois must be on the same device, got ", name, " on ",
+              features.device(), " and rois on ", rois.device());
+}
+
 inline void check_roi_align_forward(const at::Tensor& input,
                                     const at::Tensor& rois,
                                     double spatial_scale, int64_t pooled_h,
@@ -51,13 +64,7 @@ inline void check_roi_align_forward(const at::Tensor& input,
   TORCH_CHECK(input.dim() == 4, op,
               ": expected input of shape [N, C, H, W], got a ", input.dim(),
               "-D tensor of shape ", input.sizes());
-  TORCH_CHECK(is_supported_feature_dtype(input.scalar_type()), op,
-              ": expected input of dtype float32, float64, float16 or "
-              "bfloat16, got ",
-              input.scalar_type());
-  TORCH_CHECK(input.device() == rois.device(), op,
-              ": input and rois must be on the same device, got input on ",
-              input.device(), " and rois on ", rois.device());
+  check_features(op, "input", input, rois);
   check_roi_align_common(op, rois, spatial_scale, pooled_h, pooled_w,
                          sampling_ratio);
 }
@@ -69,13 +76,7 @@ inline void check_roi_align_backward(const at::Tensor& grad,
                                      int64_t channels, int64_t height,
                                      int64_t width, int64_t sampling_ratio) {
   const char* op = "maskrcnn_ops::roi_align_backward";
-  TORCH_CHECK(is_supported_feature_dtype(grad.scalar_type()), op,
-              ": expected grad of dtype float32, float64, float16 or "
-              "bfloat16, got ",
-              grad.scalar_type());
-  TORCH_CHECK(grad.device() == rois.device(), op,
-              ": grad and rois must be on the same device, got grad on ",
-              grad.device(), " and rois on ", rois.device());
+  check_features(op, "grad", grad, rois);
   check_roi_align_common(op, rois, spatial_scale, pooled_h, pooled_w,
                          sampling_ratio);
   TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,

@@ -61,7 +61,7 @@ MRO_HOST_DEVICE int adaptive_grid(acc_t bin_size) {
 }
 
 // Geometry of one RoI. `roi` points at the 5 values of its row. A row whose
-// batch index is outside [0, batch_size) (or NaN) gets batch_index = -1 and a
+// batch index is outside (-1, batch_size) (or NaN) gets batch_index = -1 and a
 // zero grid; a row with non-finite coordinates, or a feature map with zero
 // height or width, gets a zero grid. Zero-grid RoIs produce zero output and
 // zero gradient and never read the feature map.
@@ -75,8 +75,10 @@ MRO_HOST_DEVICE RoIAlignGeometry<acc_t> roi_geometry(
   g.grid_h = g.grid_w = 0;
   g.count = acc_t(1);
 
+  // The index is truncated toward zero, as in torchvision, so any value in
+  // (-1, batch_size) names an image.
   const acc_t batch = static_cast<acc_t>(roi[0]);
-  if (!(batch >= acc_t(0) && batch < static_cast<acc_t>(batch_size))) {
+  if (!(batch > acc_t(-1) && batch < static_cast<acc_t>(batch_size))) {
     g.batch_index = -1;
     return g;
   }

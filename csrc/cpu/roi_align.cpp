@@ -464,9 +464,11 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                            : at::MemoryFormat::Contiguous;
   const auto acc_dtype = accumulate_dtype(grad.scalar_type());
   // Half types accumulate into a float32 buffer and are rounded once at the end.
+  // (at::zeros would drop the memory format from the options.)
   at::Tensor grad_input =
-      at::zeros({batch, channels, height, width},
-                grad.options().dtype(acc_dtype).memory_format(memory_format));
+      at::empty({batch, channels, height, width},
+                grad.options().dtype(acc_dtype).memory_format(memory_format))
+          .zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu",
       [&] {

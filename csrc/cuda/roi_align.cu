@@ -236,7 +236,7 @@ void check_batch_indices(const at::Tensor& rois, int64_t batch) {
   if (rois.size(0) == 0) return;
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor index = rois.select(1, 0);
-  const at::Tensor bad = index.lt(0).logical_or_(index.ge(batch)).logical_or_(index.ne(index));
+  const at::Tensor bad = index.le(-1).logical_or_(index.ge(batch)).logical_or_(index.ne(index));
   const bool any_bad = bad.any().item<bool>();
   TORCH_CHECK(!any_bad, "maskrcnn_ops::roi_align: rois[:, 0] holds a batch index outside the valid "
               "range [0, ", batch, ") (or NaN)");
@@ -333,7 +333,9 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   }
 
   // Half types gather into float32 and are rounded once at the end.
-  at::Tensor grad_input = at::zeros({batch, channels, height, width}, options.dtype(acc_dtype));
+  // (at::zeros would drop the memory format from the options.)
+  at::Tensor grad_input =
+      at::empty({batch, channels, height, width}, options.dtype(acc_dtype)).zero_();
   if (grad_input.numel() > 0 && work > 0) {
     const at::Tensor grad_c = grad.contiguous(memory_format);
     AT_DISPATCH_FLOATING_TYPES_AND2(
