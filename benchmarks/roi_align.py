@@ -6,8 +6,8 @@ Workloads (Mask R-CNN R50-FPN on an 800x1088 batch of 2, P2 level):
 sampling_ratio 2, aligned=True, spatial_scale 0.25. RoIs are random boxes
 inside the image with log-uniform sides between 16 and 512 pixels (seeded).
 
-    python benchmarks/roi_align.py [--device cpu|cuda] [--dtype float32] [--channels-last]
-        [--repeats 5] [--json OUT.json]
+    python -m benchmarks.roi_align [--device cpu|cuda] [--dtype float32] [--channels-last]
+        [--repeats 5] [--json OUT.json] [--markdown OUT.md]
 """
 
 from __future__ import annotations
@@ -123,6 +123,24 @@ def environment(device: str) -> dict:
     return env
 
 
+def markdown_table(env: dict, rows: list) -> str:
+    lines = [
+        f"RoIAlign on {env['device_name']} ({env['threads']} threads), torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, commit {env['commit']}; median of repeated runs, ms.",
+        "",
+        "| workload | dtype | layout | pass | ours ms | torchvision ms | speed-up |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        for p in ("forward", "backward"):
+            lines.append(
+                f"| {r['workload']} ({r['rois_per_image']}/img, {r['output']}x{r['output']}) | {r['dtype']} | "
+                f"{r['layout']} | {p} | {r[f'ours_{p}_ms']:.1f} | {r[f'torchvision_{p}_ms']:.1f} | "
+                f"{r[f'{p}_speedup']:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -130,7 +148,8 @@ def main(argv=None) -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="write environment and figures as JSON")
+    parser.add_argument("--markdown", type=Path, help="write the table as markdown")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     rows = [run_workload(name, args.device, dtype, args.channels_last, args.repeats) for name in args.workloads]
@@ -145,6 +164,9 @@ def main(argv=None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(environment=env, results=rows), indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_table(env, rows))
 
 
 if __name__ == "__main__":
