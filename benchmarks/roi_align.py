@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,45 +22,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import maskrcnn_ops  # noqa: E402
+from benchmarks.common import environment, random_boxes, time_call  # noqa: E402
 
 WORKLOADS = {
     "box_head": dict(batch=2, channels=256, height=200, width=272, rois_per_image=1000, output=7),
     "mask_head": dict(batch=2, channels=256, height=200, width=272, rois_per_image=100, output=14),
 }
-IMAGE_HW = (800, 1088)
 
 
 def random_rois(rois_per_image: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """[batch * rois_per_image, 5] proposals-like boxes in image coordinates."""
-    height, width = IMAGE_HW
-    n = rois_per_image * batch
-    centre = torch.rand(n, 2, generator=generator) * torch.tensor([width, height])
-    side = torch.exp(torch.empty(n, 2).uniform_(math.log(16), math.log(512), generator=generator))
-    boxes = torch.cat([centre - side / 2, centre + side / 2], dim=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    """[batch * rois_per_image, 5] rows of (batch_index, x1, y1, x2, y2)."""
+    boxes = random_boxes(rois_per_image * batch, generator)
     index = torch.arange(batch, dtype=torch.float32).repeat_interleave(rois_per_image)[:, None]
     return torch.cat([index, boxes], dim=1)
-
-
-def time_call(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    """Median wall time in milliseconds (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def run_workload(name: str, device: str, dtype: torch.dtype, channels_last: bool, repeats: int) -> dict:
@@ -103,24 +72,6 @@ def run_workload(name: str, device: str, dtype: torch.dtype, channels_last: bool
     result["backward_speedup"] = result["torchvision_backward_ms"] / result["ours_backward_ms"]
     result["max_abs_diff_forward"] = (outputs["ours"].float() - outputs["torchvision"].float()).abs().max().item()
     return result
-
-
-def environment(device: str) -> dict:
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    env = dict(torch=torch.__version__, torchvision=torchvision.__version__, commit=commit,
-               threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
-    if device == "cuda":
-        env["device_name"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device_name"] = "cpu"
-    return env
 
 
 def markdown_table(env: dict, rows: list) -> str:

@@ -22,4 +22,21 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
       "bool aligned) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+
+  // NMS: exact greedy, IoU strictly above iou_threshold suppresses; boxes
+  // [N, 4] (x1, y1, x2, y2), scores [N]. Kept indices (int64) by decreasing
+  // score, ties by index; the output size depends on the data.
+  m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // NMS within each class of idxs [N] (integer).
+  m.def(
+      "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, "
+      "float iou_threshold) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Fixed-size form, no host sync: bool keep flags [N] of NMS within each
+  // (image_ids, idxs) segment; image_ids [N] is optional.
+  m.def(
+      "batched_nms_keep(Tensor boxes, Tensor scores, Tensor idxs, "
+      "Tensor? image_ids, float iou_threshold) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

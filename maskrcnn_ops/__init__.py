@@ -46,6 +46,7 @@ def _load_extension():
 _C = _load_extension()
 
 from . import _autograd, _fake  # noqa: E402,F401  (registrations)
+from .nms import batched_nms, batched_nms_keep, batched_nms_padded, nms  # noqa: E402
 from .roi_align import RoIAlign, roi_align  # noqa: E402
 
 
@@ -55,4 +56,12 @@ def build_info() -> dict:
     return {"built_with_torch": _C.built_with_torch, "with_cuda": bool(_C.with_cuda)}
 
 
-__all__ = ["roi_align", "RoIAlign", "build_info"]
+__all__ = [
+    "roi_align",
+    "RoIAlign",
+    "nms",
+    "batched_nms",
+    "batched_nms_keep",
+    "batched_nms_padded",
+    "build_info",
+]

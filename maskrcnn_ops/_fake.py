@@ -37,3 +37,32 @@ def _roi_align_backward_fake(
         device=grad.device,
         memory_format=memory_format_of(grad),
     )
+
+
+def _check_nms_inputs(boxes, scores):
+    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: f"nms: expected boxes [N, 4], got {tuple(boxes.shape)}")
+    torch._check(scores.dim() == 1, lambda: f"nms: expected scores [N], got {tuple(scores.shape)}")
+
+
+def _kept_indices(boxes):
+    # The number of kept boxes depends on the data: an unbacked size.
+    count = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((count,), dtype=torch.int64)
+
+
+@torch.library.register_fake("maskrcnn_ops::nms")
+def _nms_fake(boxes, scores, iou_threshold):
+    _check_nms_inputs(boxes, scores)
+    return _kept_indices(boxes)
+
+
+@torch.library.register_fake("maskrcnn_ops::batched_nms")
+def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
+    _check_nms_inputs(boxes, scores)
+    return _kept_indices(boxes)
+
+
+@torch.library.register_fake("maskrcnn_ops::batched_nms_keep")
+def _batched_nms_keep_fake(boxes, scores, idxs, image_ids, iou_threshold):
+    _check_nms_inputs(boxes, scores)
+    return boxes.new_empty((boxes.size(0),), dtype=torch.bool)

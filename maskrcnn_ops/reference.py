@@ -115,3 +115,46 @@ def roi_align(
     if not outputs:
         return input.new_zeros(0, channels, pooled_h, pooled_w)
     return torch.stack(outputs).to(input.dtype)
+
+
+def _iou_matrix(boxes: Tensor) -> Tensor:
+    """[N, N] IoU with torchvision's arithmetic (no +1; clamped sides)."""
+    x1, y1, x2, y2 = boxes.unbind(1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, None], x2[None, :]) - torch.maximum(x1[:, None], x1[None, :])).clamp(min=0)
+    h = (torch.minimum(y2[:, None], y2[None, :]) - torch.maximum(y1[:, None], y1[None, :])).clamp(min=0)
+    inter = w * h
+    return inter / (area[:, None] + area[None, :] - inter)
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Reference greedy NMS: the O(N^2) textbook loop.
+
+    boxes [N, 4], scores [N] -> int64 indices of kept boxes by decreasing score
+    (ties by index). IoU in float32 (float64 for float64 boxes); a NaN IoU
+    never suppresses.
+    """
+    boxes = boxes.detach().cpu().to(_accumulate_dtype(boxes.dtype))
+    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
+    iou = _iou_matrix(boxes[order])
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    kept = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        kept.append(i)
+        # Compared in float64, as torchvision's CPU kernel (a float32 IoU
+        # against the double threshold).
+        suppressed[i + 1 :] |= iou[i, i + 1 :].double() > iou_threshold
+    return order[kept].to(scores.device) if kept else torch.zeros(0, dtype=torch.int64, device=scores.device)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Reference NMS per category: a loop over categories, then all kept
+    indices by decreasing score (ties by index)."""
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    for category in idxs.unique().tolist():
+        members = torch.nonzero(idxs.cpu() == category).flatten()
+        keep[members[nms(boxes[members.to(boxes.device)], scores[members.to(scores.device)], iou_threshold).cpu()]] = True
+    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
+    return order[keep[order]].to(scores.device)

@@ -1,0 +1,108 @@
+// Host-side pieces of the NMS ops shared by the CPU and CUDA backends:
+// argument checks and the processing order. Host-only (ATen calls).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+
+namespace maskrcnn_ops {
+
+inline void check_nms_args(const char* op, const at::Tensor& boxes,
+                           const at::Tensor& scores, const at::Tensor* idxs,
+                           const at::Tensor* image_ids, double iou_threshold) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, op,
+              ": expected boxes of shape [N, 4] (x1, y1, x2, y2), got ",
+              boxes.sizes());
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op,
+              ": expected scores of shape [", boxes.size(0),
+              "] (one per box), got ", scores.sizes());
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()) &&
+                  at::isFloatingType(scores.scalar_type()),
+              op, ": expected floating-point boxes and scores, got ",
+              boxes.scalar_type(), " and ", scores.scalar_type());
+  TORCH_CHECK(boxes.device() == scores.device(), op,
+              ": boxes and scores must be on the same device, got ",
+              boxes.device(), " and ", scores.device());
+  TORCH_CHECK(!std::isnan(iou_threshold), op, ": iou_threshold is NaN");
+  for (const auto& [name, t] : {std::pair{"idxs", idxs}, std::pair{"image_ids", image_ids}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == boxes.size(0), op, ": expected ",
+                name, " of shape [", boxes.size(0), "] (one per box), got ",
+                t->sizes());
+    TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), op,
+                ": expected integer ", name, ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == boxes.device(), op, ": ", name,
+                " must be on the device of boxes (", boxes.device(), "), got ",
+                t->device());
+  }
+}
+
+// Processing orders of a batched NMS.
+//   by_score:   indices by decreasing score, ties by increasing index
+//               (the order of the variable-size results);
+//   by_segment: the same, grouped stably by (image_id, idx): each segment is
+//               contiguous and sorted by score inside, which is what the
+//               greedy kernels walk.
+// NaN scores sort first, as in torch.sort.
+struct NmsOrder {
+  at::Tensor by_score;
+  at::Tensor by_segment;
+};
+
+inline NmsOrder make_nms_order(const at::Tensor& scores,
+                               const c10::optional<at::Tensor>& idxs,
+                               const c10::optional<at::Tensor>& image_ids) {
+  NmsOrder order;
+  order.by_score = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  at::Tensor by_segment = order.by_score;
+  // Stable sorts by the minor key then the major key give lexicographic order.
+  for (const auto* key : {&idxs, &image_ids}) {
+    if (!key->has_value()) continue;
+    const at::Tensor k = (*key)->index_select(0, by_segment);
+    by_segment = by_segment.index_select(
+        0, std::get<1>(k.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false)));
+  }
+  order.by_segment = by_segment;
+  return order;
+}
+
+}  // namespace maskrcnn_ops
+
+namespace maskrcnn_ops {
+
+// For positions of `order`: true where a new (image_id, idx) segment starts.
+inline at::Tensor segment_starts(const at::Tensor& order,
+                                 const c10::optional<at::Tensor>& idxs,
+                                 const c10::optional<at::Tensor>& image_ids) {
+  const int64_t n = order.size(0);
+  at::Tensor starts = at::zeros({n}, order.options().dtype(at::kBool));
+  if (n == 0) return starts;
+  starts.narrow(0, 0, 1).fill_(true);
+  for (const auto* key : {&idxs, &image_ids}) {
+    if (!key->has_value()) continue;
+    const at::Tensor k = (*key)->index_select(0, order);
+    starts.narrow(0, 1, n - 1).logical_or_(k.narrow(0, 1, n - 1).ne(k.narrow(0, 0, n - 1)));
+  }
+  return starts;
+}
+
+// What a backend's greedy pass returns: keep flags at the original box
+// positions, and the score order the variable-size results follow.
+struct NmsKeep {
+  at::Tensor keep;      // bool [N]
+  at::Tensor by_score;  // int64 [N]
+};
+
+// Indices of kept boxes by decreasing score: the variable-size result (one
+// device-to-host sync on CUDA, for its size).
+inline at::Tensor kept_by_score(const NmsKeep& r) {
+  return r.by_score.masked_select(r.keep.index_select(0, r.by_score));
+}
+
+}  // namespace maskrcnn_ops

@@ -1,0 +1,114 @@
+"""Non-maximum suppression with torchvision's interface, plus a fixed-size,
+sync-free batched form for CUDA graphs, torch.compile and whole-batch
+post-processing."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.maskrcnn_ops
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS, as ``torchvision.ops.nms``.
+
+    Args:
+        boxes: [N, 4] (x1, y1, x2, y2); float32, float64, float16 or bfloat16
+            (IoU computed in float32, float64 for float64).
+        scores: [N] floating.
+        iou_threshold: a box is discarded when its IoU with a kept box of
+            higher score is strictly greater than this.
+
+    Returns:
+        int64 [K] indices of the kept boxes by decreasing score; equal scores
+        keep their index order. NaN scores rank first (as in ``torch.sort``);
+        a box with a NaN or infinite coordinate, or of zero or negative area,
+        never suppresses another and is never suppressed (its IoU is never
+        above a threshold >= 0). On CUDA this syncs once, for K.
+    """
+    return _ops.nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each category, as ``torchvision.ops.batched_nms``: one native
+    op over all categories (no coordinate offsets, no per-class loop).
+
+    Args:
+        boxes: [N, 4]; scores: [N]; idxs: [N] integer category of each box.
+
+    Returns:
+        int64 [K] indices of kept boxes by decreasing score (ties by index).
+    """
+    return _ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
+
+
+def batched_nms_keep(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, image_ids: Optional[Tensor] = None
+) -> Tensor:
+    """Keep flags of NMS within each (image, category) segment. Fixed size, no
+    host synchronization.
+
+    Args:
+        boxes: [N, 4]; scores: [N]; idxs: [N] integer category;
+        image_ids: optional [N] integer image of each box, so that the boxes
+            of a whole batch are processed in one launch.
+
+    Returns:
+        bool [N], True for kept boxes.
+    """
+    return _ops.batched_nms_keep(boxes, scores, idxs, image_ids, float(iou_threshold))
+
+
+def batched_nms_padded(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float,
+    max_output: int,
+    image_ids: Optional[Tensor] = None,
+    num_images: int = 1,
+) -> Tuple[Tensor, Tensor]:
+    """Batched NMS for a whole batch with fixed-size outputs and no host
+    synchronization (CUDA-graph capturable).
+
+    NMS runs within each (image, category) segment; then each image keeps its
+    best ``max_output`` surviving boxes by decreasing score (ties by index).
+
+    Args:
+        boxes: [N, 4]; scores: [N]; idxs: [N] integer category.
+        image_ids: [N] integer image index in [0, num_images), or None for one image.
+        num_images: number of images (rows of the output).
+
+    Returns:
+        indices: int64 [num_images, max_output], box indices, padded with -1;
+        counts: int64 [num_images], valid entries per row.
+    """
+    n = boxes.size(0)
+    device = boxes.device
+    if image_ids is None:
+        image_ids = torch.zeros(n, dtype=torch.int64, device=device)
+    image_ids = image_ids.to(torch.int64)
+    keep = batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)
+    # Rank the kept boxes of each image by score: order by (image, -score).
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(image_ids[order], stable=True).indices]
+    image_sorted = image_ids[order]
+    kept_sorted = keep[order].to(torch.int64)
+    kept_per_image = torch.zeros(num_images, dtype=torch.int64, device=device).scatter_add_(
+        0, image_sorted, kept_sorted
+    )
+    kept_before_image = torch.cumsum(kept_per_image, 0) - kept_per_image
+    rank = torch.cumsum(kept_sorted, 0) - 1 - kept_before_image[image_sorted]
+    valid = (kept_sorted == 1) & (rank < max_output)
+    # Invalid entries go to private slots past the table, so every scatter
+    # index is unique (deterministic) and nothing is synchronized.
+    slot = torch.where(
+        valid, image_sorted * max_output + rank, num_images * max_output + torch.arange(n, device=device)
+    )
+    table = torch.full((num_images * max_output + n,), -1, dtype=torch.int64, device=device)
+    table.scatter_(0, slot, order)
+    indices = table[: num_images * max_output].view(num_images, max_output)
+    return indices, kept_per_image.clamp(max=max_output)
