@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import statistics
@@ -65,3 +66,18 @@ def environment(device: str) -> dict:
     return env
 
 
+
+
+def add_output_arguments(parser) -> None:
+    parser.add_argument("--json", type=Path, help="write environment and figures as JSON")
+    parser.add_argument("--markdown", type=Path, help="write the table as markdown")
+
+
+def write_outputs(args, env: dict, rows: list, markdown_table) -> None:
+    """Writes --json and --markdown outputs, if asked for."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(environment=env, results=rows), indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_table(env, rows))

@@ -13,7 +13,6 @@ sides 16-512 px, uniform random scores, seeded).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import maskrcnn_ops  # noqa: E402
-from benchmarks.common import environment, random_boxes, time_call  # noqa: E402
+from benchmarks.common import add_output_arguments, environment, random_boxes, time_call, write_outputs  # noqa: E402
 
 
 def run_case(op: str, n: int, classes: int, iou: float, device: str, dtype: torch.dtype, repeats: int) -> dict:
@@ -40,7 +39,14 @@ def run_case(op: str, n: int, classes: int, iou: float, device: str, dtype: torc
         theirs = lambda: torchvision.ops.batched_nms(boxes, scores, idxs, iou)  # noqa: E731
     kept_ours, kept_theirs = ours(), theirs()
     row = dict(op=op, boxes=n, classes=classes, iou=iou, device=device, dtype=str(dtype).replace("torch.", ""),
-               kept=int(kept_ours.numel()), identical=bool(torch.equal(kept_ours.cpu(), kept_theirs.cpu())))
+               kept=int(kept_ours.numel()), identical=bool(torch.equal(kept_ours.cpu(), kept_theirs.cpu())),
+               # torchvision's batched_nms orders equal scores arbitrarily (an
+               # unstable sort); ours keeps index order. Same boxes, same scores
+               # position by position, is the same result up to that order.
+               identical_up_to_ties=bool(
+                   set(kept_ours.tolist()) == set(kept_theirs.tolist())
+                   and torch.equal(scores[kept_ours], scores[kept_theirs])
+               ))
     row["ours_ms"] = time_call(ours, device, repeats)
     row["torchvision_ms"] = time_call(theirs, device, repeats)
     row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
@@ -52,13 +58,13 @@ def markdown_table(env: dict, rows: list) -> str:
         f"NMS on {env['device_name']} ({env['threads']} threads), torch {env['torch']}, torchvision "
         f"{env['torchvision']}, commit {env['commit']}; median of repeated runs, ms.",
         "",
-        "| op | boxes | classes | IoU | dtype | kept | identical | ours ms | torchvision ms | speed-up |",
+        "| op | boxes | classes | IoU | dtype | kept | identical (up to tie order) | ours ms | torchvision ms | speed-up |",
         "|---|---:|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['boxes']} | {r['classes']} | {r['iou']} | {r['dtype']} | {r['kept']} | "
-            f"{'yes' if r['identical'] else 'NO'} | {r['ours_ms']:.2f} | {r['torchvision_ms']:.2f} | {r['speedup']:.2f}x |"
+            f"{'yes' if r['identical'] else ('yes (ties ordered)' if r['identical_up_to_ties'] else 'NO')} | {r['ours_ms']:.2f} | {r['torchvision_ms']:.2f} | {r['speedup']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -69,8 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--sweep", action="store_true", help="also scale N from 1,000 to 100,000")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cases = [("nms", 12000, 1, 0.7), ("batched_nms", 20000, 80, 0.5)]
@@ -82,16 +87,10 @@ def main(argv=None) -> None:
         repeats = args.repeats if n <= 30000 else 1  # torchvision's CPU nms is quadratic
         rows.append(run_case(op, n, classes, iou, args.device, dtype, repeats))
         r = rows[-1]
-        print(f"{op:12} N={n:7d} C={classes:3d} kept={r['kept']:6d} identical={r['identical']} "
+        print(f"{op:12} N={n:7d} C={classes:3d} kept={r['kept']:6d} identical={r['identical']}/{r['identical_up_to_ties']} "
               f"ours {r['ours_ms']:9.2f} ms  torchvision {r['torchvision_ms']:9.2f} ms  {r['speedup']:7.2f}x", flush=True)
     env = environment(args.device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment=env, results=rows), indent=2))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown_table(env, rows))
-
+    write_outputs(args, env, rows, markdown_table)
 
 if __name__ == "__main__":
     main()

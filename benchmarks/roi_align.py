@@ -13,7 +13,6 @@ inside the image with log-uniform sides between 16 and 512 pixels (seeded).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import maskrcnn_ops  # noqa: E402
-from benchmarks.common import environment, random_boxes, time_call  # noqa: E402
+from benchmarks.common import add_output_arguments, environment, random_boxes, time_call, write_outputs  # noqa: E402
 
 WORKLOADS = {
     "box_head": dict(batch=2, channels=256, height=200, width=272, rois_per_image=1000, output=7),
@@ -99,8 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="write environment and figures as JSON")
-    parser.add_argument("--markdown", type=Path, help="write the table as markdown")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     rows = [run_workload(name, args.device, dtype, args.channels_last, args.repeats) for name in args.workloads]
@@ -112,13 +110,7 @@ def main(argv=None) -> None:
         for p in ("forward", "backward"):
             print(f"{r['workload']:10} {p:9} {r[f'ours_{p}_ms']:9.2f} {r[f'torchvision_{p}_ms']:9.2f} "
                   f"{r[f'{p}_speedup']:8.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment=env, results=rows), indent=2))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown_table(env, rows))
-
+    write_outputs(args, env, rows, markdown_table)
 
 if __name__ == "__main__":
     main()

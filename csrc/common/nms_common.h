@@ -105,4 +105,28 @@ inline at::Tensor kept_by_score(const NmsKeep& r) {
   return r.by_score.masked_select(r.keep.index_select(0, r.by_score));
 }
 
+// The three NMS operators of one backend, from its greedy pass `Impl`
+// (boxes, scores, idxs, image_ids, iou_threshold) -> NmsKeep.
+template <NmsKeep (*Impl)(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                          const c10::optional<at::Tensor>&, double)>
+struct NmsOps {
+  static at::Tensor batched_nms_keep(const at::Tensor& boxes, const at::Tensor& scores,
+                                     const at::Tensor& idxs,
+                                     const c10::optional<at::Tensor>& image_ids,
+                                     double iou_threshold) {
+    check_nms_args("maskrcnn_ops::batched_nms_keep", boxes, scores, &idxs,
+                   image_ids.has_value() ? &*image_ids : nullptr, iou_threshold);
+    return Impl(boxes, scores, idxs, image_ids, iou_threshold).keep;
+  }
+  static at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
+                                const at::Tensor& idxs, double iou_threshold) {
+    check_nms_args("maskrcnn_ops::batched_nms", boxes, scores, &idxs, nullptr, iou_threshold);
+    return kept_by_score(Impl(boxes, scores, idxs, c10::nullopt, iou_threshold));
+  }
+  static at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+    check_nms_args("maskrcnn_ops::nms", boxes, scores, nullptr, nullptr, iou_threshold);
+    return kept_by_score(Impl(boxes, scores, c10::nullopt, c10::nullopt, iou_threshold));
+  }
+};
+
 }  // namespace maskrcnn_ops

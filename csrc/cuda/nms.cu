@@ -151,32 +151,13 @@ NmsKeep batched_nms_keep_cuda_impl(const at::Tensor& boxes, const at::Tensor& sc
   return {keep, order.by_score};
 }
 
-at::Tensor batched_nms_keep_cuda(const at::Tensor& boxes, const at::Tensor& scores,
-                                 const at::Tensor& idxs, const c10::optional<at::Tensor>& image_ids,
-                                 double iou_threshold) {
-  check_nms_args("maskrcnn_ops::batched_nms_keep", boxes, scores, &idxs,
-                 image_ids.has_value() ? &*image_ids : nullptr, iou_threshold);
-  return batched_nms_keep_cuda_impl(boxes, scores, idxs, image_ids, iou_threshold).keep;
-}
-
-at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
-                            const at::Tensor& idxs, double iou_threshold) {
-  check_nms_args("maskrcnn_ops::batched_nms", boxes, scores, &idxs, nullptr, iou_threshold);
-  return kept_by_score(batched_nms_keep_cuda_impl(boxes, scores, idxs, c10::nullopt, iou_threshold));
-}
-
-at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
-  check_nms_args("maskrcnn_ops::nms", boxes, scores, nullptr, nullptr, iou_threshold);
-  return kept_by_score(
-      batched_nms_keep_cuda_impl(boxes, scores, c10::nullopt, c10::nullopt, iou_threshold));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CUDA, m) {
-  m.impl("nms", &nms_cuda);
-  m.impl("batched_nms", &batched_nms_cuda);
-  m.impl("batched_nms_keep", &batched_nms_keep_cuda);
+  using Ops = NmsOps<&batched_nms_keep_cuda_impl>;
+  m.impl("nms", &Ops::nms);
+  m.impl("batched_nms", &Ops::batched_nms);
+  m.impl("batched_nms_keep", &Ops::batched_nms_keep);
 }
 
 }  // namespace maskrcnn_ops
