@@ -79,7 +79,9 @@ def batched_nms_padded(
 
     Args:
         boxes: [N, 4]; scores: [N]; idxs: [N] integer category.
-        image_ids: [N] integer image index in [0, num_images), or None for one image.
+        image_ids: [N] integer image index in [0, num_images), or None for one
+            image. Boxes of other images are ignored (they cannot be checked
+            without a host sync).
         num_images: number of images (rows of the output).
 
     Returns:
@@ -97,18 +99,19 @@ def batched_nms_padded(
     order = order[torch.sort(image_ids[order], stable=True).indices]
     image_sorted = image_ids[order]
     kept_sorted = keep[order].to(torch.int64)
-    kept_per_image = torch.zeros(num_images, dtype=torch.int64, device=device).scatter_add_(
-        0, image_sorted, kept_sorted
-    )
-    kept_before_image = torch.cumsum(kept_per_image, 0) - kept_per_image
-    rank = torch.cumsum(kept_sorted, 0) - 1 - kept_before_image[image_sorted]
-    valid = (kept_sorted == 1) & (rank < max_output)
-    # Invalid entries go to private slots past the table, so every scatter
-    # index is unique (deterministic) and nothing is synchronized.
+    # Kept boxes before each sorted position, and per image (images are
+    # contiguous in the sorted order; searchsorted finds their starts).
+    kept_before = torch.cat([kept_sorted.new_zeros(1), torch.cumsum(kept_sorted, 0)])
+    image_start = torch.searchsorted(image_sorted, torch.arange(num_images + 1, device=device))
+    kept_per_image = kept_before[image_start[1:]] - kept_before[image_start[:-1]]
+    rank = kept_before[:-1] - kept_before[image_start[:-1]][image_sorted.clamp(0, num_images - 1)]
+    valid = (kept_sorted == 1) & (rank < max_output) & (image_sorted >= 0) & (image_sorted < num_images)
+    # Invalid entries go to private slots past the table, so every index is
+    # unique; index_put_ (not scatter_) has a deterministic CUDA path.
     slot = torch.where(
         valid, image_sorted * max_output + rank, num_images * max_output + torch.arange(n, device=device)
     )
     table = torch.full((num_images * max_output + n,), -1, dtype=torch.int64, device=device)
-    table.scatter_(0, slot, order)
+    table.index_put_((slot,), order)
     indices = table[: num_images * max_output].view(num_images, max_output)
     return indices, kept_per_image.clamp(max=max_output)
