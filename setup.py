@@ -103,7 +103,10 @@ def extensions():
 
     debug = os.environ.get("MASKRCNN_OPS_DEBUG", "0") not in ("", "0")
     host_opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = host_opt + ["-fopenmp"]
+    # No contraction of a*b+c into FMAs on either side: the CPU and CUDA kernels
+    # share their arithmetic (csrc/common) and must round identically, which
+    # is what makes NMS decisions at the threshold equal across devices.
+    cxx_flags = host_opt + ["-fopenmp", "-ffp-contract=off"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     common = dict(
@@ -118,7 +121,7 @@ def extensions():
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch's default list")
     _log(f"building CPU and CUDA kernels ({reason}; TORCH_CUDA_ARCH_LIST={arch})")
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    nvcc_flags = (["-O0", "-G"] if debug else ["-O3", "-lineinfo"])
+    nvcc_flags = (["-O0", "-G"] if debug else ["-O3", "-lineinfo"]) + ["--fmad=false"]
     common["include_dirs"] += pip_cuda_include_dirs()
     return [
         CUDAExtension(

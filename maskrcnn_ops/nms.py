@@ -88,12 +88,14 @@ def batched_nms_padded(
         indices: int64 [num_images, max_output], box indices, padded with -1;
         counts: int64 [num_images], valid entries per row.
     """
+    if max_output < 0 or num_images < 1:
+        raise ValueError(f"need max_output >= 0 and num_images >= 1, got {max_output} and {num_images}")
     n = boxes.size(0)
     device = boxes.device
     if image_ids is None:
         image_ids = torch.zeros(n, dtype=torch.int64, device=device)
+    keep = batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)  # also validates image_ids
     image_ids = image_ids.to(torch.int64)
-    keep = batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)
     # Rank the kept boxes of each image by score: order by (image, -score).
     order = torch.sort(scores, descending=True, stable=True).indices
     order = order[torch.sort(image_ids[order], stable=True).indices]
