@@ -39,4 +39,24 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "batched_nms_keep(Tensor boxes, Tensor scores, Tensor idxs, "
       "Tensor? image_ids, float iou_threshold) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+
+  // Box coding (torchvision's BoxCoder): deltas [K, 4 * C] relative to boxes
+  // [K, 4] -> boxes [K, 4 * C]; dw, dh clamped from above at clip.
+  m.def(
+      "decode_boxes(Tensor deltas, Tensor boxes, float[] weights, float clip) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "decode_boxes_backward(Tensor grad, Tensor deltas, Tensor boxes, float[] weights, "
+      "float clip) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Regression targets of reference_boxes [K, 4] relative to proposals [K, 4].
+  m.def("encode_boxes(Tensor reference_boxes, Tensor proposals, float[] weights) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // RPN: decode deltas [N, M, 4] against anchors [N, M, 4], clip to
+  // image_sizes [N, 2] (height, width), and flag boxes with both sides >=
+  // min_size and scores [N, M] >= score_thresh: (boxes [N, M, 4], keep [N, M]).
+  m.def(
+      "rpn_decode_filter(Tensor deltas, Tensor anchors, Tensor scores, Tensor image_sizes, "
+      "float[] weights, float clip, float min_size, float score_thresh) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -46,7 +46,10 @@ def _load_extension():
 _C = _load_extension()
 
 from . import _autograd, _fake  # noqa: E402,F401  (registrations)
+from .anchors import AnchorGenerator  # noqa: E402
+from .boxes import clip_boxes_to_image, decode_boxes, encode_boxes, remove_small_boxes  # noqa: E402
 from .nms import batched_nms, batched_nms_keep, batched_nms_padded, nms  # noqa: E402
+from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .roi_align import RoIAlign, roi_align  # noqa: E402
 
 
@@ -63,5 +66,13 @@ __all__ = [
     "batched_nms",
     "batched_nms_keep",
     "batched_nms_padded",
+    "decode_boxes",
+    "encode_boxes",
+    "clip_boxes_to_image",
+    "remove_small_boxes",
+    "AnchorGenerator",
+    "flatten_rpn_outputs",
+    "generate_proposals",
+    "generate_proposals_padded",
     "build_info",
 ]

@@ -1,5 +1,12 @@
 """Autograd formulas for the operators.
 
+Differentiable: roi_align (features; and its backward, linear in the
+gradient, so double backward is exact) and decode_boxes (deltas, first
+order). Not differentiable: encode_boxes (regression targets are constants),
+rpn_decode_filter and the NMS ops (integer or boolean results); a backward
+that reaches encode_boxes, rpn_decode_filter or decode_boxes' own backward
+raises a clear error rather than returning a silent zero.
+
 roi_align is differentiable with respect to its input features (not the
 boxes, as in torchvision). Its backward is a linear map of the output
 gradient, so the backward op is differentiable too: its gradient is
@@ -61,3 +68,36 @@ torch.library.register_autograd(
     _roi_align_backward_backward,
     setup_context=_roi_align_backward_setup_context,
 )
+
+
+def _decode_setup_context(ctx, inputs, output):
+    deltas, boxes, weights, clip = inputs
+    ctx.save_for_backward(deltas, boxes)
+    ctx.params = (weights, clip)
+
+
+def _decode_backward(ctx, grad):
+    deltas, boxes = ctx.saved_tensors
+    weights, clip = ctx.params
+    grad_deltas = None
+    if ctx.needs_input_grad[0]:
+        grad_deltas = _ops.decode_boxes_backward(grad, deltas, boxes, weights, clip)
+    return grad_deltas, None, None, None
+
+
+def _not_differentiable(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"maskrcnn_ops::{name} is not differentiable")
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    return backward, setup_context
+
+
+torch.library.register_autograd(
+    "maskrcnn_ops::decode_boxes", _decode_backward, setup_context=_decode_setup_context
+)
+for _name in ("decode_boxes_backward", "encode_boxes", "rpn_decode_filter"):
+    _backward, _setup = _not_differentiable(_name)
+    torch.library.register_autograd(f"maskrcnn_ops::{_name}", _backward, setup_context=_setup)

@@ -66,3 +66,28 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
 def _batched_nms_keep_fake(boxes, scores, idxs, image_ids, iou_threshold):
     _check_nms_inputs(boxes, scores)
     return boxes.new_empty((boxes.size(0),), dtype=torch.bool)
+
+
+@torch.library.register_fake("maskrcnn_ops::decode_boxes")
+def _decode_boxes_fake(deltas, boxes, weights, clip):
+    torch._check(deltas.dim() == 2 and deltas.size(1) % 4 == 0, lambda: "decode_boxes: expected deltas [K, 4 * C]")
+    return torch.empty_like(deltas, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("maskrcnn_ops::decode_boxes_backward")
+def _decode_boxes_backward_fake(grad, deltas, boxes, weights, clip):
+    return torch.empty_like(deltas, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("maskrcnn_ops::encode_boxes")
+def _encode_boxes_fake(reference_boxes, proposals, weights):
+    torch._check(reference_boxes.dim() == 2 and reference_boxes.size(1) == 4, lambda: "encode_boxes: expected [K, 4]")
+    return torch.empty_like(reference_boxes, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("maskrcnn_ops::rpn_decode_filter")
+def _rpn_decode_filter_fake(deltas, anchors, scores, image_sizes, weights, clip, min_size, score_thresh):
+    torch._check(deltas.dim() == 3 and deltas.size(2) == 4, lambda: "rpn_decode_filter: expected deltas [N, M, 4]")
+    boxes = torch.empty_like(deltas, memory_format=torch.contiguous_format)
+    keep = deltas.new_empty(deltas.shape[:2], dtype=torch.bool)
+    return boxes, keep

@@ -90,12 +90,27 @@ def batched_nms_padded(
     """
     if max_output < 0 or num_images < 1:
         raise ValueError(f"need max_output >= 0 and num_images >= 1, got {max_output} and {num_images}")
-    n = boxes.size(0)
-    device = boxes.device
     if image_ids is None:
-        image_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        image_ids = torch.zeros(boxes.size(0), dtype=torch.int64, device=boxes.device)
     keep = batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)  # also validates image_ids
-    image_ids = image_ids.to(torch.int64)
+    return rank_kept_per_image(keep, scores, image_ids.to(torch.int64), num_images, max_output)
+
+
+def rank_kept_per_image(
+    keep: Tensor, scores: Tensor, image_ids: Tensor, num_images: int, max_output: int
+) -> Tuple[Tensor, Tensor]:
+    """The best ``max_output`` kept entries of each image by decreasing score
+    (ties by index), with no host synchronization.
+
+    Args:
+        keep: bool [N]; scores: [N]; image_ids: int64 [N] (entries outside
+            [0, num_images) are ignored).
+
+    Returns:
+        indices int64 [num_images, max_output] padded with -1, counts int64 [num_images].
+    """
+    n = keep.size(0)
+    device = keep.device
     # Rank the kept boxes of each image by score: order by (image, -score).
     order = torch.sort(scores, descending=True, stable=True).indices
     order = order[torch.sort(image_ids[order], stable=True).indices]

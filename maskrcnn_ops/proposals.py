@@ -1,0 +1,223 @@
+"""RPN proposal generation for a whole batch and all FPN levels at once:
+torchvision's ``RegionProposalNetwork`` decode + ``filter_proposals``, with
+the same proposals and scores, as a few batched kernels and no host sync
+before the final per-image split."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .boxes import DEFAULT_CLIP, _weights
+from .nms import batched_nms_keep, rank_kept_per_image
+
+_ops = torch.ops.maskrcnn_ops
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
+
+
+def flatten_rpn_outputs(objectness: List[Tensor], deltas: List[Tensor]) -> Tuple[Tensor, Tensor, List[int]]:
+    """Per-level RPN head outputs -> the anchor order of AnchorGenerator, as
+    torchvision's ``concat_box_prediction_layers``.
+
+    Args:
+        objectness: per level [N, A, H, W] logits.
+        deltas: per level [N, A * 4, H, W].
+
+    Returns:
+        objectness [N, sum_l H*W*A], deltas [N, sum_l H*W*A, 4], anchors per level.
+    """
+    flat_scores, flat_deltas, counts = [], [], []
+    for scores, level_deltas in zip(objectness, deltas):
+        n, a, h, w = scores.shape
+        flat_scores.append(scores.permute(0, 2, 3, 1).reshape(n, -1))
+        flat_deltas.append(level_deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+        counts.append(h * w * a)
+    return torch.cat(flat_scores, 1), torch.cat(flat_deltas, 1), counts
+
+
+def _ordered_keys(x: Tensor) -> Tensor:
+    """int64 keys with the order of x's values (NaN largest, as torch.topk),
+    so that padding can sit strictly below every real value, -inf included."""
+    if x.dtype == torch.float64:
+        bits = x.view(torch.int64)
+        keys = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    else:
+        bits = x.float().view(torch.int32).to(torch.int64)
+        keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return keys.masked_fill(torch.isnan(x), _INT64_MAX)
+
+
+_LEVEL_LAYOUT_CACHE: Dict[tuple, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _level_layout(num_anchors_per_level: Sequence[int], device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the padded [L, max_level] view of the levels: gather index
+    [L * max_level] into the flat anchors (0 at pads), pad mask, level offsets
+    [L] and sizes [L], on `device` (cached, so no copy per call)."""
+    key = (tuple(num_anchors_per_level), torch.device(device))
+    if key not in _LEVEL_LAYOUT_CACHE:
+        sizes = torch.tensor(num_anchors_per_level, dtype=torch.int64)
+        offsets = torch.cumsum(sizes, 0) - sizes
+        width = max(int(sizes.max()), 1)
+        position = torch.arange(width)[None, :]
+        pad = position >= sizes[:, None]
+        index = (offsets[:, None] + position).masked_fill(pad, 0)
+        _LEVEL_LAYOUT_CACHE[key] = tuple(t.to(device) for t in (index.reshape(-1), pad.reshape(-1), offsets, sizes))
+    return _LEVEL_LAYOUT_CACHE[key]
+
+
+def _image_sizes_tensor(image_sizes: ImageSizes, n: int, device) -> Tensor:
+    sizes = torch.as_tensor(image_sizes, dtype=torch.float64, device=device)
+    if sizes.shape != (n, 2):
+        raise ValueError(f"image_sizes must give (height, width) for each of the {n} images, got shape {tuple(sizes.shape)}")
+    return sizes
+
+
+def _top_candidates(
+    objectness: Tensor, num_anchors_per_level: Sequence[int], pre_nms_top_n: int, batched: bool
+) -> Tuple[Tensor, Tensor]:
+    """Per image and level, the anchors with the ``pre_nms_top_n`` highest
+    logits, in decreasing order (torch.topk's order, as torchvision).
+
+    Returns (candidates int64 [N, L * k] indices into the flat anchors, valid
+    bool [N, L * k]); k = min(pre_nms_top_n, largest level), and levels with
+    fewer anchors are padded with invalid entries.
+
+    ``batched`` (the CUDA path): one top-k over all (image, level) pairs, the
+    levels padded to the largest one with keys below every real logit. The
+    CPU path runs one top-k per level on views, which needs no padded copy.
+    Both give the same candidates.
+    """
+    n = objectness.size(0)
+    device = objectness.device
+    index, pad, offsets, level_sizes = _level_layout(num_anchors_per_level, device)
+    levels = len(num_anchors_per_level)
+    width = index.numel() // max(levels, 1)
+    k = min(pre_nms_top_n, width)
+    if batched:
+        keys = _ordered_keys(objectness).index_select(1, index).masked_fill(pad, _INT64_MIN)
+        top = keys.view(n, levels, width).topk(k, dim=2).indices  # [N, L, k]
+        valid = top < level_sizes[None, :, None]
+        candidates = (offsets[None, :, None] + top).masked_fill(~valid, 0)
+        return candidates.view(n, levels * k), valid.view(n, levels * k)
+    candidates = torch.zeros(n, levels, k, dtype=torch.int64, device=device)
+    valid = torch.zeros(n, levels, k, dtype=torch.bool, device=device)
+    offset = 0
+    for level, size in enumerate(num_anchors_per_level):
+        k_level = min(pre_nms_top_n, size)
+        top = objectness[:, offset : offset + size].topk(k_level, dim=1).indices
+        candidates[:, level, :k_level] = top + offset
+        valid[:, level, :k_level] = True
+        offset += size
+    return candidates.view(n, levels * k), valid.view(n, levels * k)
+
+
+def generate_proposals_padded(
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    num_anchors_per_level: Sequence[int],
+    image_sizes: ImageSizes,
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    score_thresh: float = 0.0,
+    min_size: float = 1e-3,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    clip: float = DEFAULT_CLIP,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """RPN post-processing for a batch, fixed-size outputs, no host sync.
+
+    Per image and level: the ``pre_nms_top_n`` anchors with the highest
+    objectness; their deltas decoded, clipped to the image, boxes with a side
+    below ``min_size`` or a score (sigmoid of the logit) below ``score_thresh``
+    dropped, NMS at ``nms_thresh`` within each (image, level); then the best
+    ``post_nms_top_n`` of each image by score. The same proposals, scores and
+    order as torchvision's ``RegionProposalNetwork`` with these settings.
+
+    Args:
+        objectness: [N, A_total] logits in anchor order (see flatten_rpn_outputs).
+        deltas: [N, A_total, 4].
+        anchors: [A_total, 4] shared by the images, or [N, A_total, 4].
+        num_anchors_per_level: A_total split by level.
+        image_sizes: [N, 2] or N pairs (height, width) of the unpadded images.
+
+    Returns:
+        boxes [N, post_nms_top_n, 4] and scores [N, post_nms_top_n] (zeros
+        past the count), counts int64 [N]. Not differentiable (inputs are
+        detached, as in torchvision). Non-finite deltas or logits are dropped
+        with their boxes (a NaN box fails the size test, a NaN score the
+        threshold), except that NaN logits rank first in the top-k, as in
+        torch.topk.
+    """
+    n, total = objectness.shape
+    if deltas.shape != (n, total, 4):
+        raise ValueError(f"deltas must have shape {(n, total, 4)}, got {tuple(deltas.shape)}")
+    if anchors.shape not in ((total, 4), (n, total, 4)):
+        raise ValueError(f"anchors must have shape {(total, 4)} or {(n, total, 4)}, got {tuple(anchors.shape)}")
+    if sum(num_anchors_per_level) != total or min(num_anchors_per_level, default=0) < 0:
+        raise ValueError(f"num_anchors_per_level {list(num_anchors_per_level)} does not add up to {total} anchors")
+    device = objectness.device
+    objectness, deltas, anchors = objectness.detach(), deltas.detach(), anchors.detach()
+    sizes = _image_sizes_tensor(image_sizes, n, device)
+    levels = len(num_anchors_per_level)
+    candidates, valid = _top_candidates(
+        objectness, num_anchors_per_level, pre_nms_top_n, batched=objectness.is_cuda
+    )
+    levels = len(num_anchors_per_level)
+    k = candidates.size(1) // max(levels, 1)
+
+    logits = objectness.gather(1, candidates)
+    scores = torch.sigmoid(logits)
+    cand_deltas = deltas.gather(1, candidates[..., None].expand(n, levels * k, 4))
+    if anchors.dim() == 2:
+        cand_anchors = anchors[candidates]
+    else:
+        cand_anchors = anchors.gather(1, candidates[..., None].expand(n, levels * k, 4))
+    boxes, keep = _ops.rpn_decode_filter(
+        cand_deltas, cand_anchors, scores, sizes, _weights(weights), float(clip), float(min_size), float(score_thresh)
+    )
+    keep = keep & valid
+
+    # NMS within each (image, level); dropped boxes become NaN, which never
+    # suppress anything, and stay dropped through `keep`.
+    level_ids = torch.arange(levels, device=device).repeat_interleave(k).expand(n, levels * k)
+    image_ids = torch.arange(n, device=device)[:, None].expand(n, levels * k)
+    nms_boxes = boxes.masked_fill(~keep[..., None], float("nan")).reshape(-1, 4)
+    flat_scores = scores.reshape(-1)
+    survives = batched_nms_keep(nms_boxes, flat_scores, level_ids.reshape(-1), nms_thresh, image_ids.reshape(-1))
+    survives &= keep.reshape(-1)
+
+    chosen, counts = rank_kept_per_image(survives, flat_scores, image_ids.reshape(-1), n, post_nms_top_n)
+    filled = chosen >= 0
+    gather = chosen.clamp(min=0)
+    out_boxes = boxes.reshape(-1, 4)[gather] * filled[..., None]
+    out_scores = flat_scores[gather] * filled
+    return out_boxes, out_scores, counts
+
+
+def generate_proposals(
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    num_anchors_per_level: Sequence[int],
+    image_sizes: ImageSizes,
+    **settings,
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """As :func:`generate_proposals_padded` (same arguments), returning one
+    [K_i, 4] boxes and one [K_i] scores tensor per image, like torchvision's
+    ``filter_proposals``. Syncs once, for the counts."""
+    boxes, scores, counts = generate_proposals_padded(
+        objectness, deltas, anchors, num_anchors_per_level, image_sizes, **settings
+    )
+    counts = counts.tolist()
+    return [b[:c] for b, c in zip(boxes, counts)], [s[:c] for s, c in zip(scores, counts)]
+
+
+__all__ = ["flatten_rpn_outputs", "generate_proposals", "generate_proposals_padded"]
