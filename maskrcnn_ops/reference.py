@@ -158,3 +158,82 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         keep[members[nms(boxes[members.to(boxes.device)], scores[members.to(scores.device)], iou_threshold).cpu()]] = True
     order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
     return order[keep[order]].to(scores.device)
+
+
+def decode_boxes(deltas: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clip: float = math.log(1000.0 / 16)) -> Tensor:
+    """Reference decode: deltas [K, 4C] against boxes [K, 4] -> [K, 4C], in
+    the accumulation dtype, returned in deltas' dtype."""
+    acc = _accumulate_dtype(deltas.dtype)
+    d = deltas.to(acc).reshape(deltas.size(0), -1, 4)
+    b = boxes.to(acc)[:, None, :]
+    w = torch.tensor(weights, dtype=acc, device=deltas.device)
+    width, height = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    ctr_x, ctr_y = b[..., 0] + 0.5 * width, b[..., 1] + 0.5 * height
+    dx, dy = d[..., 0] / w[0], d[..., 1] / w[1]
+    dw = torch.clamp(d[..., 2] / w[2], max=clip)
+    dh = torch.clamp(d[..., 3] / w[3], max=clip)
+    cx, cy = dx * width + ctr_x, dy * height + ctr_y
+    half_w, half_h = 0.5 * (torch.exp(dw) * width), 0.5 * (torch.exp(dh) * height)
+    out = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
+    return out.reshape(deltas.shape).to(deltas.dtype)
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Reference encode: targets [K, 4] of reference_boxes relative to proposals."""
+    acc = _accumulate_dtype(reference_boxes.dtype)
+    r, p = reference_boxes.to(acc), proposals.to(acc)
+    wx, wy, ww, wh = weights
+    ex_w, ex_h = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
+    ex_x, ex_y = p[:, 0] + 0.5 * ex_w, p[:, 1] + 0.5 * ex_h
+    gt_w, gt_h = r[:, 2] - r[:, 0], r[:, 3] - r[:, 1]
+    gt_x, gt_y = r[:, 0] + 0.5 * gt_w, r[:, 1] + 0.5 * gt_h
+    out = torch.stack(
+        [wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h, ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)],
+        dim=1,
+    )
+    return out.to(reference_boxes.dtype)
+
+
+def generate_proposals(
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    num_anchors_per_level,
+    image_sizes,
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    score_thresh: float = 0.0,
+    min_size: float = 1e-3,
+    weights=(1.0, 1.0, 1.0, 1.0),
+    clip: float = math.log(1000.0 / 16),
+):
+    """Reference RPN post-processing, the textbook loop: per image, per level
+    top-k; decode; clip; drop small boxes and low scores; NMS per level; the
+    best post_nms_top_n by score. Returns (boxes list, scores list)."""
+    all_boxes, all_scores = [], []
+    for image in range(objectness.size(0)):
+        height, width = (float(v) for v in image_sizes[image])
+        image_anchors = anchors if anchors.dim() == 2 else anchors[image]
+        cand_boxes, cand_scores, cand_levels = [], [], []
+        offset = 0
+        for level, size in enumerate(num_anchors_per_level):
+            logits = objectness[image, offset : offset + size]
+            top = logits.topk(min(pre_nms_top_n, size)).indices + offset
+            boxes = decode_boxes(deltas[image, top], image_anchors[top], weights, clip)
+            boxes = torch.stack(
+                [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height), boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)],
+                dim=1,
+            )
+            cand_boxes.append(boxes)
+            cand_scores.append(torch.sigmoid(objectness[image, top]))
+            cand_levels.append(torch.full((len(top),), level, dtype=torch.int64))
+            offset += size
+        boxes, scores, levels = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_levels)
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size) & (scores >= score_thresh)
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        kept = batched_nms(boxes, scores, levels.to(boxes.device), nms_thresh)[:post_nms_top_n]
+        all_boxes.append(boxes[kept])
+        all_scores.append(scores[kept])
+    return all_boxes, all_scores
