@@ -146,7 +146,10 @@ def generate_proposals_padded(
         deltas: [N, A_total, 4].
         anchors: [A_total, 4] shared by the images, or [N, A_total, 4].
         num_anchors_per_level: A_total split by level.
-        image_sizes: [N, 2] or N pairs (height, width) of the unpadded images.
+        image_sizes: [N, 2] or N pairs (height, width) of the unpadded images
+            (give a tensor on the device for a call with no host sync at all:
+            a Python list is copied to the device; the per-level layout is
+            copied once per shape and cached).
 
     Returns:
         boxes [N, post_nms_top_n, 4] and scores [N, post_nms_top_n] (zeros

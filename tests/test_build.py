@@ -13,7 +13,17 @@ import torch
 
 import maskrcnn_ops
 
-OPS = ["roi_align", "roi_align_backward"]
+OPS = [
+    "roi_align",
+    "roi_align_backward",
+    "nms",
+    "batched_nms",
+    "batched_nms_keep",
+    "decode_boxes",
+    "decode_boxes_backward",
+    "encode_boxes",
+    "rpn_decode_filter",
+]
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
