@@ -35,7 +35,8 @@ class AnchorGenerator(nn.Module):
     ``forward(image_list, feature_maps)`` takes an object with ``.tensors``
     [N, 3, H, W] and ``.image_sizes`` (torchvision's ImageList) and the list of
     feature maps [N, C, H_l, W_l]; it returns one [sum_l H_l * W_l * A, 4]
-    tensor per image (level-major, then row, column, anchor).
+    tensor per image (level-major, then row, column, anchor). The tensor is
+    cached and shared between calls and images: do not modify it in place.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class AnchorGenerator(nn.Module):
         self.aspect_ratios = tuple(tuple(r) for r in aspect_ratios)
         self.cell_anchors = [cell_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)]
         self._cache: Dict[tuple, Tensor] = {}
+        self.max_cached_shapes = 16
 
     def num_anchors_per_location(self) -> List[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
@@ -74,6 +76,8 @@ class AnchorGenerator(nn.Module):
                 shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
                 shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
                 per_level.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
+            if len(self._cache) >= self.max_cached_shapes:  # multi-scale training: bound the cache
+                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = torch.cat(per_level)
         return self._cache[key]
 

@@ -88,8 +88,6 @@ def batched_nms_padded(
         indices: int64 [num_images, max_output], box indices, padded with -1;
         counts: int64 [num_images], valid entries per row.
     """
-    if max_output < 0 or num_images < 1:
-        raise ValueError(f"need max_output >= 0 and num_images >= 1, got {max_output} and {num_images}")
     if image_ids is None:
         image_ids = torch.zeros(boxes.size(0), dtype=torch.int64, device=boxes.device)
     keep = batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)  # also validates image_ids
@@ -109,6 +107,8 @@ def rank_kept_per_image(
     Returns:
         indices int64 [num_images, max_output] padded with -1, counts int64 [num_images].
     """
+    if max_output < 0 or num_images < 1:
+        raise ValueError(f"need max_output >= 0 and num_images >= 1, got {max_output} and {num_images}")
     n = keep.size(0)
     device = keep.device
     # Rank the kept boxes of each image by score: order by (image, -score).

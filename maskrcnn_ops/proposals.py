@@ -91,7 +91,9 @@ def _top_candidates(
     ``batched`` (the CUDA path): one top-k over all (image, level) pairs, the
     levels padded to the largest one with keys below every real logit. The
     CPU path runs one top-k per level on views, which needs no padded copy.
-    Both give the same candidates.
+    Both give the same candidates up to the order of equal logits (which
+    torch.topk leaves unspecified; the batched keys also rank +0.0 above
+    -0.0).
     """
     n = objectness.size(0)
     device = objectness.device
@@ -159,6 +161,8 @@ def generate_proposals_padded(
         threshold), except that NaN logits rank first in the top-k, as in
         torch.topk.
     """
+    if objectness.dim() != 2:
+        raise ValueError(f"objectness must have shape [N, A] (logits in anchor order), got {tuple(objectness.shape)}")
     n, total = objectness.shape
     if deltas.shape != (n, total, 4):
         raise ValueError(f"deltas must have shape {(n, total, 4)}, got {tuple(deltas.shape)}")
@@ -166,9 +170,17 @@ def generate_proposals_padded(
         raise ValueError(f"anchors must have shape {(total, 4)} or {(n, total, 4)}, got {tuple(anchors.shape)}")
     if sum(num_anchors_per_level) != total or min(num_anchors_per_level, default=0) < 0:
         raise ValueError(f"num_anchors_per_level {list(num_anchors_per_level)} does not add up to {total} anchors")
+    if post_nms_top_n < 0:
+        raise ValueError(f"post_nms_top_n must be >= 0, got {post_nms_top_n}")
     device = objectness.device
     objectness, deltas, anchors = objectness.detach(), deltas.detach(), anchors.detach()
     sizes = _image_sizes_tensor(image_sizes, n, device)
+    if total == 0 or pre_nms_top_n <= 0 or post_nms_top_n == 0:
+        return (
+            deltas.new_zeros(n, post_nms_top_n, 4),
+            objectness.new_zeros(n, post_nms_top_n),
+            torch.zeros(n, dtype=torch.int64, device=device),
+        )
     levels = len(num_anchors_per_level)
     candidates, valid = _top_candidates(
         objectness, num_anchors_per_level, pre_nms_top_n, batched=objectness.is_cuda
@@ -200,8 +212,9 @@ def generate_proposals_padded(
     chosen, counts = rank_kept_per_image(survives, flat_scores, image_ids.reshape(-1), n, post_nms_top_n)
     filled = chosen >= 0
     gather = chosen.clamp(min=0)
-    out_boxes = boxes.reshape(-1, 4)[gather] * filled[..., None]
-    out_scores = flat_scores[gather] * filled
+    # where(), not a product: the padding must be zero even next to NaN.
+    out_boxes = torch.where(filled[..., None], boxes.reshape(-1, 4)[gather], 0)
+    out_scores = torch.where(filled, flat_scores[gather], 0)
     return out_boxes, out_scores, counts
 
 

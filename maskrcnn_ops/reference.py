@@ -164,7 +164,7 @@ def decode_boxes(deltas: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0), cl
     """Reference decode: deltas [K, 4C] against boxes [K, 4] -> [K, 4C], in
     the accumulation dtype, returned in deltas' dtype."""
     acc = _accumulate_dtype(deltas.dtype)
-    d = deltas.to(acc).reshape(deltas.size(0), -1, 4)
+    d = deltas.to(acc).reshape(deltas.size(0), deltas.size(1) // 4, 4)
     b = boxes.to(acc)[:, None, :]
     w = torch.tensor(weights, dtype=acc, device=deltas.device)
     width, height = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]

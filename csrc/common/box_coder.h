@@ -62,8 +62,8 @@ MRO_HOST_DEVICE void decode_box(const acc_t* delta, const acc_t* box, BoxWeights
 }
 
 // Gradient of decode_box's outputs (g[0..3]) with respect to the deltas.
-// The clamp passes the gradient where the scaled delta is <= clip, as
-// torch.clamp does.
+// The clamp passes the gradient where the scaled delta is below clip; at and
+// above it the gradient is zero, as torch.clamp(max=clip) gives.
 template <typename acc_t>
 MRO_HOST_DEVICE void decode_box_backward(const acc_t* grad, const acc_t* delta, const acc_t* box,
                                          BoxWeights<acc_t> w, acc_t clip, acc_t* grad_delta) {
@@ -76,8 +76,8 @@ MRO_HOST_DEVICE void decode_box_backward(const acc_t* grad, const acc_t* delta, 
   grad_delta[1] = (grad[1] + grad[3]) * height / w.wy;
   const acc_t half_w = acc_t(0.5) * (exp_of(dw > clip ? clip : dw) * width);
   const acc_t half_h = acc_t(0.5) * (exp_of(dh > clip ? clip : dh) * height);
-  grad_delta[2] = dw <= clip ? (grad[2] - grad[0]) * half_w / w.ww : acc_t(0);
-  grad_delta[3] = dh <= clip ? (grad[3] - grad[1]) * half_h / w.wh : acc_t(0);
+  grad_delta[2] = dw < clip ? (grad[2] - grad[0]) * half_w / w.ww : acc_t(0);
+  grad_delta[3] = dh < clip ? (grad[3] - grad[1]) * half_h / w.wh : acc_t(0);
 }
 
 // Regression targets of `reference` (ground truth) relative to `proposal`,

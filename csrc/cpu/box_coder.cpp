@@ -96,16 +96,16 @@ at::Tensor encode_boxes_cpu(const at::Tensor& reference, const at::Tensor& propo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "encode_boxes", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = check_box_weights<acc_t>(op, weights);
-    const at::Tensor p = proposals.to(r.scalar_type()).contiguous();
+    // Proposals keep their precision (read as acc_t), as in torchvision.
+    const at::Tensor p = proposals.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
-    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const acc_t* pp = p.const_data_ptr<acc_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, r.size(0), kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        acc_t ref[4], prop[4], target[4];
+        acc_t ref[4], target[4];
         load4(rp + 4 * i, ref);
-        load4(pp + 4 * i, prop);
-        encode_box(ref, prop, w, target);
+        encode_box(ref, pp + 4 * i, w, target);
         store4(target, op_ + 4 * i);
       }
     });

@@ -72,13 +72,12 @@ __global__ void decode_backward_kernel(const scalar_t* __restrict__ grad,
 
 template <typename scalar_t, typename acc_t>
 __global__ void encode_kernel(const scalar_t* __restrict__ reference,
-                              const scalar_t* __restrict__ proposals, scalar_t* __restrict__ out,
+                              const acc_t* __restrict__ proposals, scalar_t* __restrict__ out,
                               int64_t rows, BoxWeights<acc_t> w) {
   MRO_GRID_STRIDE(i, rows) {
-    acc_t ref[4], prop[4], target[4];
+    acc_t ref[4], target[4];
     load4(reference + 4 * i, ref);
-    load4(proposals + 4 * i, prop);
-    encode_box(ref, prop, w, target);
+    encode_box(ref, proposals + 4 * i, w, target);
     store4(target, out + 4 * i);
   }
 }
@@ -165,9 +164,9 @@ at::Tensor encode_boxes_cuda(const at::Tensor& reference, const at::Tensor& prop
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "encode_boxes", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = check_box_weights<acc_t>(op, weights);
-    const at::Tensor p = proposals.to(r.scalar_type()).contiguous();
+    const at::Tensor p = proposals.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     encode_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        r.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        r.const_data_ptr<scalar_t>(), p.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
         rows, w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
