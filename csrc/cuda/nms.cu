@@ -36,7 +36,8 @@ constexpr int kReduceThreads = 1024;
 constexpr int64_t kSharedRemovedWords = 48 * 1024 / 8;  // default dynamic shared limit
 
 template <typename acc_t>
-__global__ void nms_mask_kernel(const acc_t* __restrict__ boxes, const int64_t* __restrict__ seg_last, int64_t n, int64_t words,
+__global__ void nms_mask_kernel(const acc_t* __restrict__ boxes,
+                                const int64_t* __restrict__ seg_last, int64_t n, int64_t words,
                                 acc_t threshold, unsigned long long* __restrict__ mask) {
   const int64_t row_block = blockIdx.y;
   const int64_t col_block = blockIdx.x;
@@ -112,6 +113,9 @@ NmsKeep batched_nms_keep_cuda_impl(const at::Tensor& boxes, const at::Tensor& sc
   const auto acc_dtype = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor sorted = boxes.index_select(0, order.by_segment).to(acc_dtype).contiguous();
   const int64_t words = (n + kBitsPerWord - 1) / kBitsPerWord;
+  // The tile grid's y dimension is limited to 65535 blocks.
+  TORCH_CHECK(words <= 65535, "maskrcnn_ops: CUDA NMS supports up to ", 65535 * kBitsPerWord,
+              " boxes per call, got ", n);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto long_options = boxes.options().dtype(at::kLong);
 
