@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS := numpy pytest hypothesis expecttest ninja pybind11
+DEV_DEPS := numpy pytest hypothesis expecttest ninja pybind11 tqdm matplotlib
 
 # Without a visible GPU, compile the CUDA kernels for Hopper only (keeps the
 # build short); with one, torch targets the GPUs it sees.
@@ -14,9 +14,9 @@ endif
 
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench bench-quick build clean
 
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS) $(DEV_DEPS)
 	touch $@
@@ -33,6 +33,12 @@ test: build
 
 demo: build
 	$(PY) -m benchmarks.roi_align
+
+bench: build
+	$(PY) -m benchmarks
+
+bench-quick: build
+	$(PY) -m benchmarks --quick --out "$$(mktemp -d)"
 
 clean:
 	rm -rf build *.egg-info maskrcnn_ops/*.so $(VENV)/.built

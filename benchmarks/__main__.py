@@ -1,0 +1,126 @@
+"""``python -m benchmarks``: every op family against torchvision, side by side.
+
+    python -m benchmarks [--device cpu|cuda] [--quick] [--ops roi_align nms proposals]
+                         [--repeats 5] [--out DIR]
+
+Prints a table (op, workload, dtype, layout, ours ms, torchvision ms,
+speed-up, agreement) and writes DIR/results.json (device, versions, commit,
+every figure), DIR/results.md and DIR/speedup.png (speed-up against size for
+the scaling sweeps). The default DIR is benchmarks/results/<device>-<date>.
+``--quick`` (a smoke test, under 2 minutes on a 2-core CPU) runs small
+workloads only. Refresh the README section from a results folder with
+``python -m benchmarks.readme DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.suite import FAMILIES, run_case  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def default_out(env: dict) -> Path:
+    name = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-").lower()
+    return ROOT / "results" / f"{name}-{datetime.date.today().isoformat()}"
+
+
+def fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(env: dict, rows: list, quick: bool) -> str:
+    cuda = f", CUDA {env['cuda']}" if env.get("cuda") else ""
+    lines = [
+        f"Device: {env['device_name']} ({env['threads']} CPU threads{cuda}); torch {env['torch']}, "
+        f"torchvision {env['torchvision']}; commit {env['commit']}; {'quick run' if quick else 'full run'}. "
+        "Median time after warm-up, both libraries on the same inputs in one process; "
+        "'agree': same results (NMS and proposals up to torchvision's arbitrary order of equal scores).",
+        "",
+        "| op | workload | dtype | layout | ours ms | torchvision ms | speed-up | agree |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        agree = {True: "yes", False: "NO", None: "n/a"}[r["agree"]]
+        lines.append(
+            f"| {r['op']} | {r['workload']} | {r['dtype']} | {r['layout']} | {fmt(r['ours_ms'], '.2f')} | "
+            f"{fmt(r['torchvision_ms'], '.2f')} | {fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} | {agree} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list, path: Path, env: dict) -> bool:
+    """Speed-up against size, one panel per sweep; False when no sweep ran."""
+    sweeps = sorted({r["sweep"] for r in rows if r["sweep"] and r["speedup"]})
+    if not sweeps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.6), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        for op in sorted({r["op"] for r in rows if r["sweep"] == sweep}):
+            points = sorted((r["size"], r["speedup"]) for r in rows if r["sweep"] == sweep and r["op"] == op and r["speedup"])
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=op)
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(sweep)
+        ax.set_xlabel(sweep.split(": ")[-1])
+        ax.set_ylabel("speed-up vs torchvision")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"maskrcnn_ops vs torchvision on {env['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small workloads only (CI smoke test)")
+    parser.add_argument("--ops", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
+    parser.add_argument("--out", type=Path, help="results folder")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+    from tqdm import tqdm
+
+    repeats = args.repeats or (2 if args.quick else 5)
+    cases = [case for family in args.ops for case in FAMILIES[family](args.device, args.quick)]
+    rows = []
+    with tqdm(cases, unit="case", file=sys.stderr) as progress:
+        for case in progress:
+            progress.set_description(f"{case.op} {case.workload}"[:48])
+            rows.append(run_case(case, args.device, repeats))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    env = environment(args.device)
+    table = markdown_table(env, rows, args.quick)
+    print(table)
+    out = args.out or default_out(env)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(environment=env, quick=args.quick, results=rows), indent=2))
+    (out / "results.md").write_text(table)
+    plotted = plot(rows, out / "speedup.png", env)
+    print(f"wrote {out}/results.json, results.md{', speedup.png' if plotted else ''}")
+    if any(r["agree"] is False for r in rows):
+        sys.exit("some results disagree with torchvision (see the 'agree' column)")
+
+
+if __name__ == "__main__":
+    main()

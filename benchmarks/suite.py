@@ -1,0 +1,272 @@
+"""The benchmark suite behind ``python -m benchmarks``: every op family
+against torchvision, realistic workloads plus scaling sweeps, one table.
+
+A case builds its inputs only when it runs (sweeps reach gigabytes), times
+ours and torchvision's on the same inputs in the same process (warm-up, then
+the median of several runs; CUDA events on GPU) and checks that both agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import maskrcnn_ops
+from benchmarks.common import random_boxes, time_call
+from benchmarks.roi_align import WORKLOADS as ROI_WORKLOADS
+from benchmarks.roi_align import random_rois
+
+# setup() -> (ours, theirs, agree): two zero-argument callables and a check
+# of their results (True, False, or None when not comparable).
+Setup = Callable[[], Tuple[Callable, Callable, Callable[[], Optional[bool]]]]
+
+
+@dataclass
+class Case:
+    op: str
+    workload: str
+    dtype: str
+    layout: str
+    setup: Setup
+    sweep: str = ""  # name of the scaling sweep this case belongs to ("" for defaults)
+    size: float = 0.0  # the swept quantity, for plots
+    repeats: Optional[int] = None  # override (slow baselines)
+    extra: Dict = field(default_factory=dict)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ------------------------------------------------------------------ RoIAlign
+
+
+def _roi_align_setup(device, dtype, channels_last, batch, channels, height, width, rois_per_image, output, backward):
+    def setup():
+        import torchvision
+
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(batch, channels, height, width, generator=generator).to(device=device, dtype=dtype)
+        if channels_last:
+            features = features.contiguous(memory_format=torch.channels_last)
+        rois = random_rois(rois_per_image, batch, generator).to(device=device, dtype=dtype)
+        args = (output, 0.25, 2, True)
+        grad = torch.randn(rois.size(0), channels, output, output, generator=generator).to(device=device, dtype=dtype)
+
+        def make(fn):
+            if not backward:
+                return lambda: fn(features, rois, *args)
+            leaf = features.detach().requires_grad_()
+            return lambda: torch.autograd.grad(fn(leaf, rois, *args), leaf, grad)[0]
+
+        ours, theirs = make(maskrcnn_ops.roi_align), make(torchvision.ops.roi_align)
+
+        def agree():
+            a, b = ours(), theirs()
+            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+            return bool(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol))
+
+        return ours, theirs, agree
+
+    return setup
+
+
+def roi_align_cases(device: str, quick: bool) -> List[Case]:
+    cases = []
+    layouts = [(False, "nchw"), (True, "channels_last")]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.float16, torch.bfloat16]
+    workloads = {"box_head": ROI_WORKLOADS["box_head"]} if quick else ROI_WORKLOADS
+    for name, w in workloads.items():
+        w = dict(w)
+        if quick:
+            w["rois_per_image"] = 100
+        for dtype in dtypes:
+            half = dtype != torch.float32
+            if half and device == "cpu" and name != "box_head":
+                continue  # torchvision's CPU kernels are very slow in half precision: one workload
+            for channels_last, layout in layouts[:1] if half else layouts:
+                for backward in (False, True):
+                    cases.append(Case(
+                        op="roi_align fwd+bwd" if backward else "roi_align",
+                        workload=f"{name} {w['rois_per_image']}/img {w['output']}x{w['output']} C={w['channels']}",
+                        dtype=_dtype_name(dtype), layout=layout,
+                        setup=_roi_align_setup(device, dtype, channels_last, **w, backward=backward),
+                        repeats=1 if half and device == "cpu" else None,
+                    ))
+    if quick:
+        return cases
+    # Scaling: RoIs 100 -> 10,000 (box head, float32, NCHW), and channels.
+    box = ROI_WORKLOADS["box_head"]
+    for total in (100, 300, 1000, 3000, 10000):
+        for backward in (False, True):
+            w = dict(box, rois_per_image=total // 2)
+            cases.append(Case(
+                op="roi_align fwd+bwd" if backward else "roi_align", workload=f"{total} RoIs 7x7 C=256",
+                dtype="float32", layout="nchw", sweep="roi_align: RoIs", size=total, repeats=3,
+                setup=_roi_align_setup(device, torch.float32, False, **w, backward=backward),
+            ))
+    for channels in (64, 128, 256, 512):
+        w = dict(box, channels=channels)
+        cases.append(Case(
+            op="roi_align", workload=f"2000 RoIs 7x7 C={channels}", dtype="float32", layout="nchw",
+            sweep="roi_align: channels", size=channels, repeats=3,
+            setup=_roi_align_setup(device, torch.float32, False, **w, backward=False),
+        ))
+    return cases
+
+
+# ----------------------------------------------------------------------- NMS
+
+
+def _nms_setup(device, dtype, n, classes, iou, batched):
+    def setup():
+        import torchvision
+
+        generator = torch.Generator().manual_seed(n)
+        boxes = random_boxes(n, generator).to(device=device, dtype=dtype)
+        scores = torch.rand(n, generator=generator).to(device=device, dtype=dtype)
+        idxs = torch.randint(0, classes, (n,), generator=generator).to(device)
+        if batched:
+            ours = lambda: maskrcnn_ops.batched_nms(boxes, scores, idxs, iou)  # noqa: E731
+            theirs = lambda: torchvision.ops.batched_nms(boxes, scores, idxs, iou)  # noqa: E731
+        else:
+            ours = lambda: maskrcnn_ops.nms(boxes, scores, iou)  # noqa: E731
+            theirs = lambda: torchvision.ops.nms(boxes, scores, iou)  # noqa: E731
+
+        def agree():
+            a, b = ours(), theirs()
+            # torchvision's batched_nms orders equal scores arbitrarily.
+            return bool(set(a.tolist()) == set(b.tolist()) and torch.equal(scores[a], scores[b]))
+
+        return ours, theirs, agree
+
+    return setup
+
+
+def nms_cases(device: str, quick: bool) -> List[Case]:
+    if quick:
+        return [
+            Case("nms", "3000 boxes IoU 0.7", "float32", "-", _nms_setup(device, torch.float32, 3000, 1, 0.7, False)),
+            Case("batched_nms", "5000 boxes 80 classes IoU 0.5", "float32", "-",
+                 _nms_setup(device, torch.float32, 5000, 80, 0.5, True)),
+        ]
+    cases = []
+    dtypes = [torch.float32, torch.float16] if device == "cuda" else [torch.float32]
+    for dtype in dtypes:
+        cases.append(Case("nms", "12000 boxes IoU 0.7", _dtype_name(dtype), "-",
+                          _nms_setup(device, dtype, 12000, 1, 0.7, False)))
+        cases.append(Case("batched_nms", "20000 boxes 80 classes IoU 0.5", _dtype_name(dtype), "-",
+                          _nms_setup(device, dtype, 20000, 80, 0.5, True)))
+    # torchvision's CPU NMS is quadratic (about 40 s at 100k): stop there on CPU.
+    sizes = [1000, 3000, 10000, 30000, 100000] + ([200000] if device == "cuda" else [])
+    for n in sizes:
+        slow = device == "cpu" and n > 30000
+        cases.append(Case("nms", f"{n} boxes IoU 0.7", "float32", "-", _nms_setup(device, torch.float32, n, 1, 0.7, False),
+                          sweep="nms: boxes", size=n, repeats=1 if slow else None))
+        cases.append(Case("batched_nms", f"{n} boxes 80 classes IoU 0.5", "float32", "-",
+                          _nms_setup(device, torch.float32, n, 80, 0.5, True), sweep="batched_nms: boxes", size=n,
+                          repeats=1 if slow else None))
+    return cases
+
+
+# --------------------------------------------------------- decode, proposals
+
+
+def _decode_setup(device, dtype, n):
+    def setup():
+        from torchvision.models.detection._utils import BoxCoder
+
+        generator = torch.Generator().manual_seed(1)
+        boxes = random_boxes(n, generator).to(device=device, dtype=dtype)
+        deltas = (0.5 * torch.randn(n, 4, generator=generator)).to(device=device, dtype=dtype)
+        coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        ours = lambda: maskrcnn_ops.decode_boxes(deltas, boxes)  # noqa: E731
+        theirs = lambda: coder.decode_single(deltas, boxes)  # noqa: E731
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        return ours, theirs, lambda: bool(torch.allclose(ours().float(), theirs().float(), rtol=tol, atol=tol * 1e3))
+
+    return setup
+
+
+def _proposals_setup(device, dtype, top_n):
+    def setup():
+        from benchmarks.proposals import IMAGE_SIZES, RATIOS, SIZES, rpn_inputs, same_up_to_ties
+        from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+        from torchvision.models.detection.image_list import ImageList
+        from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+
+        objectness, deltas, features = rpn_inputs(device, dtype)
+        images = ImageList(torch.empty(2, 3, 800, 1088, device=device, dtype=dtype), IMAGE_SIZES)
+        anchors_tv = TVAnchorGenerator(SIZES, RATIOS)(images, features)
+        anchors = maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0]
+        obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
+        obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
+        sizes = torch.tensor(IMAGE_SIZES, device=device)
+        rpn = RegionProposalNetwork(
+            TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
+            dict(training=top_n, testing=top_n), dict(training=top_n, testing=top_n), 0.7,
+        ).to(device).eval()
+
+        def theirs():
+            proposals = rpn.box_coder.decode(del_tv.detach(), anchors_tv).view(2, -1, 4)
+            return rpn.filter_proposals(proposals, obj_tv, IMAGE_SIZES, per_level)
+
+        def ours():
+            return maskrcnn_ops.generate_proposals(
+                obj, dlt, anchors, per_level, sizes, pre_nms_top_n=top_n, post_nms_top_n=top_n, nms_thresh=0.7
+            )
+
+        def agree():
+            (tb, ts), (ob, os_) = theirs(), ours()
+            return all(same_up_to_ties(*args) for args in zip(tb, ts, ob, os_))
+
+        return ours, theirs, agree
+
+    return setup
+
+
+def proposals_cases(device: str, quick: bool) -> List[Case]:
+    cases = [
+        Case("decode_boxes", "434826 boxes", "float32", "-", _decode_setup(device, torch.float32, 434826)),
+        Case("generate_proposals", "2 images 5 levels test 1000/1000", "float32", "-",
+             _proposals_setup(device, torch.float32, 1000)),
+    ]
+    if quick:
+        return cases
+    cases.append(Case("generate_proposals", "2 images 5 levels train 2000/2000", "float32", "-",
+                      _proposals_setup(device, torch.float32, 2000)))
+    for n in (10000, 100000, 1000000):
+        cases.append(Case("decode_boxes", f"{n} boxes", "float32", "-", _decode_setup(device, torch.float32, n),
+                          sweep="decode_boxes: boxes", size=n))
+    return cases
+
+
+FAMILIES: Dict[str, Callable[[str, bool], List[Case]]] = {
+    "roi_align": roi_align_cases,
+    "nms": nms_cases,
+    "proposals": proposals_cases,
+}
+
+
+def run_case(case: Case, device: str, repeats: int) -> dict:
+    """Times one case; a baseline that cannot run (e.g. a dtype torchvision
+    lacks on this device) is recorded as missing, not as a failure."""
+    ours, theirs, agree = case.setup()
+    reps = case.repeats or repeats
+    row = dict(op=case.op, workload=case.workload, dtype=case.dtype, layout=case.layout, sweep=case.sweep,
+               size=case.size, device=device)
+    try:
+        row["agree"] = agree()  # runs both once: the warm-up
+        warmup = 0
+    except (RuntimeError, NotImplementedError) as error:
+        row.update(agree=None, note=str(error).splitlines()[0][:120])
+        warmup = 1
+    row["ours_ms"] = time_call(ours, device, reps, warmup=warmup)
+    if row["agree"] is None:
+        row.update(torchvision_ms=None, speedup=None)
+    else:
+        row["torchvision_ms"] = time_call(theirs, device, reps, warmup=0)
+        row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
+    return row
