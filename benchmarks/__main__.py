@@ -46,7 +46,8 @@ def markdown_table(env: dict, rows: list, quick: bool) -> str:
         f"Device: {env['device_name']} ({env['threads']} CPU threads{cuda}); torch {env['torch']}, "
         f"torchvision {env['torchvision']}; commit {env['commit']}; {'quick run' if quick else 'full run'}. "
         "Median time after warm-up, both libraries on the same inputs in one process; "
-        "'agree': same results (NMS and proposals up to torchvision's arbitrary order of equal scores).",
+        "'agree': same results (NMS and proposals up to torchvision's arbitrary order of equal scores; "
+        "half-precision RoIAlign against torchvision in float32, since torchvision accumulates in half).",
         "",
         "| op | workload | dtype | layout | ours ms | torchvision ms | speed-up | agree |",
         "|---|---|---|---|---:|---:|---:|---|",
