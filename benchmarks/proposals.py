@@ -41,6 +41,39 @@ def rpn_inputs(device: str, dtype: torch.dtype):
     return objectness, deltas, features
 
 
+def proposal_problem(device: str, dtype: torch.dtype, top_n: int):
+    """(ours, theirs): zero-argument callables for the standard RPN workload
+    with pre/post-NMS top-n `top_n`: generate_proposals against torchvision's
+    decode + RegionProposalNetwork.filter_proposals, on the same inputs.
+    Both return (boxes per image, scores per image)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+
+    objectness, deltas, features = rpn_inputs(device, dtype)
+    images = ImageList(torch.empty(2, 3, *BATCH_HW, device=device, dtype=dtype), IMAGE_SIZES)
+    anchors_tv = TVAnchorGenerator(SIZES, RATIOS)(images, features)
+    anchors = maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0]
+    obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
+    obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
+    sizes = torch.tensor(IMAGE_SIZES, device=device)
+    rpn = RegionProposalNetwork(
+        TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
+        dict(training=top_n, testing=top_n), dict(training=top_n, testing=top_n), 0.7,
+    ).to(device).eval()
+
+    def theirs():
+        proposals = rpn.box_coder.decode(del_tv.detach(), anchors_tv).view(2, -1, 4)
+        return rpn.filter_proposals(proposals, obj_tv, IMAGE_SIZES, per_level)
+
+    def ours():
+        return maskrcnn_ops.generate_proposals(
+            obj, dlt, anchors, per_level, sizes, pre_nms_top_n=top_n, post_nms_top_n=top_n, nms_thresh=0.7
+        )
+
+    return ours, theirs
+
+
 def run(device: str, dtype: torch.dtype, repeats: int) -> list:
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
     from torchvision.models.detection.image_list import ImageList
@@ -68,20 +101,7 @@ def run(device: str, dtype: torch.dtype, repeats: int) -> list:
     rows.append(row)
 
     for name, top_n in (("test", 1000), ("train", 2000)):
-        rpn = RegionProposalNetwork(
-            TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
-            dict(training=top_n, testing=top_n), dict(training=top_n, testing=top_n), 0.7,
-        ).to(device).eval()
-
-        def theirs():
-            proposals = rpn.box_coder.decode(del_tv.detach(), anchors_tv).view(2, -1, 4)
-            return rpn.filter_proposals(proposals, obj_tv, IMAGE_SIZES, per_level)
-
-        def ours():
-            return maskrcnn_ops.generate_proposals(
-                obj, dlt, anchors, per_level, IMAGE_SIZES, pre_nms_top_n=top_n, post_nms_top_n=top_n, nms_thresh=0.7
-            )
-
+        ours, theirs = proposal_problem(device, dtype, top_n)
         (tb, ts), (ob, os_) = theirs(), ours()
         row = dict(op="generate_proposals", workload=f"2 images, 5 levels, {name} {top_n}/{top_n}", device=device,
                    dtype=str(dtype)[6:], proposals=[len(b) for b in ob],

@@ -201,31 +201,9 @@ def _decode_setup(device, dtype, n):
 
 def _proposals_setup(device, dtype, top_n):
     def setup():
-        from benchmarks.proposals import IMAGE_SIZES, RATIOS, SIZES, rpn_inputs, same_up_to_ties
-        from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-        from torchvision.models.detection.image_list import ImageList
-        from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+        from benchmarks.proposals import proposal_problem, same_up_to_ties
 
-        objectness, deltas, features = rpn_inputs(device, dtype)
-        images = ImageList(torch.empty(2, 3, 800, 1088, device=device, dtype=dtype), IMAGE_SIZES)
-        anchors_tv = TVAnchorGenerator(SIZES, RATIOS)(images, features)
-        anchors = maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0]
-        obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
-        obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
-        sizes = torch.tensor(IMAGE_SIZES, device=device)
-        rpn = RegionProposalNetwork(
-            TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
-            dict(training=top_n, testing=top_n), dict(training=top_n, testing=top_n), 0.7,
-        ).to(device).eval()
-
-        def theirs():
-            proposals = rpn.box_coder.decode(del_tv.detach(), anchors_tv).view(2, -1, 4)
-            return rpn.filter_proposals(proposals, obj_tv, IMAGE_SIZES, per_level)
-
-        def ours():
-            return maskrcnn_ops.generate_proposals(
-                obj, dlt, anchors, per_level, sizes, pre_nms_top_n=top_n, post_nms_top_n=top_n, nms_thresh=0.7
-            )
+        ours, theirs = proposal_problem(device, dtype, top_n)
 
         def agree():
             (tb, ts), (ob, os_) = theirs(), ours()
