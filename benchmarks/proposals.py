@@ -41,21 +41,33 @@ def rpn_inputs(device: str, dtype: torch.dtype):
     return objectness, deltas, features
 
 
+def rpn_problem(device: str, dtype: torch.dtype) -> dict:
+    """The standard RPN inputs in both libraries' layouts: torchvision's
+    anchors and flattened head outputs, and ours."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    objectness, deltas, features = rpn_inputs(device, dtype)
+    images = ImageList(torch.empty(2, 3, *BATCH_HW, device=device, dtype=dtype), IMAGE_SIZES)
+    obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
+    obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
+    return dict(
+        anchors_tv=TVAnchorGenerator(SIZES, RATIOS)(images, features), obj_tv=obj_tv, del_tv=del_tv,
+        anchors=maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0], obj=obj, dlt=dlt,
+        per_level=per_level,
+    )
+
+
 def proposal_problem(device: str, dtype: torch.dtype, top_n: int):
     """(ours, theirs): zero-argument callables for the standard RPN workload
     with pre/post-NMS top-n `top_n`: generate_proposals against torchvision's
     decode + RegionProposalNetwork.filter_proposals, on the same inputs.
     Both return (boxes per image, scores per image)."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-    from torchvision.models.detection.image_list import ImageList
-    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-    objectness, deltas, features = rpn_inputs(device, dtype)
-    images = ImageList(torch.empty(2, 3, *BATCH_HW, device=device, dtype=dtype), IMAGE_SIZES)
-    anchors_tv = TVAnchorGenerator(SIZES, RATIOS)(images, features)
-    anchors = maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0]
-    obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
-    obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
+    p = rpn_problem(device, dtype)
     sizes = torch.tensor(IMAGE_SIZES, device=device)
     rpn = RegionProposalNetwork(
         TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
@@ -63,36 +75,28 @@ def proposal_problem(device: str, dtype: torch.dtype, top_n: int):
     ).to(device).eval()
 
     def theirs():
-        proposals = rpn.box_coder.decode(del_tv.detach(), anchors_tv).view(2, -1, 4)
-        return rpn.filter_proposals(proposals, obj_tv, IMAGE_SIZES, per_level)
+        proposals = rpn.box_coder.decode(p["del_tv"].detach(), p["anchors_tv"]).view(2, -1, 4)
+        return rpn.filter_proposals(proposals, p["obj_tv"], IMAGE_SIZES, p["per_level"])
 
     def ours():
         return maskrcnn_ops.generate_proposals(
-            obj, dlt, anchors, per_level, sizes, pre_nms_top_n=top_n, post_nms_top_n=top_n, nms_thresh=0.7
+            p["obj"], p["dlt"], p["anchors"], p["per_level"], sizes,
+            pre_nms_top_n=top_n, post_nms_top_n=top_n, nms_thresh=0.7,
         )
 
     return ours, theirs
 
 
 def run(device: str, dtype: torch.dtype, repeats: int) -> list:
-    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-    from torchvision.models.detection.image_list import ImageList
-    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+    from torchvision.models.detection._utils import BoxCoder
 
-    objectness, deltas, features = rpn_inputs(device, dtype)
-    images = ImageList(torch.empty(2, 3, *BATCH_HW, device=device, dtype=dtype), IMAGE_SIZES)
-    anchors_tv = TVAnchorGenerator(SIZES, RATIOS)(images, features)
-    anchors = maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0]
-    obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
-    obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
+    p = rpn_problem(device, dtype)
+    del_tv = p["del_tv"]
     rows = []
 
     # Decode of every anchor of both images.
-    anchors_both = torch.cat(anchors_tv)
-    coder = RegionProposalNetwork(
-        TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5, dict(training=1, testing=1),
-        dict(training=1, testing=1), 0.7,
-    ).box_coder
+    anchors_both = torch.cat(p["anchors_tv"])
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     row = dict(op="decode_boxes", workload=f"{anchors_both.size(0)} boxes", device=device, dtype=str(dtype)[6:],
                max_abs_diff=(maskrcnn_ops.decode_boxes(del_tv, anchors_both) - coder.decode_single(del_tv, anchors_both))
                .abs().max().item())
