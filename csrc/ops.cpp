@@ -22,6 +22,24 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
       "bool aligned) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // Multi-level (FPN) RoIAlign: each RoI pools from the feature map its size
+  // maps to, level floor(canonical_level + log2(sqrt(area) / canonical_scale)
+  // + 1e-6) clamped to the pyramid, as torchvision's MultiScaleRoIAlign.
+  // features: [N, C, H_l, W_l] per level, finest first, one dtype and layout;
+  // spatial_scales: one power of two per level, halving from each level to
+  // the next. Returns [K, C, pooled_height, pooled_width].
+  m.def(
+      "multi_level_roi_align(Tensor[] features, Tensor rois, float[] spatial_scales, "
+      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, bool aligned, "
+      "float canonical_scale, int canonical_level) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its gradient: one [batch_size, channels, heights[l], widths[l]] per level.
+  m.def(
+      "multi_level_roi_align_backward(Tensor grad, Tensor rois, float[] spatial_scales, "
+      "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+      "SymInt[] heights, SymInt[] widths, int sampling_ratio, bool aligned, "
+      "float canonical_scale, int canonical_level) -> Tensor[]",
+      {at::Tag::pt2_compliant_tag});
 
   // NMS: exact greedy, IoU strictly above iou_threshold suppresses; boxes
   // [N, 4] (x1, y1, x2, y2), scores [N]. Kept indices (int64) by decreasing

@@ -50,6 +50,7 @@ from .anchors import AnchorGenerator  # noqa: E402
 from .boxes import clip_boxes_to_image, decode_boxes, encode_boxes, remove_small_boxes  # noqa: E402
 from .nms import batched_nms, batched_nms_keep, batched_nms_padded, nms  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
+from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
 from .roi_align import RoIAlign, roi_align  # noqa: E402
 
 
@@ -62,6 +63,8 @@ def build_info() -> dict:
 __all__ = [
     "roi_align",
     "RoIAlign",
+    "MultiScaleRoIAlign",
+    "multi_scale_roi_align",
     "nms",
     "batched_nms",
     "batched_nms_keep",

@@ -60,14 +60,55 @@ def _roi_align_backward_backward(ctx, grad_grad_input):
     return (grad_grad,) + (None,) * 10
 
 
-torch.library.register_autograd(
-    "maskrcnn_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup_context
-)
-torch.library.register_autograd(
-    "maskrcnn_ops::roi_align_backward",
-    _roi_align_backward_backward,
-    setup_context=_roi_align_backward_setup_context,
-)
+
+
+# multi_level_roi_align: the same formulas over a list of feature maps.
+def _multi_level_setup_context(ctx, inputs, output):
+    features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned = inputs[:7]
+    canonical_scale, canonical_level = inputs[7:9]
+    ctx.save_for_backward(rois)
+    ctx.feature_shape = (features[0].shape[0], features[0].shape[1])
+    ctx.sizes = ([f.shape[2] for f in features], [f.shape[3] for f in features])
+    ctx.params = (spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level)
+
+
+def _multi_level_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level = ctx.params
+    batch_size, channels = ctx.feature_shape
+    heights, widths = ctx.sizes
+    grad_features = _ops.multi_level_roi_align_backward(
+        grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels,
+        heights, widths, sampling_ratio, aligned, canonical_scale, canonical_level,
+    )
+    return list(grad_features), None, None, None, None, None, None, None, None
+
+
+def _multi_level_backward_setup_context(ctx, inputs, output):
+    rois, spatial_scales, pooled_height, pooled_width = inputs[1:5]
+    sampling_ratio, aligned, canonical_scale, canonical_level = inputs[9:13]
+    ctx.save_for_backward(rois)
+    ctx.params = (spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level)
+    ctx.like = [(o.shape, o.dtype, o.device) for o in output]
+
+
+def _multi_level_backward_backward(ctx, grad_grad_features):
+    (rois,) = ctx.saved_tensors
+    spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level = ctx.params
+    grad_grad = None
+    if ctx.needs_input_grad[0]:
+        # Levels whose gradient was not used come back as None: they add zero.
+        features = [
+            g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+            for g, (shape, dtype, device) in zip(grad_grad_features, ctx.like)
+        ]
+        grad_grad = _ops.multi_level_roi_align(
+            features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
+            canonical_scale, canonical_level,
+        )
+    return (grad_grad,) + (None,) * 12
+
+
 
 
 def _decode_setup_context(ctx, inputs, output):
@@ -95,9 +136,15 @@ def _not_differentiable(name: str):
     return backward, setup_context
 
 
-torch.library.register_autograd(
-    "maskrcnn_ops::decode_boxes", _decode_backward, setup_context=_decode_setup_context
-)
+# op name -> (backward, setup_context)
+_FORMULAS = {
+    "roi_align": (_roi_align_backward, _roi_align_setup_context),
+    "roi_align_backward": (_roi_align_backward_backward, _roi_align_backward_setup_context),
+    "multi_level_roi_align": (_multi_level_backward, _multi_level_setup_context),
+    "multi_level_roi_align_backward": (_multi_level_backward_backward, _multi_level_backward_setup_context),
+    "decode_boxes": (_decode_backward, _decode_setup_context),
+}
 for _name in ("decode_boxes_backward", "encode_boxes", "rpn_decode_filter"):
-    _backward, _setup = _not_differentiable(_name)
+    _FORMULAS[_name] = _not_differentiable(_name)
+for _name, (_backward, _setup) in _FORMULAS.items():
     torch.library.register_autograd(f"maskrcnn_ops::{_name}", _backward, setup_context=_setup)

@@ -10,19 +10,26 @@ import torch
 from ._layout import memory_format_of
 
 
-@torch.library.register_fake("maskrcnn_ops::roi_align")
-def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-    torch._check(input.dim() == 4, lambda: f"roi_align: expected a 4-D input, got {input.dim()}-D")
+def _pooled(op, features, rois, pooled_height, pooled_width):
+    """Output of a RoIAlign over `features` (feature maps of one dtype and layout)."""
+    for f in features:
+        torch._check(f.dim() == 4, lambda: f"{op}: expected 4-D features, got {f.dim()}-D")
     torch._check(
         rois.dim() == 2 and rois.size(1) == 5,
-        lambda: f"roi_align: expected rois of shape [K, 5], got {tuple(rois.shape)}",
+        lambda: f"{op}: expected rois of shape [K, 5], got {tuple(rois.shape)}",
     )
+    first = features[0]
     return torch.empty(
-        (rois.size(0), input.size(1), pooled_height, pooled_width),
-        dtype=input.dtype,
-        device=input.device,
-        memory_format=memory_format_of(input),
+        (rois.size(0), first.size(1), pooled_height, pooled_width),
+        dtype=first.dtype,
+        device=first.device,
+        memory_format=memory_format_of(first),
     )
+
+
+@torch.library.register_fake("maskrcnn_ops::roi_align")
+def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return _pooled("roi_align", [input], rois, pooled_height, pooled_width)
 
 
 @torch.library.register_fake("maskrcnn_ops::roi_align_backward")
@@ -37,6 +44,29 @@ def _roi_align_backward_fake(
         device=grad.device,
         memory_format=memory_format_of(grad),
     )
+
+
+@torch.library.register_fake("maskrcnn_ops::multi_level_roi_align")
+def _multi_level_roi_align_fake(
+    features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
+    canonical_scale, canonical_level,
+):
+    torch._check(len(features) >= 1, lambda: "multi_level_roi_align: expected at least one feature map")
+    return _pooled("multi_level_roi_align", features, rois, pooled_height, pooled_width)
+
+
+@torch.library.register_fake("maskrcnn_ops::multi_level_roi_align_backward")
+def _multi_level_roi_align_backward_fake(
+    grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels,
+    heights, widths, sampling_ratio, aligned, canonical_scale, canonical_level,
+):
+    torch._check(grad.dim() == 4, lambda: f"multi_level_roi_align_backward: expected a 4-D grad, got {grad.dim()}-D")
+    return [
+        torch.empty(
+            (batch_size, channels, h, w), dtype=grad.dtype, device=grad.device, memory_format=memory_format_of(grad)
+        )
+        for h, w in zip(heights, widths)
+    ]
 
 
 def _check_nms_inputs(boxes, scores):

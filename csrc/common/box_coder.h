@@ -15,25 +15,6 @@ struct BoxWeights {
   acc_t wx, wy, ww, wh;
 };
 
-// exp/log for float and double on host (std::) and device (CUDA overloads).
-template <typename acc_t>
-MRO_HOST_DEVICE acc_t exp_of(acc_t x) {
-#ifdef __CUDA_ARCH__
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename acc_t>
-MRO_HOST_DEVICE acc_t log_of(acc_t x) {
-#ifdef __CUDA_ARCH__
-  return log(x);
-#else
-  return std::log(x);
-#endif
-}
-
 // Decodes deltas (dx, dy, dw, dh) relative to box (x1, y1, x2, y2); dw and dh
 // (after division by their weights) are clamped from above at `clip` so that
 // exp() cannot overflow. Writes (x1, y1, x2, y2).

@@ -3,6 +3,8 @@
 // these so the CPU tests exercise the exact arithmetic the GPU runs.
 #pragma once
 
+#include <cmath>
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MRO_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -27,5 +29,27 @@ template <typename T>
 MRO_HOST_DEVICE T min_of(T a, T b) {
   return a < b ? a : b;
 }
+
+// Math functions for float and double, callable from host code (std::) and
+// device code (CUDA's overloads), so shared headers name one function.
+#ifdef __CUDA_ARCH__
+#define MRO_MATH_FUNCTION(name, fn) \
+  template <typename T>             \
+  MRO_HOST_DEVICE T name(T x) {     \
+    return ::fn(x);                 \
+  }
+#else
+#define MRO_MATH_FUNCTION(name, fn) \
+  template <typename T>             \
+  MRO_HOST_DEVICE T name(T x) {     \
+    return std::fn(x);              \
+  }
+#endif
+MRO_MATH_FUNCTION(exp_of, exp)
+MRO_MATH_FUNCTION(log_of, log)
+MRO_MATH_FUNCTION(log2_of, log2)
+MRO_MATH_FUNCTION(sqrt_of, sqrt)
+MRO_MATH_FUNCTION(floor_of, floor)
+#undef MRO_MATH_FUNCTION
 
 }  // namespace maskrcnn_ops

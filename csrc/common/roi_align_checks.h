@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "roi_align_math.h"
 
@@ -82,6 +83,101 @@ inline void check_roi_align_backward(const at::Tensor& grad,
   TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
               op, ": expected a non-negative input shape, got [", batch_size,
               ", ", channels, ", ", height, ", ", width, "]");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) &&
+                  grad.size(1) == channels && grad.size(2) == pooled_h &&
+                  grad.size(3) == pooled_w,
+              op, ": expected grad of shape [", rois.size(0), ", ", channels,
+              ", ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+}
+
+// ------------------------------------------------------------ multi-level --
+
+// Pyramid levels a multi_level_roi_align call may take (FPN uses 4 or 5).
+constexpr int64_t kMaxPyramidLevels = 8;
+
+// FPN level of the finest map, k_min = -log2(spatial_scales[0]), as
+// torchvision's MultiScaleRoIAlign derives it. Call after the checks below.
+inline int64_t fpn_first_level(c10::ArrayRef<double> spatial_scales) {
+  return static_cast<int64_t>(std::lround(-std::log2(spatial_scales[0])));
+}
+
+// Scales must be powers of two, halving from one level to the next: the
+// level a RoI maps to is its FPN level minus that of the finest map, which
+// names a feature map only for such a pyramid.
+inline void check_pyramid_scales(const char* op, c10::ArrayRef<double> scales,
+                                  int64_t levels, double canonical_scale) {
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == levels, op, ": expected ",
+              levels, " spatial_scales (one per feature map), got ",
+              scales.size());
+  for (size_t l = 0; l < scales.size(); ++l) {
+    int exponent = 0;
+    const bool power_of_two = std::isfinite(scales[l]) && scales[l] > 0 &&
+                              std::frexp(scales[l], &exponent) == 0.5;
+    TORCH_CHECK(power_of_two, op,
+                ": expected spatial_scales that are powers of two, got ",
+                scales[l], " at level ", l);
+    TORCH_CHECK(l == 0 || scales[l] * 2 == scales[l - 1], op,
+                ": expected each spatial scale to be half the previous one "
+                "(consecutive FPN levels, finest first), got ",
+                scales[l - (l > 0)], " then ", scales[l]);
+  }
+  TORCH_CHECK(std::isfinite(canonical_scale) && canonical_scale > 0, op,
+              ": expected a finite, positive canonical_scale, got ",
+              canonical_scale);
+}
+
+inline void check_multi_level_roi_align_forward(
+    at::TensorList features, const at::Tensor& rois,
+    c10::ArrayRef<double> spatial_scales, int64_t pooled_h, int64_t pooled_w,
+    int64_t sampling_ratio, double canonical_scale) {
+  const char* op = "maskrcnn_ops::multi_level_roi_align";
+  const int64_t levels = static_cast<int64_t>(features.size());
+  TORCH_CHECK(levels >= 1 && levels <= kMaxPyramidLevels, op,
+              ": expected 1 to ", kMaxPyramidLevels, " feature maps, got ",
+              levels);
+  const at::Tensor& first = features[0];
+  for (int64_t l = 0; l < levels; ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4, op, ": expected features[", l,
+                "] of shape [N, C, H, W], got shape ", f.sizes());
+    check_features(op, "features", f, rois);
+    TORCH_CHECK(f.scalar_type() == first.scalar_type(), op,
+                ": expected every feature map in one dtype, got ",
+                first.scalar_type(), " and ", f.scalar_type(), " at level ", l);
+    TORCH_CHECK(f.size(0) == first.size(0) && f.size(1) == first.size(1), op,
+                ": expected every feature map to have the same batch size and "
+                "channels, got ",
+                first.sizes(), " and ", f.sizes(), " at level ", l);
+  }
+  check_roi_align_common(op, rois, spatial_scales.empty() ? 1.0 : spatial_scales[0],
+                         pooled_h, pooled_w, sampling_ratio);
+  check_pyramid_scales(op, spatial_scales, levels, canonical_scale);
+}
+
+inline void check_multi_level_roi_align_backward(
+    const at::Tensor& grad, const at::Tensor& rois,
+    c10::ArrayRef<double> spatial_scales, int64_t pooled_h, int64_t pooled_w,
+    int64_t batch_size, int64_t channels, c10::IntArrayRef heights,
+    c10::IntArrayRef widths, int64_t sampling_ratio, double canonical_scale) {
+  const char* op = "maskrcnn_ops::multi_level_roi_align_backward";
+  const int64_t levels = static_cast<int64_t>(heights.size());
+  TORCH_CHECK(levels >= 1 && levels <= kMaxPyramidLevels &&
+                  widths.size() == heights.size(),
+              op, ": expected 1 to ", kMaxPyramidLevels,
+              " levels with one height and width each, got ", heights.size(),
+              " heights and ", widths.size(), " widths");
+  for (int64_t l = 0; l < levels; ++l) {
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op,
+                ": expected non-negative feature sizes, got ", heights[l], "x",
+                widths[l], " at level ", l);
+  }
+  check_features(op, "grad", grad, rois);
+  check_roi_align_common(op, rois, spatial_scales.empty() ? 1.0 : spatial_scales[0],
+                         pooled_h, pooled_w, sampling_ratio);
+  check_pyramid_scales(op, spatial_scales, levels, canonical_scale);
+  TORCH_CHECK(batch_size >= 0 && channels >= 0, op,
+              ": expected a non-negative batch size and channels, got ",
+              batch_size, " and ", channels);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) &&
                   grad.size(1) == channels && grad.size(2) == pooled_h &&
                   grad.size(3) == pooled_w,

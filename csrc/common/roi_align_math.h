@@ -160,4 +160,26 @@ MRO_HOST_DEVICE AxisTap<acc_t> bin_sample_tap(acc_t start, acc_t bin_size,
   return axis_tap(sample_coordinate(start, bin_size, bin_index, i, grid), size);
 }
 
+
+// Feature pyramid level of a RoI (Lin et al., FPN, eq. 1), as torchvision's
+// LevelMapper: floor(canonical_level + log2(sqrt(area) / canonical_scale) +
+// 1e-6), clamped to [first_level, first_level + num_levels - 1], returned as
+// an index into the levels (0 for first_level). The arithmetic runs in the
+// RoI's precision, in torchvision's order, so both pick the same level. A RoI
+// with a non-finite or negative area gets level 0 (it pools zeros or reads
+// within bounds, as any RoI does).
+template <typename acc_t>
+MRO_HOST_DEVICE int64_t fpn_level_index(const acc_t* roi, acc_t canonical_scale,
+                                        acc_t canonical_level, int64_t first_level,
+                                        int64_t num_levels) {
+  const acc_t area = (roi[3] - roi[1]) * (roi[4] - roi[2]);
+  const acc_t size = sqrt_of(area);
+  const acc_t level =
+      floor_of(canonical_level + log2_of(size / canonical_scale) + acc_t(1e-6));
+  if (!is_finite(level)) return 0;
+  const acc_t lowest = static_cast<acc_t>(first_level);
+  const acc_t highest = static_cast<acc_t>(first_level + num_levels - 1);
+  return static_cast<int64_t>(min_of(max_of(level, lowest), highest)) - first_level;
+}
+
 }  // namespace maskrcnn_ops

@@ -1,4 +1,7 @@
-// RoIAlign forward and backward on CPU.
+// RoIAlign forward and backward on CPU, for one feature map (roi_align) and
+// for a feature pyramid (multi_level_roi_align: every RoI pools from the FPN
+// level its size maps to). One code path serves both: a single feature map is
+// a pyramid of one level.
 //
 // Both directions first build a tap table: per RoI, the geometry and the
 // per-axis bilinear taps of every sample row and column (csrc/common). The
@@ -28,9 +31,39 @@
 namespace maskrcnn_ops {
 namespace {
 
+// The feature maps a call reads: their sizes, scales and how RoIs map to
+// them. `level_of` is unused (every RoI on level 0) for a single map.
+struct Pyramid {
+  std::vector<int64_t> heights, widths;
+  std::vector<double> scales;
+  double canonical_scale = 224.0;
+  int64_t canonical_level = 4;
+  int64_t first_level = 0;
+
+  int64_t levels() const { return static_cast<int64_t>(heights.size()); }
+  int64_t plane(int64_t level) const { return heights[level] * widths[level]; }
+
+  template <typename acc_t>
+  int64_t level_of(const acc_t* roi) const {
+    if (levels() == 1) return 0;
+    return fpn_level_index<acc_t>(roi, static_cast<acc_t>(canonical_scale),
+                                  static_cast<acc_t>(canonical_level),
+                                  first_level, levels());
+  }
+};
+
+Pyramid single_level(int64_t height, int64_t width, double spatial_scale) {
+  Pyramid p;
+  p.heights = {height};
+  p.widths = {width};
+  p.scales = {spatial_scale};
+  return p;
+}
+
 template <typename acc_t>
 struct TapTable {
   std::vector<RoIAlignGeometry<acc_t>> geometry;  // [K]
+  std::vector<int64_t> level;                     // [K] index into the pyramid
   std::vector<int64_t> y_begin;                   // [K + 1] into y_taps
   std::vector<int64_t> x_begin;                   // [K + 1] into x_taps
   std::vector<AxisTap<acc_t>> y_taps;  // per RoI: [pooled_h][grid_h]
@@ -39,19 +72,21 @@ struct TapTable {
 
 template <typename acc_t>
 TapTable<acc_t> build_tap_table(const char* op, const at::Tensor& rois_acc,
-                                int64_t batch_size, int64_t height,
-                                int64_t width, double spatial_scale,
+                                int64_t batch_size, const Pyramid& pyramid,
                                 int64_t pooled_h, int64_t pooled_w,
                                 int64_t sampling_ratio, bool aligned) {
   const int64_t num_rois = rois_acc.size(0);
   const acc_t* rois = rois_acc.const_data_ptr<acc_t>();
   TapTable<acc_t> table;
   table.geometry.resize(num_rois);
+  table.level.resize(num_rois);
   at::parallel_for(0, num_rois, 256, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
+      const int64_t l = pyramid.level_of(rois + k * 5);
+      table.level[k] = l;
       table.geometry[k] = roi_geometry<acc_t>(
-          rois + k * 5, batch_size, height, width,
-          static_cast<acc_t>(spatial_scale), pooled_h, pooled_w,
+          rois + k * 5, batch_size, pyramid.heights[l], pyramid.widths[l],
+          static_cast<acc_t>(pyramid.scales[l]), pooled_h, pooled_w,
           sampling_ratio, aligned);
     }
   });
@@ -72,6 +107,8 @@ TapTable<acc_t> build_tap_table(const char* op, const at::Tensor& rois_acc,
   at::parallel_for(0, num_rois, 64, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto& g = table.geometry[k];
+      const int64_t height = pyramid.heights[table.level[k]];
+      const int64_t width = pyramid.widths[table.level[k]];
       AxisTap<acc_t>* y = table.y_taps.data() + table.y_begin[k];
       for (int64_t ph = 0; ph < pooled_h; ++ph)
         for (int iy = 0; iy < g.grid_h; ++iy)
@@ -85,22 +122,28 @@ TapTable<acc_t> build_tap_table(const char* op, const at::Tensor& rois_acc,
   return table;
 }
 
-// RoIs grouped by image, each group in increasing RoI index.
-struct RoIsByImage {
-  std::vector<int64_t> order;  // RoI indices sorted by (image, index)
-  std::vector<int64_t> begin;  // [batch + 1] into order
+// RoIs grouped by feature map (level, image), group index level * batch +
+// image, each group in increasing RoI index.
+struct RoIGroups {
+  std::vector<int64_t> order;  // RoI indices sorted by (level, image, index)
+  std::vector<int64_t> begin;  // [levels * batch + 1] into order
 };
 
 template <typename acc_t>
-RoIsByImage group_rois_by_image(const TapTable<acc_t>& table, int64_t batch) {
-  RoIsByImage groups;
-  groups.begin.assign(batch + 1, 0);
-  for (const auto& g : table.geometry) groups.begin[g.batch_index + 1]++;
-  for (int64_t b = 0; b < batch; ++b) groups.begin[b + 1] += groups.begin[b];
-  groups.order.resize(table.geometry.size());
+RoIGroups group_rois(const TapTable<acc_t>& table, int64_t batch,
+                     int64_t levels) {
+  const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
+  auto group_of = [&](int64_t k) {
+    return table.level[k] * batch + table.geometry[k].batch_index;
+  };
+  RoIGroups groups;
+  groups.begin.assign(levels * batch + 1, 0);
+  for (int64_t k = 0; k < num_rois; ++k) groups.begin[group_of(k) + 1]++;
+  for (int64_t i = 0; i < levels * batch; ++i)
+    groups.begin[i + 1] += groups.begin[i];
+  groups.order.resize(num_rois);
   std::vector<int64_t> next(groups.begin.begin(), groups.begin.end() - 1);
-  for (int64_t k = 0; k < static_cast<int64_t>(table.geometry.size()); ++k)
-    groups.order[next[table.geometry[k].batch_index]++] = k;
+  for (int64_t k = 0; k < num_rois; ++k) groups.order[next[group_of(k)]++] = k;
   return groups;
 }
 
@@ -201,18 +244,17 @@ inline void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
 }
 
 // NCHW forward, channel-block-major: each task takes a block of channels and
-// runs every RoI over it. A block of one image's planes (kBlock x H x W, 3.5
-// MB for 16 x 200 x 272 float32) stays in the last-level cache while the
-// RoIs, which overlap heavily, read it, so the feature map comes from DRAM
-// about once instead of once per RoI.
+// runs every RoI over it, RoIs ordered by (level, image). A block of one
+// image's planes (kBlock x H x W, 3.5 MB for 16 x 200 x 272 float32) stays in
+// the last-level cache while the RoIs, which overlap heavily, read it, so the
+// feature map comes from DRAM about once instead of once per RoI.
 template <typename scalar_t, typename acc_t>
-void forward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
-                  const scalar_t* input, scalar_t* output, int64_t channels,
-                  int64_t height, int64_t width, int64_t pooled_h,
-                  int64_t pooled_w) {
+void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
+                  const Pyramid& pyramid,
+                  const std::vector<const scalar_t*>& inputs, scalar_t* output,
+                  int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   constexpr int kBlock = 16;
   const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
-  const int64_t plane = height * width;
   const int64_t out_plane = pooled_h * pooled_w;
   std::vector<RoIRows> rows(num_rois);
   at::parallel_for(0, num_rois, 64, [&](int64_t begin, int64_t end) {
@@ -220,6 +262,12 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
       collect_rows(table.y_taps.data() + table.y_begin[k],
                    table.y_begin[k + 1] - table.y_begin[k], rows[k]);
   });
+  // The first channel of block c0 of RoI k's feature map.
+  auto block_origin = [&](int64_t k, int64_t c0) {
+    const int64_t plane = pyramid.plane(table.level[k]);
+    return inputs[table.level[k]] +
+           (table.geometry[k].batch_index * channels + c0) * plane;
+  };
   const int64_t blocks = (channels + kBlock - 1) / kBlock;
   // With few channel blocks, also split the RoIs so every thread has work.
   const int64_t chunks = std::max<int64_t>(
@@ -237,8 +285,9 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
         if (g.grid_h == 0 || g.grid_w == 0) return;
         const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
         const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
-        prefetch_rows(input + (g.batch_index * channels + c0) * plane, plane,
-                      static_cast<int>(nc), rows[k].rows, width, xs[0].low,
+        prefetch_rows(block_origin(k, c0), pyramid.plane(table.level[k]),
+                      static_cast<int>(nc), rows[k].rows,
+                      pyramid.widths[table.level[k]], xs[0].low,
                       xs[num_x - 1].high);
       };
       const auto& order = groups.order;
@@ -254,7 +303,9 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
         }
         const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
         const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
-        const scalar_t* in = input + (g.batch_index * channels + c0) * plane;
+        const scalar_t* in = block_origin(k, c0);
+        const int64_t plane = pyramid.plane(table.level[k]);
+        const int64_t width = pyramid.widths[table.level[k]];
         row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock);
         if (nc == kBlock) {
           pool_nchw_block<kBlock>(g, ys, xs, rows[k], in, plane, width,
@@ -271,9 +322,9 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_nhwc(const TapTable<acc_t>& table, const scalar_t* input,
-                  scalar_t* output, int64_t channels, int64_t height,
-                  int64_t width, int64_t pooled_h, int64_t pooled_w) {
+void forward_nhwc(const TapTable<acc_t>& table, const Pyramid& pyramid,
+                  const std::vector<const scalar_t*>& inputs, scalar_t* output,
+                  int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
   at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(channels);
@@ -281,7 +332,9 @@ void forward_nhwc(const TapTable<acc_t>& table, const scalar_t* input,
       const auto& g = table.geometry[k];
       const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
       const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
-      const scalar_t* in_b = input + g.batch_index * height * width * channels;
+      const int64_t width = pyramid.widths[table.level[k]];
+      const scalar_t* in_b = inputs[table.level[k]] +
+                             g.batch_index * pyramid.plane(table.level[k]) * channels;
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -313,61 +366,113 @@ void forward_nhwc(const TapTable<acc_t>& table, const scalar_t* input,
   });
 }
 
+// Forward over a pyramid of same-layout feature maps [N, C, H_l, W_l].
+at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& features,
+                        const at::Tensor& rois, const Pyramid& pyramid,
+                        int64_t pooled_h, int64_t pooled_w,
+                        int64_t sampling_ratio, bool aligned) {
+  const at::Tensor& first = features.front();
+  const bool channels_last = use_channels_last(first);
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
+  const int64_t num_rois = rois.size(0);
+  const int64_t batch = first.size(0), channels = first.size(1);
+  at::Tensor output =
+      at::empty({num_rois, channels, pooled_h, pooled_w},
+                first.options().memory_format(memory_format));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cpu",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor rois_acc =
+            rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+        const auto table =
+            build_tap_table<acc_t>(op, rois_acc, batch, pyramid, pooled_h,
+                                   pooled_w, sampling_ratio, aligned);
+        // Built even for empty outputs, so invalid batch indices are always
+        // reported.
+        if (output.numel() == 0) return;
+        std::vector<at::Tensor> contiguous;
+        std::vector<const scalar_t*> inputs;
+        for (const auto& f : features) {
+          contiguous.push_back(f.contiguous(memory_format));
+          inputs.push_back(contiguous.back().const_data_ptr<scalar_t>());
+        }
+        scalar_t* out = output.mutable_data_ptr<scalar_t>();
+        if (channels_last) {
+          forward_nhwc<scalar_t, acc_t>(table, pyramid, inputs, out, channels,
+                                        pooled_h, pooled_w);
+        } else {
+          forward_nchw<scalar_t, acc_t>(
+              table, group_rois(table, batch, pyramid.levels()), pyramid,
+              inputs, out, channels, pooled_h, pooled_w);
+        }
+      });
+  return output;
+}
+
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
                                  double spatial_scale, int64_t pooled_h,
                                  int64_t pooled_w, int64_t sampling_ratio,
                                  bool aligned) {
   check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w,
                           sampling_ratio);
-  const bool channels_last = use_channels_last(input);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
-  const int64_t num_rois = rois.size(0);
-  const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t height = input.size(2), width = input.size(3);
-  at::Tensor output =
-      at::empty({num_rois, channels, pooled_h, pooled_w},
-                input.options().memory_format(memory_format));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cpu",
-      [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const at::Tensor rois_acc =
-            rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-        const auto table = build_tap_table<acc_t>(
-            "maskrcnn_ops::roi_align", rois_acc, batch, height, width,
-            spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
-        // Built even for empty outputs, so invalid batch indices are always
-        // reported.
-        if (output.numel() == 0) return;
-        const at::Tensor input_c = input.contiguous(memory_format);
-        const scalar_t* in = input_c.const_data_ptr<scalar_t>();
-        scalar_t* out = output.mutable_data_ptr<scalar_t>();
-        if (channels_last) {
-          forward_nhwc<scalar_t, acc_t>(table, in, out, channels, height, width,
-                                        pooled_h, pooled_w);
-        } else {
-          forward_nchw<scalar_t, acc_t>(table, group_rois_by_image(table, batch),
-                                        in, out, channels, height, width,
-                                        pooled_h, pooled_w);
-        }
-      });
-  return output;
+  return pool_forward("maskrcnn_ops::roi_align", {input}, rois,
+                      single_level(input.size(2), input.size(3), spatial_scale),
+                      pooled_h, pooled_w, sampling_ratio, aligned);
+}
+
+Pyramid fpn_pyramid(const std::vector<int64_t>& heights,
+                    const std::vector<int64_t>& widths,
+                    c10::ArrayRef<double> spatial_scales, double canonical_scale,
+                    int64_t canonical_level) {
+  Pyramid p;
+  p.heights = heights;
+  p.widths = widths;
+  p.scales.assign(spatial_scales.begin(), spatial_scales.end());
+  p.canonical_scale = canonical_scale;
+  p.canonical_level = canonical_level;
+  p.first_level = fpn_first_level(spatial_scales);
+  return p;
+}
+
+at::Tensor multi_level_roi_align_forward_cpu(
+    at::TensorList features, const at::Tensor& rois,
+    c10::ArrayRef<double> spatial_scales, int64_t pooled_h, int64_t pooled_w,
+    int64_t sampling_ratio, bool aligned, double canonical_scale,
+    int64_t canonical_level) {
+  check_multi_level_roi_align_forward(features, rois, spatial_scales, pooled_h,
+                                      pooled_w, sampling_ratio, canonical_scale);
+  std::vector<int64_t> heights, widths;
+  for (const auto& f : features) {
+    heights.push_back(f.size(2));
+    widths.push_back(f.size(3));
+  }
+  return pool_forward("maskrcnn_ops::multi_level_roi_align", features.vec(), rois,
+                      fpn_pyramid(heights, widths, spatial_scales,
+                                  canonical_scale, canonical_level),
+                      pooled_h, pooled_w, sampling_ratio, aligned);
 }
 
 // --------------------------------------------------------------- backward --
 
+// Both backward kernels write grad_inputs[level] (accumulation dtype, the
+// layout of grad) and run in parallel over units that own disjoint parts of
+// it, each visiting its RoIs in index order.
 template <typename scalar_t, typename acc_t>
-void backward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
-                   const scalar_t* grad, acc_t* grad_input, int64_t batch,
-                   int64_t channels, int64_t height, int64_t width,
-                   int64_t pooled_h, int64_t pooled_w) {
-  const int64_t plane = height * width;
-  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
+                   const Pyramid& pyramid, const scalar_t* grad,
+                   const std::vector<acc_t*>& grad_inputs, int64_t batch,
+                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
+  const int64_t maps = pyramid.levels() * batch;
+  at::parallel_for(0, maps * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / channels, c = unit % channels;
-      acc_t* gin = grad_input + unit * plane;
-      for (int64_t i = groups.begin[b]; i < groups.begin[b + 1]; ++i) {
+      const int64_t map = unit / channels, c = unit % channels;
+      const int64_t level = map / batch, b = map % batch;
+      const int64_t width = pyramid.widths[level];
+      const int64_t plane = pyramid.plane(level);
+      acc_t* gin = grad_inputs[level] + (b * channels + c) * plane;
+      for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
         const int64_t k = groups.order[i];
         const auto& g = table.geometry[k];
         const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
@@ -398,22 +503,25 @@ void backward_nchw(const TapTable<acc_t>& table, const RoIsByImage& groups,
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_nhwc(const TapTable<acc_t>& table, const RoIsByImage& groups,
-                   const scalar_t* grad, acc_t* grad_input, int64_t batch,
-                   int64_t channels, int64_t height, int64_t width,
-                   int64_t pooled_h, int64_t pooled_w) {
+void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
+                   const Pyramid& pyramid, const scalar_t* grad,
+                   const std::vector<acc_t*>& grad_inputs, int64_t batch,
+                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   // Channel blocks keep the per-tap vector loop long while giving every
   // thread work even for a single image.
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (channels + kBlock - 1) / kBlock;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t maps = pyramid.levels() * batch;
+  at::parallel_for(0, maps * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gbin(kBlock);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / blocks;
+      const int64_t map = unit / blocks;
+      const int64_t level = map / batch, b = map % batch;
+      const int64_t width = pyramid.widths[level];
       const int64_t c0 = (unit % blocks) * kBlock;
       const int64_t nc = std::min(kBlock, channels - c0);
-      acc_t* gin_b = grad_input + b * height * width * channels + c0;
-      for (int64_t i = groups.begin[b]; i < groups.begin[b + 1]; ++i) {
+      acc_t* gin_b = grad_inputs[level] + b * pyramid.plane(level) * channels + c0;
+      for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
         const int64_t k = groups.order[i];
         const auto& g = table.geometry[k];
         const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
@@ -451,6 +559,57 @@ void backward_nhwc(const TapTable<acc_t>& table, const RoIsByImage& groups,
   });
 }
 
+// Backward over a pyramid: one gradient [N, C, H_l, W_l] per level, in grad's
+// dtype and layout.
+std::vector<at::Tensor> pool_backward(const char* op, const at::Tensor& grad,
+                                      const at::Tensor& rois,
+                                      const Pyramid& pyramid, int64_t pooled_h,
+                                      int64_t pooled_w, int64_t batch,
+                                      int64_t channels, int64_t sampling_ratio,
+                                      bool aligned) {
+  const bool channels_last = use_channels_last(grad);
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
+  const auto acc_dtype = accumulate_dtype(grad.scalar_type());
+  // Half types accumulate into a float32 buffer and are rounded once at the end.
+  // (at::zeros would drop the memory format from the options.)
+  std::vector<at::Tensor> grad_inputs;
+  bool any_elements = false;
+  for (int64_t l = 0; l < pyramid.levels(); ++l) {
+    grad_inputs.push_back(
+        at::empty({batch, channels, pyramid.heights[l], pyramid.widths[l]},
+                  grad.options().dtype(acc_dtype).memory_format(memory_format))
+            .zero_());
+    any_elements = any_elements || grad_inputs.back().numel() > 0;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
+        const auto table =
+            build_tap_table<acc_t>(op, rois_acc, batch, pyramid, pooled_h,
+                                   pooled_w, sampling_ratio, aligned);
+        if (!any_elements || grad.numel() == 0) return;
+        const auto groups = group_rois(table, batch, pyramid.levels());
+        const at::Tensor grad_c = grad.contiguous(memory_format);
+        const scalar_t* g = grad_c.const_data_ptr<scalar_t>();
+        std::vector<acc_t*> gins;
+        for (auto& t : grad_inputs) gins.push_back(t.mutable_data_ptr<acc_t>());
+        if (channels_last) {
+          backward_nhwc<scalar_t, acc_t>(table, groups, pyramid, g, gins, batch,
+                                         channels, pooled_h, pooled_w);
+        } else {
+          backward_nchw<scalar_t, acc_t>(table, groups, pyramid, g, gins, batch,
+                                         channels, pooled_h, pooled_w);
+        }
+      });
+  for (auto& t : grad_inputs) {
+    if (t.scalar_type() != grad.scalar_type()) t = t.to(grad.scalar_type());
+  }
+  return grad_inputs;
+}
+
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                   double spatial_scale, int64_t pooled_h,
                                   int64_t pooled_w, int64_t batch,
@@ -459,41 +618,27 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   bool aligned) {
   check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch,
                            channels, height, width, sampling_ratio);
-  const bool channels_last = use_channels_last(grad);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
-  const auto acc_dtype = accumulate_dtype(grad.scalar_type());
-  // Half types accumulate into a float32 buffer and are rounded once at the end.
-  // (at::zeros would drop the memory format from the options.)
-  at::Tensor grad_input =
-      at::empty({batch, channels, height, width},
-                grad.options().dtype(acc_dtype).memory_format(memory_format))
-          .zero_();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu",
-      [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
-        const auto table = build_tap_table<acc_t>(
-            "maskrcnn_ops::roi_align_backward", rois_acc, batch, height, width,
-            spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
-        if (grad_input.numel() == 0 || grad.numel() == 0) return;
-        const auto groups = group_rois_by_image(table, batch);
-        const at::Tensor grad_c = grad.contiguous(memory_format);
-        const scalar_t* g = grad_c.const_data_ptr<scalar_t>();
-        acc_t* gin = grad_input.mutable_data_ptr<acc_t>();
-        if (channels_last) {
-          backward_nhwc<scalar_t, acc_t>(table, groups, g, gin, batch, channels,
-                                         height, width, pooled_h, pooled_w);
-        } else {
-          backward_nchw<scalar_t, acc_t>(table, groups, g, gin, batch, channels,
-                                         height, width, pooled_h, pooled_w);
-        }
-      });
-  if (grad_input.scalar_type() != grad.scalar_type()) {
-    grad_input = grad_input.to(grad.scalar_type());
-  }
-  return grad_input;
+  return pool_backward("maskrcnn_ops::roi_align_backward", grad, rois,
+                       single_level(height, width, spatial_scale), pooled_h,
+                       pooled_w, batch, channels, sampling_ratio, aligned)
+      .front();
+}
+
+std::vector<at::Tensor> multi_level_roi_align_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& rois,
+    c10::ArrayRef<double> spatial_scales, int64_t pooled_h, int64_t pooled_w,
+    int64_t batch, int64_t channels, c10::IntArrayRef heights,
+    c10::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+    double canonical_scale, int64_t canonical_level) {
+  check_multi_level_roi_align_backward(grad, rois, spatial_scales, pooled_h,
+                                       pooled_w, batch, channels, heights, widths,
+                                       sampling_ratio, canonical_scale);
+  return pool_backward("maskrcnn_ops::multi_level_roi_align_backward", grad,
+                       rois,
+                       fpn_pyramid(heights.vec(), widths.vec(), spatial_scales,
+                                   canonical_scale, canonical_level),
+                       pooled_h, pooled_w, batch, channels, sampling_ratio,
+                       aligned);
 }
 
 }  // namespace
@@ -501,6 +646,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CPU, m) {
   m.impl("roi_align", &roi_align_forward_cpu);
   m.impl("roi_align_backward", &roi_align_backward_cpu);
+  m.impl("multi_level_roi_align", &multi_level_roi_align_forward_cpu);
+  m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cpu);
 }
 
 }  // namespace maskrcnn_ops
