@@ -1,0 +1,39 @@
+"""Data for Mask R-CNN: a synthetic shapes dataset, a COCO-format reader and
+writer, batching, augmentation and target validation. Every dataset yields
+(image [3, H, W] float32 in [0, 1], target dict) samples."""
+
+from .coco import CocoDataset, load_rgb_image
+from .coco_format import (
+    dataset_to_coco,
+    decode_segmentation,
+    mask_to_rle,
+    masks_to_rles,
+    target_to_annotations,
+    write_coco_folder,
+)
+from .coco_schema import CocoFormatError, load_coco_json, validate_coco
+from .collate import collate
+from .shapes import SHAPE_CLASS_NAMES, ShapesDataset, boxes_from_masks
+from .transforms import RandomHorizontalFlip, horizontal_flip
+from .validation import validate_target
+
+__all__ = [
+    "ShapesDataset",
+    "SHAPE_CLASS_NAMES",
+    "boxes_from_masks",
+    "CocoDataset",
+    "CocoFormatError",
+    "load_coco_json",
+    "validate_coco",
+    "load_rgb_image",
+    "mask_to_rle",
+    "masks_to_rles",
+    "decode_segmentation",
+    "target_to_annotations",
+    "dataset_to_coco",
+    "write_coco_folder",
+    "collate",
+    "RandomHorizontalFlip",
+    "horizontal_flip",
+    "validate_target",
+]

@@ -1,0 +1,203 @@
+"""COCO box and mask AP of a detector's predictions, through pycocotools'
+COCOeval (the metric every Mask R-CNN paper reports)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+from maskrcnn.data.coco_format import dataset_to_coco, masks_to_rles
+from maskrcnn.data.coco_schema import load_coco_json
+
+# COCOeval.stats[0:6], in order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+
+
+def _quiet(verbose: bool):
+    """pycocotools prints progress; keep it only when asked."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def _indexed_coco(data: Dict) -> COCO:
+    coco = COCO()
+    coco.dataset = data
+    with _quiet(False):
+        coco.createIndex()
+    return coco
+
+
+def coco_ground_truth(ground_truth, *, class_names: Optional[Sequence[str]] = None) -> COCO:
+    """The ground truth as a pycocotools ``COCO``.
+
+    Args:
+        ground_truth: a ``COCO`` (returned as is), the path of an instances
+            JSON (validated), or a dataset of (image, target) samples
+            (category id = label; its targets are used as they are, so for a
+            ``CocoDataset`` prefer ``dataset.coco``, which keeps the crowd
+            regions that its training targets leave out).
+        class_names: names indexed by label, for a dataset without
+            ``class_names``.
+    """
+    if isinstance(ground_truth, COCO):
+        return ground_truth
+    if isinstance(ground_truth, (str, Path)):
+        return _indexed_coco(load_coco_json(ground_truth))
+    if hasattr(ground_truth, "__getitem__") and hasattr(ground_truth, "__len__"):
+        return _indexed_coco(dataset_to_coco(ground_truth, class_names=class_names))
+    raise TypeError(
+        f"ground_truth must be a pycocotools COCO, an annotations file path or a dataset, "
+        f"got {type(ground_truth).__name__}"
+    )
+
+
+def _check_prediction(image_id: int, prediction: Mapping[str, Tensor], size, with_masks: bool) -> None:
+    for key in ("boxes", "scores", "labels") + (("masks",) if with_masks else ()):
+        if key not in prediction:
+            raise ValueError(f"prediction for image {image_id} has no '{key}' (has {sorted(prediction)})")
+    count = prediction["boxes"].shape[0]
+    if prediction["boxes"].shape != (count, 4) or prediction["scores"].shape != (count,) or (
+        prediction["labels"].shape != (count,)
+    ):
+        raise ValueError(
+            f"prediction for image {image_id}: expected boxes [N, 4], scores [N], labels [N], got "
+            f"{tuple(prediction['boxes'].shape)}, {tuple(prediction['scores'].shape)}, "
+            f"{tuple(prediction['labels'].shape)}"
+        )
+    if with_masks:
+        masks = prediction["masks"]
+        height, width = size
+        if masks.shape not in ((count, 1, height, width), (count, height, width)):
+            raise ValueError(
+                f"prediction for image {image_id}: masks must be [N, 1, H, W] = [{count}, 1, {height}, {width}] "
+                f"(probabilities at the image's size), got {tuple(masks.shape)}"
+            )
+
+
+def predictions_to_coco_results(
+    predictions: Mapping[int, Mapping[str, Tensor]],
+    ground_truth: COCO,
+    *,
+    category_ids: Optional[Mapping[int, int]] = None,
+    iou_types: Sequence[str] = IOU_TYPES,
+    mask_threshold: float = 0.5,
+) -> Dict[str, List[Dict]]:
+    """Predictions as COCO result records, one list per IoU type.
+
+    Args:
+        predictions: image id -> ``boxes`` [N, 4] (x1, y1, x2, y2), ``scores``
+            [N], ``labels`` [N], and for "segm" ``masks`` [N, 1, H, W] (or
+            [N, H, W]) probabilities at the image's size.
+        ground_truth: gives the valid image ids, sizes and categories.
+        category_ids: label -> COCO category id (default: the label itself).
+        mask_threshold: a pixel is in the mask when its probability > this.
+
+    Returns:
+        {"bbox": [{image_id, category_id, bbox [x, y, w, h], score}, ...],
+        "segm": [{image_id, category_id, segmentation (compressed RLE), score}, ...]}
+    """
+    known_categories = set(ground_truth.getCatIds())
+    results: Dict[str, List[Dict]] = {iou_type: [] for iou_type in iou_types}
+    for image_id, prediction in predictions.items():
+        image_id = int(image_id)
+        if image_id not in ground_truth.imgs:
+            raise ValueError(f"prediction for image id {image_id}, which the ground truth does not have")
+        info = ground_truth.imgs[image_id]
+        _check_prediction(image_id, prediction, (info["height"], info["width"]), "segm" in iou_types)
+        labels = prediction["labels"].tolist()
+        categories = [category_ids[label] if category_ids is not None else int(label) for label in labels]
+        unknown = set(categories) - known_categories
+        if unknown:
+            raise ValueError(
+                f"prediction for image {image_id} has category ids {sorted(unknown)} that the ground truth does "
+                f"not list (labels {sorted(set(labels))}; pass category_ids to map labels to category ids)"
+            )
+        scores = prediction["scores"].tolist()
+        if "bbox" in results:
+            for (x1, y1, x2, y2), category, score in zip(prediction["boxes"].tolist(), categories, scores):
+                results["bbox"].append(
+                    {"image_id": image_id, "category_id": category, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+                )
+        if "segm" in results:
+            masks = prediction["masks"]
+            binary = (masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]) > mask_threshold)
+            for rle, category, score in zip(masks_to_rles(binary), categories, scores):
+                results["segm"].append(
+                    {"image_id": image_id, "category_id": category, "segmentation": rle, "score": score}
+                )
+    return results
+
+
+def _detections(ground_truth: COCO, results: List[Dict]) -> COCO:
+    """The results as a COCO object (pycocotools' loadRes cannot take an
+    empty list: no predictions is then an empty detection set)."""
+    if results:
+        return ground_truth.loadRes(results)
+    return _indexed_coco(
+        {"images": ground_truth.dataset["images"], "categories": ground_truth.dataset["categories"], "annotations": []}
+    )
+
+
+def evaluate_coco(
+    predictions: Mapping[int, Mapping[str, Tensor]],
+    ground_truth,
+    *,
+    category_ids: Optional[Mapping[int, int]] = None,
+    iou_types: Sequence[str] = IOU_TYPES,
+    verbose: bool = False,
+) -> Dict[str, Dict[str, float]]:
+    """COCO AP of predictions against a ground truth.
+
+    Args:
+        predictions: image id -> prediction dict (``predictions_to_coco_results``);
+            a ground-truth image without an entry counts as "nothing detected".
+        ground_truth: a ``COCO``, an instances JSON path or a dataset
+            (``coco_ground_truth``).
+        category_ids: label -> COCO category id, e.g. a CocoDataset's
+            ``label_to_category_id`` (default: the label itself).
+        iou_types: any of "bbox", "segm".
+        verbose: print pycocotools' progress and summary table.
+
+    Returns:
+        {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}},
+        floats in [0, 1]; NaN where COCOeval has no ground truth to measure
+        (its -1, e.g. APs when there are no small objects).
+    """
+    unknown = set(iou_types) - set(IOU_TYPES)
+    if unknown:
+        raise ValueError(f"iou_types must be among {IOU_TYPES}, got {sorted(unknown)}")
+    gt = coco_ground_truth(ground_truth)
+    results = predictions_to_coco_results(predictions, gt, category_ids=category_ids, iou_types=iou_types)
+    metrics = {}
+    for iou_type in iou_types:
+        with _quiet(verbose):
+            evaluator = COCOeval(gt, _detections(gt, results[iou_type]), iouType=iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            if verbose:
+                print(f"IoU type: {iou_type}")
+            evaluator.summarize()
+        metrics[iou_type] = {
+            name: (math.nan if value < 0 else float(value)) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])
+        }
+    return metrics
+
+
+def _as_cpu(prediction: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    return {key: value.detach().cpu() if isinstance(value, Tensor) else value for key, value in prediction.items()}
+
+
+def collect_predictions(image_ids: Sequence[int], outputs: Sequence[Mapping[str, Tensor]]) -> Dict[int, Dict]:
+    """Pairs a batch's image ids with the model's outputs (moved to the CPU,
+    detached), ready to ``update`` an evaluation's predictions dict."""
+    if len(image_ids) != len(outputs):
+        raise ValueError(f"{len(image_ids)} image ids for {len(outputs)} outputs")
+    return {int(i.item() if isinstance(i, torch.Tensor) else i): _as_cpu(o) for i, o in zip(image_ids, outputs)}
