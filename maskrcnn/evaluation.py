@@ -7,7 +7,7 @@ import contextlib
 import io
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from pycocotools.coco import COCO
@@ -64,9 +64,8 @@ def _check_prediction(image_id: int, prediction: Mapping[str, Tensor], size, wit
         if key not in prediction:
             raise ValueError(f"prediction for image {image_id} has no '{key}' (has {sorted(prediction)})")
     count = prediction["boxes"].shape[0]
-    if prediction["boxes"].shape != (count, 4) or prediction["scores"].shape != (count,) or (
-        prediction["labels"].shape != (count,)
-    ):
+    shapes = (prediction["boxes"].shape, prediction["scores"].shape, prediction["labels"].shape)
+    if shapes != ((count, 4), (count,), (count,)):
         raise ValueError(
             f"prediction for image {image_id}: expected boxes [N, 4], scores [N], labels [N], got "
             f"{tuple(prediction['boxes'].shape)}, {tuple(prediction['scores'].shape)}, "
@@ -128,7 +127,7 @@ def predictions_to_coco_results(
                 )
         if "segm" in results:
             masks = prediction["masks"]
-            binary = (masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]) > mask_threshold)
+            binary = masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]) > mask_threshold
             for rle, category, score in zip(masks_to_rles(binary), categories, scores):
                 results["segm"].append(
                     {"image_id": image_id, "category_id": category, "segmentation": rle, "score": score}

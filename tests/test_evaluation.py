@@ -18,7 +18,7 @@ import torch
 from pycocotools.coco import COCO
 
 from maskrcnn.data import CocoDataset, ShapesDataset, mask_to_rle
-from maskrcnn.evaluation import METRIC_NAMES, coco_ground_truth, evaluate_coco
+from maskrcnn.evaluation import METRIC_NAMES, coco_ground_truth, collect_predictions, evaluate_coco
 
 SIZES = {1: (200, 300), 2: (120, 160)}  # image id -> (height, width)
 # (image id, category id, x1, y1, x2, y2): a small, a medium and a large
@@ -219,3 +219,14 @@ def test_quiet_unless_verbose(ground_truth_file, capsys):
     assert capsys.readouterr().out == ""
     evaluate_coco(perfect_predictions(), ground_truth_file, iou_types=["segm"], verbose=True)
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
+
+
+def test_collect_predictions_pairs_ids_with_detached_cpu_outputs(ground_truth_file):
+    logits = torch.zeros(3, requires_grad=True)
+    outputs = [dict(perfect_predictions()[1], scores=logits.sigmoid() + 0.1), perfect_predictions()[2]]
+    collected = collect_predictions([torch.tensor(1), 2], outputs)
+    assert sorted(collected) == [1, 2]
+    assert not collected[1]["scores"].requires_grad and collected[1]["scores"].device.type == "cpu"
+    assert evaluate_coco(collected, ground_truth_file)["bbox"]["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="2 image ids for 1 outputs"):
+        collect_predictions([1, 2], outputs[:1])

@@ -95,11 +95,12 @@ def tv_roi_heads_for_training() -> tv_roi_heads.RoIHeads:
 
 
 @pytest.mark.parametrize("integer", [False, True], ids=["float", "integer"])
-def test_box_iou_equals_torchvision_bitwise(integer):
+def test_box_iou_equals_torchvision_bitwise(integer, device):
     g = torch.Generator().manual_seed(1)
     boxes1 = random_boxes(40, 300, g, integer=integer)
-    boxes2 = random_boxes(300, 300, g, integer=integer)
+    boxes2 = random_boxes(300, 300, g, integer=integer).to(device)
     boxes1[:5] = zero_width(boxes1[:5])
+    boxes1 = boxes1.to(device)
     assert_close(box_iou(boxes1, boxes2), torchvision.ops.box_iou(boxes1, boxes2), rtol=0, atol=0)
 
 
@@ -241,15 +242,16 @@ def test_sampler_rejects_bad_arguments():
 # ---------------------------------------------------------------- RPN targets and loss
 
 
-def rpn_case(seed: int):
+def rpn_case(seed: int, device: str = "cpu"):
     """Anchors and ground truth for three images: ordinary, without ground
     truth, and with a zero-width ground-truth box; plus random predictions."""
     g = torch.Generator().manual_seed(seed)
-    anchors = [random_boxes(1500, 256, g, integer=True) for _ in range(3)]
+    anchors = [random_boxes(1500, 256, g, integer=True).to(device) for _ in range(3)]
     gt_boxes = [random_boxes(4, 256, g), torch.zeros(0, 4), random_boxes(3, 256, g)]
     gt_boxes[2][1:2] = zero_width(gt_boxes[2][1:2])
-    objectness = torch.randn(4500, 1, generator=g, requires_grad=True)
-    pred_deltas = (0.3 * torch.randn(4500, 4, generator=g)).requires_grad_()
+    gt_boxes = [boxes.to(device) for boxes in gt_boxes]
+    objectness = torch.randn(4500, 1, generator=g).to(device).requires_grad_()
+    pred_deltas = (0.3 * torch.randn(4500, 4, generator=g)).to(device).requires_grad_()
     return anchors, gt_boxes, objectness, pred_deltas
 
 
@@ -268,8 +270,8 @@ def test_anchor_targets_equal_torchvision():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_rpn_loss_equals_torchvision_compute_loss(seed):
-    anchors, gt_boxes, objectness, pred_deltas = rpn_case(seed)
+def test_rpn_loss_equals_torchvision_compute_loss(seed, device):
+    anchors, gt_boxes, objectness, pred_deltas = rpn_case(seed, device)
     rpn = tv_rpn()
     tv_labels, matched = rpn.assign_targets_to_anchors(anchors, [{"boxes": b} for b in gt_boxes])
     tv_targets = rpn.box_coder.encode(matched, anchors)
@@ -311,7 +313,7 @@ def test_rpn_loss_rejects_mismatched_inputs():
 # ---------------------------------------------------------------- RoI samples and box-head loss
 
 
-def roi_case(seed: int, num_classes: int = 5, *, degenerate: bool = False):
+def roi_case(seed: int, num_classes: int = 5, *, degenerate: bool = False, device: str = "cpu"):
     """Proposals and ground truth for three images: ordinary, without ground
     truth, and a third one, whose first box has zero width if degenerate."""
     g = torch.Generator().manual_seed(seed)
@@ -326,12 +328,12 @@ def roi_case(seed: int, num_classes: int = 5, *, degenerate: bool = False):
         near = boxes.repeat(40, 1) + torch.randn(40 * len(boxes), 4, generator=g) * 12
         near[:, 2:] = torch.max(near[:, 2:], near[:, :2] + 1)
         proposals.append(torch.cat([near, random_boxes(600, 200, g)]))
-    return proposals, gt_boxes, gt_labels
+    return [[t.to(device) for t in tensors] for tensors in (proposals, gt_boxes, gt_labels)]
 
 
 @pytest.mark.parametrize("degenerate", [False, True], ids=["valid", "zero-width-gt"])
-def test_proposal_samples_equal_torchvision_select_training_samples(degenerate):
-    proposals, gt_boxes, gt_labels = roi_case(0, degenerate=degenerate)
+def test_proposal_samples_equal_torchvision_select_training_samples(degenerate, device):
+    proposals, gt_boxes, gt_labels = roi_case(0, degenerate=degenerate, device=device)
     targets = [{"boxes": b, "labels": l} for b, l in zip(gt_boxes, gt_labels)]
     torch.manual_seed(5)
     expected = tv_roi_heads_for_training().select_training_samples(list(proposals), targets)
@@ -348,7 +350,7 @@ def test_proposal_samples_equal_torchvision_select_training_samples(degenerate):
     # must not reach training (maskrcnn.data.validate_target rejects them).
     assert_close(samples.regression_targets[2], exp_targets[2], equal_nan=True)
     assert bool(samples.regression_targets[2].isnan().any()) == degenerate
-    assert_close(samples.regression_targets[1], torch.zeros(len(samples.proposals[1]), 4))
+    assert_close(samples.regression_targets[1], torch.zeros(len(samples.proposals[1]), 4, device=device))
     assert 0 < int((samples.labels[0] > 0).sum()) <= 128  # at most 512 * 0.25 positives
     assert len(samples.labels[0]) == 512  # negatives make up the rest
     assert bool((samples.labels[1] == 0).all())
@@ -418,13 +420,13 @@ def test_mask_targets_reject_bad_input():
         mask_targets(masks[0], torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([0]), size=7)
 
 
-def test_mask_loss_equals_torchvision_maskrcnn_loss():
-    proposals, gt_boxes, gt_labels = roi_case(3)
-    g = torch.Generator().manual_seed(3)
-    samples = sample_proposals(proposals, gt_boxes, gt_labels, generator=g)
+def test_mask_loss_equals_torchvision_maskrcnn_loss(device):
+    proposals, gt_boxes, gt_labels = roi_case(3, device=device)
+    samples = sample_proposals(proposals, gt_boxes, gt_labels)
     boxes, labels, matched = samples.positives()
-    gt_masks = [random_masks(b, 200, 200, g) for b in gt_boxes]
-    mask_logits = torch.randn(sum(len(b) for b in boxes), 5, 28, 28, generator=g, requires_grad=True)
+    g = torch.Generator().manual_seed(3)
+    gt_masks = [random_masks(b.cpu(), 200, 200, g).to(device) for b in gt_boxes]
+    mask_logits = torch.randn(sum(len(b) for b in boxes), 5, 28, 28, generator=g).to(device).requires_grad_()
     expected = tv_roi_heads.maskrcnn_loss(mask_logits, boxes, gt_masks, gt_labels, matched)
     targets = [mask_targets(m, b, i, size=28) for m, b, i in zip(gt_masks, boxes, matched)]
     ours = mask_loss(mask_logits, labels, targets)

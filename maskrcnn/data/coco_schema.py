@@ -144,9 +144,8 @@ def validate_coco(data, *, source: str = "annotations") -> None:
             f"'id' must be an integer >= 1 (0 is the background), got {category.get('id')!r}",
         )
         _require(category["id"] not in category_ids, source, where, f"duplicate category id {category['id']}")
-        _require(
-            isinstance(category.get("name"), str), source, where, f"'name' must be a string, got {category.get('name')!r}"
-        )
+        name = category.get("name")
+        _require(isinstance(name, str), source, where, f"'name' must be a string, got {name!r}")
         category_ids.add(category["id"])
 
     for i, annotation in enumerate(_records(data, "annotations", source)):
