@@ -1,0 +1,198 @@
+"""End-to-end Mask R-CNN R50-FPN inference: our model (maskrcnn/) against
+torchvision's ``maskrcnn_resnet50_fpn`` with the same weights, in one process.
+
+Workload: torchvision's model built with a fixed seed (random weights; no
+download), its state dict loaded into ours; a batch of random images of
+--height x --width (default 800x1088, which the transform keeps as is).
+Random weights give confident detections (the image features are large),
+so both models find --detections-per-img objects per image and the mask
+branch and pasting do their full work.
+
+Each stage is timed on its own (the model's forward split into its
+submodules, run in the same sequence; CUDA synchronized at each boundary):
+transform, backbone (ResNet + FPN), RPN (head + proposals), box branch
+(RoIAlign, box head, post-processing), mask branch (RoIAlign, mask head),
+paste (boxes and masks back to the original image). The two models run in
+alternation, warm-up first, and each stage's median over --repeats runs is
+reported along with the median total.
+
+    python -m benchmarks.model [--device cpu|cuda] [--batch 1] [--repeats 5] [--json OUT] [--markdown OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import add_output_arguments, environment, write_outputs  # noqa: E402
+from maskrcnn import maskrcnn_resnet50_fpn  # noqa: E402
+from maskrcnn.model import to_original_images  # noqa: E402
+
+STAGES = ("transform", "backbone", "rpn", "box branch", "mask branch", "paste")
+
+
+class StageClock:
+    """Wall time between marks, in ms (CUDA synchronized before each mark)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.times = {}
+        self.last = None
+
+    def start(self) -> None:
+        self._sync()
+        self.last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.times[stage] = (now - self.last) * 1e3
+        self.last = now
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def mark_box_branch_end(roi_heads, clock_holder: list) -> None:
+    """The box branch ends where the mask branch starts pooling: a forward
+    pre-hook on ``mask_roi_pool`` marks it (the same in both models), and the
+    mark after the RoI heads closes the mask branch."""
+    roi_heads.mask_roi_pool.register_forward_pre_hook(lambda module, args: clock_holder[0].mark("box branch"))
+
+
+def ours_staged(model, images, clock: StageClock):
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    clock.start()
+    batch = model.transform(images)
+    clock.mark("transform")
+    features = model.backbone(batch.tensors)
+    clock.mark("backbone")
+    proposals, _ = model.rpn(batch, features)
+    clock.mark("rpn")
+    outputs = model.roi_heads(features, proposals, batch.image_sizes)
+    clock.mark("mask branch")
+    results = to_original_images(outputs, batch.image_sizes, original_sizes)
+    clock.mark("paste")
+    return results
+
+
+def torchvision_staged(model, images, clock: StageClock):
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    clock.start()
+    image_list, _ = model.transform(images)
+    clock.mark("transform")
+    features = model.backbone(image_list.tensors)
+    clock.mark("backbone")
+    proposals, _ = model.rpn(image_list, features)
+    clock.mark("rpn")
+    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    clock.mark("mask branch")
+    results = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+    clock.mark("paste")
+    return results
+
+
+def build_models(device: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    ours = maskrcnn_resnet50_fpn()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.to(device).eval(), theirs.to(device).eval()
+
+
+def agreement(ours_results, their_results) -> dict:
+    """Same labels in the same order, and the largest box and score
+    differences, over the batch."""
+    same_labels = all(torch.equal(o["labels"], t["labels"]) for o, t in zip(ours_results, their_results))
+    box_diff = max(((o["boxes"] - t["boxes"]).abs().max().item() if same_labels and len(o["boxes"]) else 0.0)
+                   for o, t in zip(ours_results, their_results))
+    score_diff = max(((o["scores"] - t["scores"]).abs().max().item() if same_labels and len(o["scores"]) else 0.0)
+                     for o, t in zip(ours_results, their_results))
+    return dict(same_labels=same_labels, max_box_abs_diff=box_diff, max_score_abs_diff=score_diff,
+                detections=[len(o["labels"]) for o in ours_results])
+
+
+def run(device: str, batch: int, height: int, width: int, repeats: int, warmup: int) -> list:
+    ours, theirs = build_models(device)
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, height, width, generator=generator).to(device) for _ in range(batch)]
+    timings = {"ours": [], "torchvision": []}
+    holders = {"ours": [None], "torchvision": [None]}
+    mark_box_branch_end(ours.roi_heads, holders["ours"])
+    mark_box_branch_end(theirs.roi_heads, holders["torchvision"])
+    runners = {"ours": lambda c: ours_staged(ours, images, c), "torchvision": lambda c: torchvision_staged(theirs, images, c)}
+    outputs = {}
+    with torch.inference_mode():
+        for step in range(warmup + repeats):
+            # Alternate which model goes first, so a slow phase of a shared
+            # machine does not always fall on the same one.
+            for name in (("ours", "torchvision") if step % 2 == 0 else ("torchvision", "ours")):
+                clock = StageClock(device)
+                holders[name][0] = clock
+                outputs[name] = runners[name](clock)
+                if step >= warmup:
+                    timings[name].append(clock.times)
+    rows = []
+    for name in ("ours", "torchvision"):
+        per_stage = {stage: statistics.median(t[stage] for t in timings[name]) for stage in STAGES}
+        total = statistics.median(sum(t.values()) for t in timings[name])
+        rows.append(dict(model=name, device=device, batch=batch, image=f"{height}x{width}", dtype="float32",
+                         total_ms=total, per_image_ms=total / batch, stages_ms=per_stage, repeats=repeats))
+    rows[0].update(agreement(outputs["ours"], outputs["torchvision"]))
+    rows[0]["speedup"] = rows[1]["total_ms"] / rows[0]["total_ms"]
+    return rows
+
+
+def markdown_table(env: dict, rows: list) -> str:
+    ours, theirs = rows
+    lines = [
+        f"Mask R-CNN R50-FPN inference on {env['device_name']} ({env['threads']} threads), torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, commit {env['commit']}: batch {ours['batch']} of {ours['image']} images, "
+        f"float32, {ours['detections']} detections, median of {ours['repeats']} runs after warm-up, ms.",
+        "",
+        "| stage | ours ms | torchvision ms | ours / torchvision |",
+        "|---|---:|---:|---:|",
+    ]
+    for stage in STAGES:
+        a, b = ours["stages_ms"][stage], theirs["stages_ms"][stage]
+        lines.append(f"| {stage} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    lines.append(f"| **total** | **{ours['total_ms']:.1f}** | **{theirs['total_ms']:.1f}** | "
+                 f"**{ours['total_ms'] / theirs['total_ms']:.2f}** |")
+    lines.append(f"| per image | {ours['per_image_ms']:.1f} | {theirs['per_image_ms']:.1f} | |")
+    lines.append("")
+    lines.append(f"Same labels in the same order: {'yes' if ours['same_labels'] else 'NO'}; largest box difference "
+                 f"{ours['max_box_abs_diff']:.2e} px, largest score difference {ours['max_score_abs_diff']:.2e}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=1, help="images per forward")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1088)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    env = environment(args.device)
+    rows = run(args.device, args.batch, args.height, args.width, args.repeats, args.warmup)
+    print(markdown_table(env, rows))
+    write_outputs(args, env, rows, markdown_table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""A small, readable Mask R-CNN whose hot operators come from maskrcnn_ops.
+
+``maskrcnn_resnet50_fpn()`` has the state-dict keys of torchvision's
+``maskrcnn_resnet50_fpn`` (v1) and gives the same detections; see
+``python -m maskrcnn predict --help`` for the command line.
+"""
+
+from .checkpoint import load_model, save_checkpoint
+from .coco_names import COCO_CATEGORY_NAMES, COCO_CLASSES, label_names
+from .model import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn
+from .paste import paste_masks_in_image
+from .transform import ImageBatch, ImageTransform
+
+__all__ = [
+    "MaskRCNN",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet_fpn",
+    "load_model",
+    "save_checkpoint",
+    "COCO_CLASSES",
+    "COCO_CATEGORY_NAMES",
+    "label_names",
+    "paste_masks_in_image",
+    "ImageBatch",
+    "ImageTransform",
+]

@@ -1,0 +1,116 @@
+"""ResNet + FPN feature extractor: torchvision's ResNet and
+FeaturePyramidNetwork, with the module names (and so the state-dict keys)
+of torchvision's detection backbone."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Dict
+
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+RESNETS: Dict[int, Callable[..., torchvision.models.ResNet]] = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+    101: torchvision.models.resnet101,
+    152: torchvision.models.resnet152,
+}
+
+# Stem and stages in the order they are unfrozen by ``trainable_layers``
+# (the last stages first, as fine-tuning usually does).
+_STAGES_LAST_FIRST = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+class ResNetBody(nn.Module):
+    """The convolutional part of a ResNet (no pooling head, no classifier).
+
+    Args:
+        resnet: a torchvision ResNet; its stem and four stages are reused.
+
+    ``forward(x [N, 3, H, W])`` returns the outputs of the four stages under
+    the keys "0".."3": [N, C_i, H / s_i, W / s_i] with strides 4, 8, 16, 32.
+    """
+
+    def __init__(self, resnet: torchvision.models.ResNet) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.stage_channels = [_stage_out_channels(stage) for stage in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outputs = OrderedDict()
+        for name, stage in zip("0123", (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = stage(x)
+            outputs[name] = x
+        return outputs
+
+
+def _stage_out_channels(stage: nn.Sequential) -> int:
+    """Output channels of a ResNet stage (its last block's last BN width)."""
+    last_block = stage[-1]
+    last_norm = last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2
+    return last_norm.weight.numel()
+
+
+class ResNetFPN(nn.Module):
+    """ResNet body + feature pyramid.
+
+    Args:
+        body: the ResNet stages (state-dict prefix ``body.``).
+        out_channels: channels of every pyramid level.
+
+    ``forward(x [N, 3, H, W])`` returns levels "0", "1", "2", "3" (strides 4 to
+    32) and "pool" (stride 64, a max-pool of "3"), each [N, out_channels, ., .].
+    """
+
+    def __init__(self, body: ResNetBody, *, out_channels: int = 256) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            in_channels_list=body.stage_channels, out_channels=out_channels, extra_blocks=LastLevelMaxPool()
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.fpn(self.body(x))
+
+
+def resnet_fpn_backbone(
+    *,
+    depth: int = 50,
+    trainable_layers: int = 3,
+    out_channels: int = 256,
+    norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
+) -> ResNetFPN:
+    """A ResNet-FPN backbone with randomly initialized weights.
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        trainable_layers: how many of (layer4, layer3, layer2, layer1, conv1)
+            keep ``requires_grad``, counted from layer4; the others are
+            frozen. 5 trains the whole body.
+        out_channels: FPN width.
+        norm_layer: normalization of the ResNet. FrozenBatchNorm2d (fixed
+            statistics, no ``num_batches_tracked``) matches the state dict of
+            torchvision's COCO-trained Mask R-CNN.
+    """
+    if depth not in RESNETS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    body = ResNetBody(RESNETS[depth](weights=None, norm_layer=norm_layer))
+    trainable = set(_STAGES_LAST_FIRST[:trainable_layers])
+    if trainable_layers == 5:
+        trainable.add("bn1")
+    for name, parameter in body.named_parameters():
+        if name.split(".")[0] not in trainable:
+            parameter.requires_grad_(False)
+    return ResNetFPN(body, out_channels=out_channels)
+
+
+__all__ = ["RESNETS", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]

@@ -1,0 +1,163 @@
+"""Saving and loading model weights.
+
+Our checkpoint is a dict::
+
+    {"format": "maskrcnn-ops/maskrcnn", "format_version": 1,
+     "model_kwargs": {...},          # maskrcnn_resnet_fpn's keyword arguments
+     "model": model.state_dict()}
+
+Loading also accepts a plain torchvision Mask R-CNN state dict (such as the
+published ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``); its depth and number
+of classes are read from the tensors. Files are read with
+``torch.load(weights_only=True)``: no code in them runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .model import MaskRCNN, maskrcnn_resnet_fpn
+from .torchvision_keys import current_key
+
+FORMAT = "maskrcnn-ops/maskrcnn"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, Path]
+
+# (bottleneck blocks?, blocks in layer3) -> ResNet depth
+_RESNET_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
+_TORCHVISION_MARKERS = ("backbone.body.conv1.weight", "roi_heads.box_predictor.cls_score.weight")
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: not a checkpoint, or not this model's."""
+
+
+def save_checkpoint(path: PathLike, model: MaskRCNN) -> None:
+    """Writes ``model``'s weights and the keyword arguments it was built with."""
+    if not model.build_kwargs:
+        raise ValueError("the model has no build_kwargs: build it with maskrcnn_resnet_fpn() to save it")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_kwargs": dict(model.build_kwargs),
+               "model": model.state_dict()}
+    torch.save(payload, path)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = list(obj)[:4]
+        return f"a dict with {len(obj)} entries, the first keys {keys}"
+    return f"an object of type {type(obj).__name__}"
+
+
+def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, int]:
+    """ResNet depth and number of classes of a torchvision Mask R-CNN state dict."""
+    blocks_in_layer3 = {int(k.split(".")[3]) for k in state_dict if k.startswith("backbone.body.layer3.")}
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in state_dict
+    depth = _RESNET_DEPTHS.get((bottleneck, len(blocks_in_layer3)))
+    if depth is None:
+        raise CheckpointError(
+            f"the backbone is not a ResNet-18/34/50/101/152 (layer3 has {len(blocks_in_layer3)} "
+            f"{'bottleneck' if bottleneck else 'basic'} blocks)"
+        )
+    return {"depth": depth, "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])}
+
+
+def read_weights(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
+    """Reads a weights file: returns (model_kwargs, state_dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not loadable with weights_only=True, or neither our
+            checkpoint format nor a torchvision Mask R-CNN state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle).
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise CheckpointError(f"{path} is not a PyTorch weights file (not written by torch.save)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for bad or unsafe files
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's message has terminal colours
+        first_line = text.splitlines()[0] if text else ""
+        raise CheckpointError(
+            f"{path} could not be loaded with torch.load(weights_only=True) (a damaged file, or one holding "
+            f"objects other than tensors and plain containers): {type(error).__name__}: {first_line}"
+        ) from error
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')!r} is not "
+                                  f"supported (this code reads version {FORMAT_VERSION})")
+        kwargs, state_dict = obj.get("model_kwargs"), obj.get("model")
+        if not isinstance(kwargs, Mapping) or not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"{path}: a checkpoint needs a 'model_kwargs' dict and a 'model' state dict")
+        return dict(kwargs), dict(state_dict)
+    if isinstance(obj, Mapping) and all(marker in obj for marker in _TORCHVISION_MARKERS):
+        if not all(isinstance(v, Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path}: a state dict must map names to tensors")
+        try:
+            return torchvision_model_kwargs(obj), dict(obj)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+    raise CheckpointError(
+        f"{path} is neither a maskrcnn checkpoint (a dict with format {FORMAT!r}) nor a torchvision Mask R-CNN "
+        f"state dict (with keys such as {_TORCHVISION_MARKERS[0]!r}); it holds {_describe(obj)}"
+    )
+
+
+def check_state_dict(model: MaskRCNN, state_dict: Mapping[str, Tensor], *, source: str = "state dict") -> None:
+    """Raises a CheckpointError naming the missing keys, unexpected keys and
+    shape mismatches of ``state_dict`` against ``model`` (old torchvision key
+    names and BatchNorm's ``num_batches_tracked`` counters are accepted, as
+    ``load_state_dict`` accepts them)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {current_key(k): tuple(v.shape) for k, v in state_dict.items()
+             if not (k.endswith("num_batches_tracked") and k not in expected)}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k}: file {given[k]}, model {expected[k]}" for k in expected if k in given and given[k] != expected[k]]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            shown = "; ".join(items[:5]) + (f"; ... ({len(items) - 5} more)" if len(items) > 5 else "")
+            problems.append(f"{len(items)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + ". ".join(problems))
+
+
+def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **overrides: Any) -> MaskRCNN:
+    """Builds the model a weights file describes and loads it (strict).
+
+    Args:
+        path: our checkpoint or a torchvision Mask R-CNN state dict.
+        device: where the model goes.
+        overrides: keyword arguments of ``maskrcnn_resnet_fpn`` replacing the
+            file's (e.g. ``box_score_thresh``).
+
+    Returns:
+        The model in eval mode.
+    """
+    kwargs, state_dict = read_weights(path)
+    accepted = set(inspect.signature(maskrcnn_resnet_fpn).parameters)
+    unknown = sorted(set(kwargs) - accepted) + sorted(set(overrides) - accepted)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown model arguments {unknown}; maskrcnn_resnet_fpn takes {sorted(accepted)}")
+    model = maskrcnn_resnet_fpn(**{**kwargs, **overrides})
+    check_state_dict(model, state_dict, source=str(path))
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+__all__ = ["FORMAT", "CheckpointError", "check_state_dict", "load_model", "read_weights", "save_checkpoint",
+           "torchvision_model_kwargs"]

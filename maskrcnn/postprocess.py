@@ -1,0 +1,105 @@
+"""Detection post-processing for a whole batch: torchvision's
+``RoIHeads.postprocess_detections`` (softmax, per-class decode, clip, drop
+background, score threshold, small boxes, per-class NMS, top-k), with the
+NMS of all images and classes in one ``batched_nms_padded`` call."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import maskrcnn_ops
+
+BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+
+class Detections(NamedTuple):
+    """Per image: boxes [D_i, 4] (x1, y1, x2, y2) float32, scores [D_i]
+    float32 by decreasing score, labels [D_i] int64 (1..num_classes-1)."""
+
+    boxes: List[Tensor]
+    scores: List[Tensor]
+    labels: List[Tensor]
+
+
+def clip_boxes_per_row(boxes: Tensor, limits: Tensor) -> Tensor:
+    """Clips boxes [K, ..., 4] to [0, width] x [0, height], with one
+    (height, width) row of ``limits`` [K, 2] per leading index."""
+    shape = (boxes.size(0),) + (1,) * (boxes.dim() - 2)
+    height = limits[:, 0].view(shape)
+    width = limits[:, 1].view(shape)
+    x1, y1, x2, y2 = boxes.clamp(min=0).unbind(-1)
+    return torch.stack([torch.minimum(x1, width), torch.minimum(y1, height),
+                        torch.minimum(x2, width), torch.minimum(y2, height)], dim=-1)
+
+
+def detect_objects(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    proposals: Sequence[Tensor],
+    image_sizes: Sequence[Tuple[int, int]],
+    *,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    min_size: float = 1e-2,
+    weights: Sequence[float] = BOX_CODER_WEIGHTS,
+) -> Detections:
+    """Final detections from the box predictor's outputs.
+
+    Args:
+        class_logits: [K, C] for the K = sum_i K_i proposals of the batch.
+        box_deltas: [K, C * 4] class-specific deltas.
+        proposals: per image [K_i, 4] boxes the deltas refer to.
+        image_sizes: per image (height, width) to clip to.
+        score_thresh: class probabilities at or below this are dropped.
+        nms_thresh: IoU threshold of the NMS within each (image, class).
+        detections_per_img: best detections kept per image.
+        min_size: boxes with a side below this (pixels) are dropped.
+        weights: box coder weights (wx, wy, ww, wh).
+
+    Returns:
+        Detections, in torchvision's order: by decreasing score, ties by
+        (proposal, class). Box math is float32 whatever the inputs' dtype
+        (half-precision boxes would be off by up to a pixel at 1333).
+    """
+    counts = [p.size(0) for p in proposals]
+    num_images, num_classes = len(proposals), class_logits.size(-1)
+    device = class_logits.device
+    total = sum(counts)
+    if class_logits.shape != (total, num_classes) or box_deltas.shape != (total, num_classes * 4):
+        raise ValueError(
+            f"expected class_logits [{total}, C] and box_deltas [{total}, C * 4] for {total} proposals, "
+            f"got {tuple(class_logits.shape)} and {tuple(box_deltas.shape)}"
+        )
+    image_of_row = torch.repeat_interleave(torch.arange(num_images, device=device), torch.tensor(counts, device=device))
+    limits = torch.tensor(image_sizes, dtype=torch.float32, device=device).view(num_images, 2)[image_of_row]
+
+    boxes = maskrcnn_ops.decode_boxes(box_deltas.float(), torch.cat(list(proposals)).float(), weights)
+    boxes = clip_boxes_per_row(boxes.view(total, num_classes, 4), limits)[:, 1:]  # background dropped
+    scores = torch.softmax(class_logits.float(), dim=-1)[:, 1:]
+    labels = torch.arange(1, num_classes, device=device).expand(total, num_classes - 1)
+    images = image_of_row[:, None].expand(total, num_classes - 1)
+
+    boxes, scores, labels, images = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1), images.reshape(-1)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    candidates = torch.nonzero((scores > score_thresh) & (widths >= min_size) & (heights >= min_size)).squeeze(1)
+    boxes, scores, labels, images = boxes[candidates], scores[candidates], labels[candidates], images[candidates]
+
+    kept, kept_counts = maskrcnn_ops.batched_nms_padded(
+        boxes, scores, labels, nms_thresh, detections_per_img, image_ids=images, num_images=num_images
+    )
+    per_image = [kept[i, :n] for i, n in enumerate(kept_counts.tolist())]
+    return Detections([boxes[k] for k in per_image], [scores[k] for k in per_image], [labels[k] for k in per_image])
+
+
+def select_class_masks(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """Probabilities of each detection's own class: mask_logits [D, C, M, M]
+    and labels [D] -> [D, 1, M, M] in [0, 1], float32."""
+    rows = torch.arange(labels.numel(), device=labels.device)
+    return torch.sigmoid(mask_logits[rows, labels].float())[:, None]
+
+
+__all__ = ["BOX_CODER_WEIGHTS", "Detections", "clip_boxes_per_row", "detect_objects", "select_class_masks"]

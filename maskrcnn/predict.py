@@ -1,0 +1,131 @@
+"""Running a model on image files: read, detect, draw, write PNGs and a
+COCO-format JSON of the detections."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from tqdm import tqdm
+
+from .coco_names import BACKGROUND, UNUSED, label_names
+from .data.coco_format import target_to_annotations
+from .model import MaskRCNN
+from .visualize import draw_detections
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read."""
+
+
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` whose failures (also while decoding inside the
+    block) become an ImageReadError naming the file."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def read_image(path: Path) -> Tensor:
+    """An image file -> [3, H, W] float32 RGB in [0, 1] (EXIF orientation applied)."""
+    with open_image(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        width, height = image.size
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).float() / 255
+
+
+def output_names(paths: Sequence[Path]) -> List[str]:
+    """A distinct PNG name per input (``stem.png``, ``stem-2.png`` on clashes)."""
+    names, seen = [], set()
+    for path in paths:
+        name, n = f"{path.stem}.png", 1
+        while name in seen:
+            n += 1
+            name = f"{path.stem}-{n}.png"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def detections_to_coco(
+    images: Sequence[dict], detections: Sequence[Dict[str, Tensor]], *, class_names: Sequence[str],
+    mask_threshold: float = 0.5,
+) -> dict:
+    """A COCO-format dict {"images", "annotations", "categories"} of the
+    model's detections (``pycocotools.coco.COCO`` reads it); each annotation
+    also has its ``score``, so the list of annotations is a COCO results file.
+
+    Args:
+        images: per image {"file_name", "height", "width"}; ids are 1, 2, ...
+        detections: the model's output per image (masks [D, 1, H, W] probabilities).
+        class_names: name per label (category id = label); the background and
+            unused names are not categories.
+        mask_threshold: probability above which a mask pixel is set.
+    """
+    coco = dict(images=[], annotations=[],
+                categories=[dict(id=i, name=n) for i, n in enumerate(class_names) if n not in (BACKGROUND, UNUSED)])
+    for image_id, (info, found) in enumerate(zip(images, detections), start=1):
+        coco["images"].append(dict(id=image_id, **info))
+        target = dict(boxes=found["boxes"], labels=found["labels"], masks=found["masks"][:, 0] > mask_threshold)
+        records = target_to_annotations(target, image_id=image_id, first_annotation_id=len(coco["annotations"]) + 1)
+        for record, score in zip(records, found["scores"].tolist()):
+            record["score"] = score
+        coco["annotations"].extend(records)
+    return coco
+
+
+def predict_files(
+    model: MaskRCNN,
+    paths: Sequence[Path],
+    out_dir: Path,
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    mask_threshold: float = 0.5,
+    json_name: str = "detections.json",
+) -> Dict[str, object]:
+    """Detects objects in image files and writes ``out_dir/<stem>.png`` (the
+    image with masks, boxes and labels drawn) per image and
+    ``out_dir/<json_name>`` (COCO format, all images).
+
+    Every image is opened once before the model runs, so an unreadable file
+    fails fast (ImageReadError naming it). Returns the COCO dict written.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:  # headers only: cheap, and nothing is written if one is bad
+        with open_image(path):
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_names = label_names(model.roi_heads.box_predictor.cls_score.out_features)
+    names = output_names(paths)
+    infos, results = [], []
+    model.eval()
+    with tqdm(total=len(paths), unit="image", disable=len(paths) < 2) as progress, torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            images = [read_image(path) for path in chunk]
+            outputs = model([image.to(device) for image in images])
+            for path, name, image, found in zip(chunk, names[start:], images, outputs):
+                found = {key: value.cpu() for key, value in found.items()}
+                drawn = draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold)
+                drawn.save(out_dir / name)
+                infos.append(dict(file_name=str(path), height=image.size(1), width=image.size(2)))
+                results.append(found)
+            progress.update(len(chunk))
+    coco = detections_to_coco(infos, results, class_names=class_names, mask_threshold=mask_threshold)
+    (out_dir / json_name).write_text(json.dumps(coco))
+    return coco
+
+
+__all__ = ["ImageReadError", "detections_to_coco", "open_image", "output_names", "predict_files", "read_image"]

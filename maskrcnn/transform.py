@@ -1,0 +1,122 @@
+"""Image preprocessing (normalize, resize, pad into a batch) and the mapping
+of boxes back to the original images, as torchvision's
+``GeneralizedRCNNTransform`` at inference."""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageBatch(NamedTuple):
+    """Images resized and padded into one tensor.
+
+    Attributes:
+        tensors: [N, 3, H_pad, W_pad], each image in the top-left corner, zeros
+            elsewhere; H_pad and W_pad are multiples of ``size_divisible``.
+        image_sizes: (height, width) of each resized image before padding.
+    """
+
+    tensors: Tensor
+    image_sizes: List[Tuple[int, int]]
+
+
+def resized_size(height: int, width: int, *, min_size: int, max_size: int) -> Tuple[int, int]:
+    """Size of an image scaled so that its short side is ``min_size``, unless
+    its long side would then exceed ``max_size`` (then the long side is
+    ``max_size``). Sizes are truncated to integers the way
+    ``F.interpolate(scale_factor=s, recompute_scale_factor=True)`` does, so
+    they equal torchvision's."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return int(height * scale), int(width * scale)
+
+
+def check_images(images: Sequence[Tensor]) -> None:
+    """Raises a ValueError unless ``images`` is a non-empty list of floating
+    [3, H, W] tensors with H, W > 0."""
+    if isinstance(images, Tensor) or len(images) == 0:
+        raise ValueError("expected a non-empty list of images, each a Tensor[3, H, W] with values in [0, 1]")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.size(0) != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}] must be a Tensor[3, H, W] (RGB), got {shape}")
+        if not image.is_floating_point():
+            raise ValueError(
+                f"images[{i}] must be floating point with values in [0, 1], got {image.dtype} "
+                "(convert uint8 images with image.float() / 255)"
+            )
+        if image.size(1) == 0 or image.size(2) == 0:
+            raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
+
+
+class ImageTransform(nn.Module):
+    """Normalizes, resizes and batches images for the detector.
+
+    Args:
+        min_size: target length of the short side after resizing.
+        max_size: upper bound of the long side after resizing.
+        image_mean, image_std: per-channel normalization (RGB, values in [0, 1]).
+        size_divisible: the padded batch's height and width are multiples of
+            this (the coarsest FPN stride), so every level's grid is exact.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_size: int = 800,
+        max_size: int = 1333,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        size_divisible: int = 32,
+    ) -> None:
+        super().__init__()
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.size_divisible = int(size_divisible)
+
+    def normalize_and_resize(self, image: Tensor) -> Tensor:
+        """[3, H, W] in [0, 1] -> normalized [3, H', W'] (bilinear, half-pixel centres)."""
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        image = (image - mean[:, None, None]) / std[:, None, None]
+        size = resized_size(image.size(1), image.size(2), min_size=self.min_size, max_size=self.max_size)
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def forward(self, images: Sequence[Tensor]) -> ImageBatch:
+        """Args: images: list of [3, H_i, W_i] floating tensors in [0, 1].
+
+        Returns: an ImageBatch of the resized, normalized images, zero-padded
+        to a common size rounded up to ``size_divisible``.
+        """
+        check_images(images)
+        resized = [self.normalize_and_resize(image) for image in images]
+        height = max(image.size(1) for image in resized)
+        width = max(image.size(2) for image in resized)
+        step = self.size_divisible
+        padded_shape = (len(resized), 3, math.ceil(height / step) * step, math.ceil(width / step) * step)
+        batch = resized[0].new_zeros(padded_shape)
+        for slot, image in zip(batch, resized):
+            slot[:, : image.size(1), : image.size(2)].copy_(image)
+        return ImageBatch(batch, [(image.size(1), image.size(2)) for image in resized])
+
+
+def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
+    """Boxes [K, 4] (x1, y1, x2, y2) in an image of ``from_size`` (height,
+    width) -> the same boxes in an image of ``to_size``. The ratios are float32
+    quotients, as torchvision's ``resize_boxes``, so coordinates match it."""
+    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
+    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
+    ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.device)
+    return boxes * ratios
+
+
+__all__ = ["ImageBatch", "ImageTransform", "IMAGENET_MEAN", "IMAGENET_STD", "check_images", "rescale_boxes", "resized_size"]
