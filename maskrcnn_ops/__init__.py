@@ -51,6 +51,7 @@ from .boxes import clip_boxes_to_image, decode_boxes, encode_boxes, remove_small
 from .nms import batched_nms, batched_nms_keep, batched_nms_padded, nms  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
+from .patch import patch_torchvision, patched_torchvision, torchvision_is_patched, unpatch_torchvision  # noqa: E402
 from .roi_align import RoIAlign, roi_align  # noqa: E402
 
 
@@ -78,4 +79,8 @@ __all__ = [
     "generate_proposals",
     "generate_proposals_padded",
     "build_info",
+    "patch_torchvision",
+    "patched_torchvision",
+    "unpatch_torchvision",
+    "torchvision_is_patched",
 ]
