@@ -117,6 +117,43 @@ def roi_align(
     return torch.stack(outputs).to(input.dtype)
 
 
+def fpn_levels(rois: Tensor, spatial_scales, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
+    """Pyramid index (0 = finest) of each RoI [K, 5], by the FPN formula in
+    torchvision's float arithmetic (the RoIs' dtype, as the kernel reads them)."""
+    first_level = int(round(-math.log2(spatial_scales[0])))
+    x1, y1, x2, y2 = rois[:, 1:].unbind(1)
+    size = torch.sqrt((x2 - x1) * (y2 - y1))
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + torch.tensor(1e-6, dtype=rois.dtype))
+    level = torch.where(torch.isnan(level), torch.full_like(level, first_level), level)
+    level = level.clamp(first_level, first_level + len(spatial_scales) - 1)
+    return level.to(torch.int64) - first_level
+
+
+def multi_level_roi_align(
+    features,
+    rois: Tensor,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scales,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+) -> Tensor:
+    """Reference multi-level RoIAlign: each RoI through the reference
+    roi_align on the level the FPN formula picks. features: list of [N, C,
+    H_l, W_l]; rois [K, 5]. Returns [K, C, PH, PW]."""
+    pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    acc = _accumulate_dtype(features[0].dtype)
+    levels = fpn_levels(rois.to(acc), spatial_scales, canonical_scale, canonical_level)
+    if len(features) == 1:
+        levels.zero_()
+    out = features[0].new_zeros(rois.size(0), features[0].size(1), pooled_h, pooled_w)
+    for k in range(rois.size(0)):
+        level = int(levels[k])
+        out[k] = roi_align(features[level], rois[k : k + 1], output_size, spatial_scales[level], sampling_ratio, aligned)[0]
+    return out
+
+
 def _iou_matrix(boxes: Tensor) -> Tensor:
     """[N, N] IoU with torchvision's arithmetic (no +1; clamped sides)."""
     x1, y1, x2, y2 = boxes.unbind(1)

@@ -166,8 +166,8 @@ MRO_HOST_DEVICE AxisTap<acc_t> bin_sample_tap(acc_t start, acc_t bin_size,
 // 1e-6), clamped to [first_level, first_level + num_levels - 1], returned as
 // an index into the levels (0 for first_level). The arithmetic runs in the
 // RoI's precision, in torchvision's order, so both pick the same level. A RoI
-// with a non-finite or negative area gets level 0 (it pools zeros or reads
-// within bounds, as any RoI does).
+// whose formula gives NaN (a negative area, NaN coordinates) gets level 0,
+// where it reads within bounds as any RoI does.
 template <typename acc_t>
 MRO_HOST_DEVICE int64_t fpn_level_index(const acc_t* roi, acc_t canonical_scale,
                                         acc_t canonical_level, int64_t first_level,
@@ -176,7 +176,7 @@ MRO_HOST_DEVICE int64_t fpn_level_index(const acc_t* roi, acc_t canonical_scale,
   const acc_t size = sqrt_of(area);
   const acc_t level =
       floor_of(canonical_level + log2_of(size / canonical_scale) + acc_t(1e-6));
-  if (!is_finite(level)) return 0;
+  if (level != level) return 0;
   const acc_t lowest = static_cast<acc_t>(first_level);
   const acc_t highest = static_cast<acc_t>(first_level + num_levels - 1);
   return static_cast<int64_t>(min_of(max_of(level, lowest), highest)) - first_level;

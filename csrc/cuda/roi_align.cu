@@ -1,4 +1,7 @@
-// RoIAlign forward and backward on CUDA.
+// RoIAlign forward and backward on CUDA, for one feature map (roi_align) and
+// for a feature pyramid (multi_level_roi_align, where each thread maps its RoI
+// to an FPN level and reads that level's map). One kernel serves both: a
+// single map is a pyramid of one level.
 //
 // Thread mapping follows the memory layout, so that neighbouring threads
 // touch neighbouring addresses:
@@ -33,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../common/roi_align_checks.h"
 #include "../common/roi_align_math.h"
@@ -68,6 +72,58 @@ struct FeatureLayout {
   }
 };
 
+// The feature maps of one call, passed to the kernels by value: a pointer and
+// size per level, and the FPN level mapping (unused for a single map). T is
+// the element type the kernel reads (features) or writes (gradient sinks).
+template <typename T, typename acc_t>
+struct Pyramid {
+  T* data[kMaxPyramidLevels];
+  int64_t height[kMaxPyramidLevels];
+  int64_t width[kMaxPyramidLevels];
+  acc_t scale[kMaxPyramidLevels];
+  int64_t levels, first_level, channels;
+  acc_t canonical_scale, canonical_level;
+  bool channels_last;
+
+  __device__ __forceinline__ int64_t level_of(const acc_t* roi) const {
+    if (levels == 1) return 0;
+    return fpn_level_index<acc_t>(roi, canonical_scale, canonical_level, first_level, levels);
+  }
+  __device__ __forceinline__ FeatureLayout layout(int64_t level) const {
+    return FeatureLayout{channels, height[level], width[level], channels_last};
+  }
+};
+
+// Host-side description of the maps, from which the kernels' Pyramid is made.
+struct PyramidSpec {
+  std::vector<int64_t> heights, widths;
+  std::vector<double> scales;
+  int64_t first_level = 0, channels = 0;
+  double canonical_scale = 224.0;
+  int64_t canonical_level = 4;
+  bool channels_last = false;
+
+  int64_t levels() const { return static_cast<int64_t>(heights.size()); }
+
+  template <typename T, typename acc_t>
+  Pyramid<T, acc_t> on_device(const std::vector<T*>& data) const {
+    Pyramid<T, acc_t> p{};
+    for (int64_t l = 0; l < levels(); ++l) {
+      p.data[l] = data[l];
+      p.height[l] = heights[l];
+      p.width[l] = widths[l];
+      p.scale[l] = static_cast<acc_t>(scales[l]);
+    }
+    p.levels = levels();
+    p.first_level = first_level;
+    p.channels = channels;
+    p.canonical_scale = static_cast<acc_t>(canonical_scale);
+    p.canonical_level = static_cast<acc_t>(canonical_level);
+    p.channels_last = channels_last;
+    return p;
+  }
+};
+
 struct Bin {
   int64_t k, c, ph, pw;
 };
@@ -99,24 +155,27 @@ __device__ __forceinline__ Bin decompose(int64_t index, int64_t channels,
 
 template <typename scalar_t, typename acc_t, int CPT>
 __global__ void roi_align_forward_kernel(
-    const scalar_t* __restrict__ input, const acc_t* __restrict__ rois,
+    Pyramid<const scalar_t, acc_t> maps, const acc_t* __restrict__ rois,
     scalar_t* __restrict__ output, int64_t work, int64_t batch,
-    FeatureLayout layout, int64_t pooled_h, int64_t pooled_w,
-    acc_t spatial_scale, int64_t sampling_ratio, bool aligned) {
-  const int group = layout.channels_last ? 1 : CPT;
+    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  const int group = maps.channels_last ? 1 : CPT;
+  const int64_t channels = maps.channels;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Bin bin = decompose(index, layout.channels, pooled_h, pooled_w,
-                              layout.channels_last, group);
-    const auto g = roi_geometry<acc_t>(rois + bin.k * 5, batch, layout.height,
-                                       layout.width, spatial_scale, pooled_h,
-                                       pooled_w, sampling_ratio, aligned);
-    const int n = static_cast<int>(min_of<int64_t>(group, layout.channels - bin.c));
+    const Bin bin = decompose(index, channels, pooled_h, pooled_w,
+                              maps.channels_last, group);
+    const acc_t* roi = rois + bin.k * 5;
+    const int64_t level = maps.level_of(roi);
+    const FeatureLayout layout = maps.layout(level);
+    const auto g = roi_geometry<acc_t>(roi, batch, layout.height, layout.width,
+                                       maps.scale[level], pooled_h, pooled_w,
+                                       sampling_ratio, aligned);
+    const int n = static_cast<int>(min_of<int64_t>(group, channels - bin.c));
     acc_t sum[CPT];
 #pragma unroll
     for (int j = 0; j < CPT; ++j) sum[j] = acc_t(0);
     if (g.grid_h > 0 && g.grid_w > 0) {
-      const scalar_t* base = input + layout.channel_origin(g.batch_index, bin.c);
+      const scalar_t* base = maps.data[level] + layout.channel_origin(g.batch_index, bin.c);
       const int64_t cs = layout.channel_stride(), sy = layout.y_stride(), sx = layout.x_stride();
       for (int iy = 0; iy < g.grid_h; ++iy) {
         const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
@@ -142,9 +201,9 @@ __global__ void roi_align_forward_kernel(
     for (int j = 0; j < CPT; ++j) {
       if (j < n) {
         const int64_t c = bin.c + j;
-        const int64_t o = layout.channels_last
-                              ? ((bin.k * pooled_h + bin.ph) * pooled_w + bin.pw) * layout.channels + c
-                              : ((bin.k * layout.channels + c) * pooled_h + bin.ph) * pooled_w + bin.pw;
+        const int64_t o = maps.channels_last
+                              ? ((bin.k * pooled_h + bin.ph) * pooled_w + bin.pw) * channels + c
+                              : ((bin.k * channels + c) * pooled_h + bin.ph) * pooled_w + bin.pw;
         output[o] = static_cast<scalar_t>(sum[j] / g.count);
       }
     }
@@ -153,17 +212,21 @@ __global__ void roi_align_forward_kernel(
 
 // ----------------------------------------------------------------- backward
 
+// Gradient sinks: where the backward kernel adds its contributions. `data`
+// points at element 0 of the level's gradient map.
 template <typename acc_t>
 struct FloatAtomicSink {
-  acc_t* data;
-  __device__ __forceinline__ void add(int64_t i, acc_t v) const { atomicAdd(data + i, v); }
+  using element_t = acc_t;
+  __device__ __forceinline__ void add(acc_t* data, int64_t i, acc_t v) const {
+    atomicAdd(data + i, v);
+  }
 };
 
 template <typename acc_t>
 struct FixedPointSink {
-  unsigned long long* data;
+  using element_t = unsigned long long;
   const double* scale;  // device scalar; 0 flags a non-finite grad
-  __device__ __forceinline__ void add(int64_t i, acc_t v) const {
+  __device__ __forceinline__ void add(unsigned long long* data, int64_t i, acc_t v) const {
     const long long q = __double2ll_rn(static_cast<double>(v) * *scale);
     atomicAdd(data + i, static_cast<unsigned long long>(q));
   }
@@ -172,30 +235,33 @@ struct FixedPointSink {
 template <typename scalar_t, typename acc_t, typename Sink>
 __global__ void roi_align_backward_kernel(
     const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois, Sink sink,
-    int64_t work, int64_t batch, FeatureLayout layout, int64_t pooled_h,
-    int64_t pooled_w, acc_t spatial_scale, int64_t sampling_ratio, bool aligned) {
+    Pyramid<typename Sink::element_t, acc_t> maps, int64_t work, int64_t batch,
+    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Bin bin = decompose(index, layout.channels, pooled_h, pooled_w,
-                              layout.channels_last, 1);
-    const auto g = roi_geometry<acc_t>(rois + bin.k * 5, batch, layout.height,
-                                       layout.width, spatial_scale, pooled_h,
-                                       pooled_w, sampling_ratio, aligned);
+    const Bin bin = decompose(index, maps.channels, pooled_h, pooled_w,
+                              maps.channels_last, 1);
+    const acc_t* roi = rois + bin.k * 5;
+    const int64_t level = maps.level_of(roi);
+    const FeatureLayout layout = maps.layout(level);
+    const auto g = roi_geometry<acc_t>(roi, batch, layout.height, layout.width,
+                                       maps.scale[level], pooled_h, pooled_w,
+                                       sampling_ratio, aligned);
     if (g.grid_h == 0 || g.grid_w == 0) continue;
     // With one channel per thread, the work index is grad's storage offset
     // in either layout.
     const acc_t gbin = static_cast<acc_t>(grad[index]) / g.count;
-    const int64_t base = layout.channel_origin(g.batch_index, bin.c);
+    auto* data = maps.data[level] + layout.channel_origin(g.batch_index, bin.c);
     const int64_t sy = layout.y_stride(), sx = layout.x_stride();
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
       const acc_t g_lo = gbin * ty.w_low, g_hi = gbin * ty.w_high;
       for (int ix = 0; ix < g.grid_w; ++ix) {
         const auto tx = bin_sample_tap(g.start_w, g.bin_w, bin.pw, ix, g.grid_w, layout.width);
-        sink.add(base + ty.low * sy + tx.low * sx, g_lo * tx.w_low);
-        sink.add(base + ty.low * sy + tx.high * sx, g_lo * tx.w_high);
-        sink.add(base + ty.high * sy + tx.low * sx, g_hi * tx.w_low);
-        sink.add(base + ty.high * sy + tx.high * sx, g_hi * tx.w_high);
+        sink.add(data, ty.low * sy + tx.low * sx, g_lo * tx.w_low);
+        sink.add(data, ty.low * sy + tx.high * sx, g_lo * tx.w_high);
+        sink.add(data, ty.high * sy + tx.low * sx, g_hi * tx.w_low);
+        sink.add(data, ty.high * sy + tx.high * sx, g_hi * tx.w_high);
       }
     }
   }
@@ -242,61 +308,131 @@ void check_batch_indices(const at::Tensor& rois, int64_t batch) {
               "range [0, ", batch, ") (or NaN)");
 }
 
-at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
-                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
-                                  int64_t sampling_ratio, bool aligned) {
-  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const bool channels_last = use_channels_last(input);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
-  const int64_t num_rois = rois.size(0), batch = input.size(0), channels = input.size(1);
-  const FeatureLayout layout{channels, input.size(2), input.size(3), channels_last};
-  const auto acc_dtype = accumulate_dtype(input.scalar_type());
-  const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
-  check_batch_indices(rois_acc, batch);
+PyramidSpec single_level(int64_t channels, int64_t height, int64_t width,
+                         double spatial_scale, bool channels_last) {
+  PyramidSpec spec;
+  spec.heights = {height};
+  spec.widths = {width};
+  spec.scales = {spatial_scale};
+  spec.channels = channels;
+  spec.channels_last = channels_last;
+  return spec;
+}
+
+PyramidSpec fpn_pyramid(int64_t channels, std::vector<int64_t> heights,
+                        std::vector<int64_t> widths, c10::ArrayRef<double> scales,
+                        double canonical_scale, int64_t canonical_level,
+                        bool channels_last) {
+  PyramidSpec spec;
+  spec.heights = std::move(heights);
+  spec.widths = std::move(widths);
+  spec.scales.assign(scales.begin(), scales.end());
+  spec.first_level = fpn_first_level(scales);
+  spec.channels = channels;
+  spec.canonical_scale = canonical_scale;
+  spec.canonical_level = canonical_level;
+  spec.channels_last = channels_last;
+  return spec;
+}
+
+// Forward over same-layout feature maps [N, C, H_l, W_l] (spec describes
+// them). One launch for all RoIs and levels; no host synchronization.
+at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tensor& rois,
+                        const PyramidSpec& spec, int64_t pooled_h, int64_t pooled_w,
+                        int64_t sampling_ratio, bool aligned) {
+  const at::Tensor& first = features.front();
+  const auto memory_format = spec.channels_last ? at::MemoryFormat::ChannelsLast
+                                                : at::MemoryFormat::Contiguous;
+  const int64_t num_rois = rois.size(0), batch = first.size(0), channels = spec.channels;
+  const at::Tensor rois_acc = rois.to(accumulate_dtype(first.scalar_type())).contiguous();
   at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w},
-                                input.options().memory_format(memory_format));
+                                first.options().memory_format(memory_format));
   if (output.numel() == 0) return output;
-  const at::Tensor input_c = input.contiguous(memory_format);
-  const int64_t groups = channels_last ? channels : (channels + kChannelsPerThread - 1) / kChannelsPerThread;
+  std::vector<at::Tensor> contiguous;
+  for (const auto& f : features) contiguous.push_back(f.contiguous(memory_format));
+  const int64_t groups =
+      spec.channels_last ? channels : (channels + kChannelsPerThread - 1) / kChannelsPerThread;
   const int64_t work = num_rois * pooled_h * pooled_w * groups;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        std::vector<const scalar_t*> data;
+        for (const auto& f : contiguous) data.push_back(f.const_data_ptr<scalar_t>());
         roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread>
             <<<grid_size(work), kThreads, 0, stream>>>(
-                input_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(),
-                output.mutable_data_ptr<scalar_t>(), work, batch, layout, pooled_h, pooled_w,
-                static_cast<acc_t>(spatial_scale), sampling_ratio, aligned);
+                spec.on_device<const scalar_t, acc_t>(data), rois_acc.const_data_ptr<acc_t>(),
+                output.mutable_data_ptr<scalar_t>(), work, batch, pooled_h, pooled_w,
+                sampling_ratio, aligned);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return output;
 }
 
-at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
-                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
-                                   int64_t batch, int64_t channels, int64_t height,
-                                   int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
-                           height, width, sampling_ratio);
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  const bool channels_last = use_channels_last(grad);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
-  const FeatureLayout layout{channels, height, width, channels_last};
+at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
+                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                  int64_t sampling_ratio, bool aligned) {
+  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  check_batch_indices(rois.to(accumulate_dtype(input.scalar_type())), input.size(0));
+  return pool_forward({input}, rois,
+                      single_level(input.size(1), input.size(2), input.size(3), spatial_scale,
+                                   use_channels_last(input)),
+                      pooled_h, pooled_w, sampling_ratio, aligned);
+}
+
+at::Tensor multi_level_roi_align_forward_cuda(at::TensorList features, const at::Tensor& rois,
+                                              c10::ArrayRef<double> spatial_scales,
+                                              int64_t pooled_h, int64_t pooled_w,
+                                              int64_t sampling_ratio, bool aligned,
+                                              double canonical_scale, int64_t canonical_level) {
+  check_multi_level_roi_align_forward(features, rois, spatial_scales, pooled_h, pooled_w,
+                                      sampling_ratio, canonical_scale);
+  const c10::cuda::CUDAGuard device_guard(features[0].device());
+  std::vector<int64_t> heights, widths;
+  for (const auto& f : features) {
+    heights.push_back(f.size(2));
+    widths.push_back(f.size(3));
+  }
+  return pool_forward(features.vec(), rois,
+                      fpn_pyramid(features[0].size(1), heights, widths, spatial_scales,
+                                  canonical_scale, canonical_level,
+                                  use_channels_last(features[0])),
+                      pooled_h, pooled_w, sampling_ratio, aligned);
+}
+
+// Backward over the maps spec describes: one gradient [N, C, H_l, W_l] per
+// level, in grad's dtype and layout. One launch for all RoIs and levels.
+std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& rois,
+                                      const PyramidSpec& spec, int64_t pooled_h,
+                                      int64_t pooled_w, int64_t batch,
+                                      int64_t sampling_ratio, bool aligned) {
+  const auto memory_format = spec.channels_last ? at::MemoryFormat::ChannelsLast
+                                                : at::MemoryFormat::Contiguous;
+  const int64_t channels = spec.channels, levels = spec.levels();
   const auto acc_dtype = accumulate_dtype(grad.scalar_type());
   const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
   const auto options = grad.options().memory_format(memory_format);
   const int64_t work = grad.numel();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<int64_t> sizes;  // elements per level
+  int64_t total = 0;
+  for (int64_t l = 0; l < levels; ++l) {
+    sizes.push_back(batch * channels * spec.heights[l] * spec.widths[l]);
+    total += sizes.back();
+  }
+  auto empty_level = [&](int64_t l, c10::ScalarType dtype) {
+    return at::empty({batch, channels, spec.heights[l], spec.widths[l]}, options.dtype(dtype));
+  };
+  const at::Tensor grad_c = grad.contiguous(memory_format);
 
   if (deterministic) {
-    at::Tensor grad_input = at::empty({batch, channels, height, width}, options);
-    if (grad_input.numel() == 0) return grad_input;
-    at::Tensor fixed = at::zeros({grad_input.numel()}, grad.options().dtype(at::kLong));
+    std::vector<at::Tensor> grad_inputs;
+    for (int64_t l = 0; l < levels; ++l) grad_inputs.push_back(empty_level(l, grad.scalar_type()));
+    if (total == 0) return grad_inputs;
+    // One fixed-point buffer holds every level, back to back.
+    at::Tensor fixed = at::zeros({total}, grad.options().dtype(at::kLong));
     at::Tensor scale = at::empty({}, grad.options().dtype(at::kDouble));
     if (work > 0) {
       const at::Tensor max_abs = grad.abs().max().to(at::kDouble);
@@ -309,48 +445,80 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
     } else {
       scale.fill_(1.0);
     }
-    const at::Tensor grad_c = grad.contiguous(memory_format);
+    auto* fixed_data = reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>());
+    std::vector<unsigned long long*> level_data;
+    for (int64_t l = 0, offset = 0; l < levels; offset += sizes[l], ++l)
+      level_data.push_back(fixed_data + offset);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda_deterministic", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           if (work > 0) {
-            const FixedPointSink<acc_t> sink{
-                reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
-                scale.const_data_ptr<double>()};
+            const FixedPointSink<acc_t> sink{scale.const_data_ptr<double>()};
             roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
-                grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), sink, work,
-                batch, layout, pooled_h, pooled_w, static_cast<acc_t>(spatial_scale),
-                sampling_ratio, aligned);
+                grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), sink,
+                spec.on_device<unsigned long long, acc_t>(level_data), work, batch, pooled_h,
+                pooled_w, sampling_ratio, aligned);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
-          const int64_t n = grad_input.numel();
-          fixed_point_to_float_kernel<scalar_t><<<grid_size(n), kThreads, 0, stream>>>(
-              reinterpret_cast<const unsigned long long*>(fixed.const_data_ptr<int64_t>()),
-              scale.const_data_ptr<double>(), grad_input.mutable_data_ptr<scalar_t>(), n);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          for (int64_t l = 0; l < levels; ++l) {
+            if (sizes[l] == 0) continue;
+            fixed_point_to_float_kernel<scalar_t><<<grid_size(sizes[l]), kThreads, 0, stream>>>(
+                level_data[l], scale.const_data_ptr<double>(),
+                grad_inputs[l].mutable_data_ptr<scalar_t>(), sizes[l]);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
         });
-    return grad_input;
+    return grad_inputs;
   }
 
   // Half types gather into float32 and are rounded once at the end.
   // (at::zeros would drop the memory format from the options.)
-  at::Tensor grad_input =
-      at::empty({batch, channels, height, width}, options.dtype(acc_dtype)).zero_();
-  if (grad_input.numel() > 0 && work > 0) {
-    const at::Tensor grad_c = grad.contiguous(memory_format);
+  std::vector<at::Tensor> grad_inputs;
+  for (int64_t l = 0; l < levels; ++l) grad_inputs.push_back(empty_level(l, acc_dtype).zero_());
+  if (total > 0 && work > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const FloatAtomicSink<acc_t> sink{grad_input.mutable_data_ptr<acc_t>()};
+          std::vector<acc_t*> level_data;
+          for (auto& t : grad_inputs) level_data.push_back(t.mutable_data_ptr<acc_t>());
           roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
-              grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), sink, work,
-              batch, layout, pooled_h, pooled_w, static_cast<acc_t>(spatial_scale),
-              sampling_ratio, aligned);
+              grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(),
+              FloatAtomicSink<acc_t>{}, spec.on_device<acc_t, acc_t>(level_data), work, batch,
+              pooled_h, pooled_w, sampling_ratio, aligned);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
-  if (grad_input.scalar_type() != grad.scalar_type()) grad_input = grad_input.to(grad.scalar_type());
-  return grad_input;
+  for (auto& t : grad_inputs) {
+    if (t.scalar_type() != grad.scalar_type()) t = t.to(grad.scalar_type());
+  }
+  return grad_inputs;
+}
+
+at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                   int64_t batch, int64_t channels, int64_t height,
+                                   int64_t width, int64_t sampling_ratio, bool aligned) {
+  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
+                           height, width, sampling_ratio);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return pool_backward(grad, rois,
+                       single_level(channels, height, width, spatial_scale, use_channels_last(grad)),
+                       pooled_h, pooled_w, batch, sampling_ratio, aligned)
+      .front();
+}
+
+std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rois, c10::ArrayRef<double> spatial_scales,
+    int64_t pooled_h, int64_t pooled_w, int64_t batch, int64_t channels,
+    c10::IntArrayRef heights, c10::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+    double canonical_scale, int64_t canonical_level) {
+  check_multi_level_roi_align_backward(grad, rois, spatial_scales, pooled_h, pooled_w, batch,
+                                       channels, heights, widths, sampling_ratio, canonical_scale);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return pool_backward(grad, rois,
+                       fpn_pyramid(channels, heights.vec(), widths.vec(), spatial_scales,
+                                   canonical_scale, canonical_level, use_channels_last(grad)),
+                       pooled_h, pooled_w, batch, sampling_ratio, aligned);
 }
 
 }  // namespace
@@ -358,6 +526,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CUDA, m) {
   m.impl("roi_align", &roi_align_forward_cuda);
   m.impl("roi_align_backward", &roi_align_backward_cuda);
+  m.impl("multi_level_roi_align", &multi_level_roi_align_forward_cuda);
+  m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cuda);
 }
 
 }  // namespace maskrcnn_ops
