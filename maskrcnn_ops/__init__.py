@@ -51,6 +51,7 @@ from .boxes import clip_boxes_to_image, decode_boxes, encode_boxes, remove_small
 from .nms import batched_nms, batched_nms_keep, batched_nms_padded, nms  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
+from .export import onnx_translation_table  # noqa: E402
 from .patch import patch_torchvision, patched_torchvision, torchvision_is_patched, unpatch_torchvision  # noqa: E402
 from .roi_align import RoIAlign, roi_align  # noqa: E402
 
@@ -83,4 +84,5 @@ __all__ = [
     "patched_torchvision",
     "unpatch_torchvision",
     "torchvision_is_patched",
+    "onnx_translation_table",
 ]

@@ -1,0 +1,270 @@
+"""Export of models that call maskrcnn_ops: ``torch.export`` and ONNX.
+
+``torch.export`` needs nothing from here: every op has a fake kernel
+(``_fake.py``), so ``torch.export.export`` traces a module that calls
+:func:`maskrcnn_ops.roi_align` or :func:`maskrcnn_ops.nms` with dynamic
+shapes (NMS returns a data-dependent number of indices, an unbacked size).
+
+ONNX has standard operators for both, so ``torch.onnx.export(..., dynamo=True)``
+maps our ops onto them through the translation table built here::
+
+    onnx_program = torch.onnx.export(
+        model, args, dynamo=True,
+        custom_translation_table=maskrcnn_ops.onnx_translation_table())
+
+=================================  ==========================================
+maskrcnn_ops op                    ONNX
+=================================  ==========================================
+``roi_align``                      ``RoiAlign`` (opset 16, avg mode):
+                                   ``coordinate_transformation_mode``
+                                   "half_pixel" when aligned, else
+                                   "output_half_pixel"; rois [K, 4] and
+                                   batch_indices int64 [K] split from our
+                                   [K, 5]; ``sampling_ratio <= 0`` -> 0
+                                   (adaptive, the same rule as ours)
+``nms``                            ``NonMaxSuppression``: boxes [1, N, 4],
+                                   scores [1, 1, N], at most N kept; the
+                                   box-index column of the selected triples
+``batched_nms``                    ``NonMaxSuppression`` with one class per
+                                   category (scores [1, C, N], -inf outside
+                                   the category; C = largest category + 1),
+                                   then the kept boxes ordered by decreasing
+                                   score, equal scores by index (``TopK``)
+``multi_level_roi_align``          each RoI's FPN level computed in the graph
+(``MultiScaleRoIAlign``)           (the kernel's formula), then per level a
+                                   ``RoiAlign`` over that level's RoIs
+                                   (``NonZero``, ``Gather``) scattered into
+                                   the output (``ScatterND``)
+=================================  ==========================================
+
+Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
+
+- RoiAlign computes what ours does for both alignments, including the
+  1-pixel minimum box size of ``aligned=False`` and boxes that are empty,
+  inverted or past the edges, in float32 or float64 (a few ulps apart: the
+  samples are summed in another order). float16 and bfloat16 features are
+  computed in float32 and cast back, as our kernels accumulate (ONNX's
+  RoiAlign-16 has no bfloat16).
+- The FPN level of a RoI uses log(x) / log(2) (ONNX has no Log2), within an
+  ulp or two of log2; only a box whose level formula lands that close to an
+  integer could change level (the formula's 1e-6 margin covers the exact
+  powers of two, e.g. a 224x224 box).
+- NonMaxSuppression keeps a box unless its IoU with a kept box of higher
+  score is strictly above the threshold, as ours, in float32 (boxes and
+  scores are cast). ONNX takes each box's corners in either order (it sorts
+  them); ours gives a box with x2 < x1 or y2 < y1 no area, so it never
+  suppresses. Among equal scores onnxruntime's NMS visits boxes in no set
+  order, so with ties the kept set may differ; give distinct scores for
+  identical results. A box scored NaN or -inf is dropped by ``batched_nms``'s
+  category masking (ours keeps it).
+- The threshold is an ONNX float32 (ours compares in float64): an IoU within
+  float32 rounding of the threshold may be decided differently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Sequence
+
+import torch
+
+# ONNX RoiAlign-16 computes in the features' type, which must be one of
+# these; other dtypes are computed in float32 and cast back.
+_ROI_ALIGN_COMPUTE_TYPES = ("FLOAT", "DOUBLE")
+
+
+def _onnx_roi_align_inputs(features, rois):
+    """Our rois [K, 5] -> ONNX RoiAlign's (corners [K, 4], batch_indices int64
+    [K]), in the type the features are computed in (float32 for half types)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    compute_type = features.dtype if features.dtype.name in _ROI_ALIGN_COMPUTE_TYPES else ir.DataType.FLOAT
+    rois = op.Cast(rois, to=compute_type)
+    batch_indices = op.Cast(op.Squeeze(op.Slice(rois, [0], [1], [1]), [1]), to=ir.DataType.INT64)
+    corners = op.Slice(rois, [1], [5], [1])  # (x1, y1, x2, y2)
+    return corners, batch_indices, compute_type
+
+
+def _onnx_roi_align(features, corners, batch_indices, compute_type, *, spatial_scale, pooled_height,
+                    pooled_width, sampling_ratio, aligned):
+    """ONNX RoiAlign of features [N, C, H, W] in compute_type -> [K, C, PH, PW] in compute_type."""
+    from onnxscript import opset18 as op
+
+    if features.dtype != compute_type:
+        features = op.Cast(features, to=compute_type)
+    return op.RoiAlign(
+        features,
+        corners,
+        batch_indices,
+        coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
+        mode="avg",
+        output_height=pooled_height,
+        output_width=pooled_width,
+        sampling_ratio=max(sampling_ratio, 0),
+        spatial_scale=spatial_scale,
+    )
+
+
+def _roi_align_to_onnx(
+    input,
+    rois,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+):
+    """maskrcnn_ops::roi_align(input [N, C, H, W], rois [K, 5]) -> [K, C, PH, PW]
+    as ONNX RoiAlign."""
+    from onnxscript import opset18 as op
+
+    corners, batch_indices, compute_type = _onnx_roi_align_inputs(input, rois)
+    pooled = _onnx_roi_align(
+        input, corners, batch_indices, compute_type, spatial_scale=spatial_scale, pooled_height=pooled_height,
+        pooled_width=pooled_width, sampling_ratio=sampling_ratio, aligned=aligned,
+    )
+    return pooled if compute_type == input.dtype else op.Cast(pooled, to=input.dtype)
+
+
+def _fpn_level_index(corners, *, first_level: int, num_levels: int, canonical_scale: float, canonical_level: int):
+    """Index into the pyramid (0 = finest) of each box [K, 4], int64 [K]: the
+    kernel's formula floor(canonical_level + log2(sqrt(area) / canonical_scale)
+    + 1e-6), clamped to the levels, NaN -> 0, in the boxes' precision. ONNX has
+    no Log2: log(x) / log(2) is within an ulp or two of it, far inside the
+    1e-6 margin for boxes whose log2 is an integer."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    x1, y1, x2, y2 = (op.Squeeze(op.Slice(corners, [i], [i + 1], [1]), [1]) for i in range(4))
+    size = op.Sqrt(op.Mul(op.Sub(x2, x1), op.Sub(y2, y1)))
+
+    def constant(value: float):
+        return op.CastLike(op.Constant(value_float=value), size)
+
+    log2_ratio = op.Div(op.Log(op.Div(size, constant(canonical_scale))), op.Log(constant(2.0)))
+    level = op.Floor(op.Add(op.Add(constant(float(canonical_level)), log2_ratio), constant(1e-6)))
+    level = op.Clip(level, constant(float(first_level)), constant(float(first_level + num_levels - 1)))
+    level = op.Sub(level, constant(float(first_level)))
+    level = op.Where(op.IsNaN(level), constant(0.0), level)
+    return op.Cast(level, to=ir.DataType.INT64)
+
+
+def _multi_level_roi_align_to_onnx(
+    features,
+    rois,
+    spatial_scales: Sequence[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    canonical_scale: float,
+    canonical_level: int,
+):
+    """maskrcnn_ops::multi_level_roi_align(features [N, C, H_l, W_l] per level,
+    rois [K, 5]) -> [K, C, PH, PW]: each RoI's level from the FPN formula, then
+    per level one RoiAlign over the RoIs of that level (NonZero, Gather),
+    scattered into the output (ScatterND)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    first = features[0]
+    corners, batch_indices, compute_type = _onnx_roi_align_inputs(first, rois)
+    first_level = int(round(-math.log2(spatial_scales[0])))
+    level = _fpn_level_index(  # in the corners' float32 (float64 for float64 features), as the kernel
+        corners,
+        first_level=first_level,
+        num_levels=len(features),
+        canonical_scale=canonical_scale,
+        canonical_level=canonical_level,
+    )
+    shape = op.Concat(
+        op.Shape(rois, start=0, end=1),
+        op.Shape(first, start=1, end=2),
+        op.Constant(value_ints=[pooled_height, pooled_width]),
+        axis=0,
+    )
+    pooled = op.ConstantOfShape(shape, value=ir.tensor([0.0], dtype=compute_type))
+    for index, (level_features, scale) in enumerate(zip(features, spatial_scales)):
+        members = op.Reshape(op.NonZero(op.Equal(level, op.Constant(value_int=index))), [-1, 1])  # [M, 1]
+        member_ids = op.Reshape(members, [-1])
+        pooled_here = _onnx_roi_align(
+            level_features,
+            op.Gather(corners, member_ids),
+            op.Gather(batch_indices, member_ids),
+            compute_type,
+            spatial_scale=scale,
+            pooled_height=pooled_height,
+            pooled_width=pooled_width,
+            sampling_ratio=sampling_ratio,
+            aligned=aligned,
+        )
+        pooled = op.ScatterND(pooled, members, pooled_here)
+    return pooled if compute_type == first.dtype else op.Cast(pooled, to=first.dtype)
+
+
+def _kept_by_onnx_nms(boxes, scores_per_class, iou_threshold: float, score_threshold=None):
+    """ONNX NonMaxSuppression of boxes [N, 4] (any float type) with one row of
+    scores per class [C, N], at most N kept per class, in float32 (the only
+    type onnxruntime's NonMaxSuppression takes). Returns the kept box indices
+    int64 [K], class by class, by decreasing score within a class."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    # ONNX calls the corners (y1, x1, y2, x2); the IoU is the same with x and
+    # y swapped, so our (x1, y1, x2, y2) go in as they are.
+    inputs = [
+        op.Unsqueeze(op.Cast(boxes, to=ir.DataType.FLOAT), [0]),  # [1, N, 4]
+        op.Unsqueeze(op.Cast(scores_per_class, to=ir.DataType.FLOAT), [0]),  # [1, C, N]
+        op.Shape(boxes, start=0, end=1),  # max_output_boxes_per_class: N
+        op.Constant(value_floats=[iou_threshold]),
+    ]
+    if score_threshold is not None:
+        inputs.append(op.Constant(value_floats=[score_threshold]))
+    selected = op.NonMaxSuppression(*inputs, center_point_box=0)  # [K, 3] (batch, class, box)
+    return op.Reshape(op.Slice(selected, [2], [3], [1]), [-1])
+
+
+def _nms_to_onnx(boxes, scores, iou_threshold: float):
+    """maskrcnn_ops::nms(boxes [N, 4], scores [N]) -> int64 [K] as ONNX
+    NonMaxSuppression (kept indices by decreasing score)."""
+    from onnxscript import opset18 as op
+
+    return _kept_by_onnx_nms(boxes, op.Unsqueeze(scores, [0]), iou_threshold)
+
+
+def _batched_nms_to_onnx(boxes, scores, idxs, iou_threshold: float):
+    """maskrcnn_ops::batched_nms(boxes [N, 4], scores [N], idxs [N]) -> int64
+    [K]: NMS within each category, kept indices by decreasing score."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    scores = op.Cast(scores, to=ir.DataType.FLOAT)
+    categories = op.Cast(idxs, to=ir.DataType.INT64)
+    # One NMS class per category id in [0, max id]: scores [C, N], -inf where
+    # a box is of another category, removed by the score threshold.
+    count = op.Add(op.ReduceMax(categories, keepdims=0), op.Constant(value_int=1))
+    category_ids = op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1))  # [C]
+    member = op.Equal(op.Unsqueeze(category_ids, [1]), op.Unsqueeze(categories, [0]))  # [C, N]
+    per_category = op.Where(member, op.Unsqueeze(scores, [0]), op.Constant(value_float=float("-inf")))
+    kept = _kept_by_onnx_nms(boxes, per_category, iou_threshold, score_threshold=float("-inf"))
+    # Categories come one after the other: order by decreasing score, equal
+    # scores by index as ours (TopK puts equal values in input order, so the
+    # kept indices are sorted ascending first).
+    kept_count = op.Shape(kept)
+    kept = op.TopK(kept, kept_count, largest=0, sorted=1)[0]
+    order = op.TopK(op.Gather(scores, kept), kept_count, largest=1, sorted=1)[1]
+    return op.Gather(kept, order)
+
+
+def onnx_translation_table() -> Dict[Callable, Callable]:
+    """The ``custom_translation_table`` for ``torch.onnx.export(...,
+    dynamo=True)``: our ops to ONNX's RoiAlign and NonMaxSuppression (see the
+    module docstring for the mapping and its semantics). Needs onnxscript."""
+    ops = torch.ops.maskrcnn_ops
+    return {
+        ops.roi_align.default: _roi_align_to_onnx,
+        ops.nms.default: _nms_to_onnx,
+        ops.batched_nms.default: _batched_nms_to_onnx,
+        ops.multi_level_roi_align.default: _multi_level_roi_align_to_onnx,
+    }

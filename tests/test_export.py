@@ -1,0 +1,392 @@
+"""Export of modules that call maskrcnn_ops: torch.export with dynamic
+shapes, and ONNX (torch.onnx.export(dynamo=True) with
+maskrcnn_ops.onnx_translation_table()) checked against our ops in
+onnxruntime on CPU.
+
+Every exported program is run on inputs of other sizes than the ones it was
+traced with, so the dynamic dimensions are exercised.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch.export import Dim
+
+import maskrcnn_ops
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+# One Dim shared by several inputs makes the exporter say it names the axis once.
+pytestmark = pytest.mark.filterwarnings("ignore:# The axis name:UserWarning")
+
+# RoIAlign: onnxruntime and our kernel compute the same samples and weights
+# and sum them in another order (measured: within 5e-7 on N(0, 1) features).
+ROI_ALIGN_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_onnx_exporter():
+    """The exporter logs every step at WARNING; keep the test output readable."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+# ------------------------------------------------------------------ inputs --
+
+
+def random_rois(k: int, *, batch: int, size: float, generator: torch.Generator) -> torch.Tensor:
+    """[k, 5] (batch_index, x1, y1, x2, y2), boxes of 0 to size/2 px, some
+    reaching past the image."""
+    corner = torch.rand(k, 2, generator=generator) * size - size / 8
+    sides = torch.rand(k, 2, generator=generator) * size / 2
+    index = torch.randint(0, batch, (k, 1), generator=generator).to(torch.float32)
+    return torch.cat([index, corner, corner + sides], dim=1)
+
+
+def random_boxes(n: int, *, generator: torch.Generator) -> torch.Tensor:
+    """[n, 4] valid boxes in a 100x100 image, sides 1 to 40 px: many overlap."""
+    corner = torch.rand(n, 2, generator=generator) * 100
+    sides = 1 + torch.rand(n, 2, generator=generator) * 39
+    return torch.cat([corner, corner + sides], dim=1)
+
+
+def distinct_scores(n: int, *, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator).to(torch.float32) / max(n, 1)
+
+
+# ---------------------------------------------------------------- modules --
+
+
+class PoolRoIs(torch.nn.Module):
+    """Calls maskrcnn_ops.roi_align on rois [K, 5], optionally in another
+    dtype (the casts are part of the exported graph)."""
+
+    def __init__(self, *, aligned: bool, sampling_ratio: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.aligned = aligned
+        self.sampling_ratio = sampling_ratio
+        self.dtype = dtype
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        pooled = maskrcnn_ops.roi_align(
+            features.to(self.dtype),
+            rois,
+            output_size=(5, 4),
+            spatial_scale=0.25,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+        )
+        return pooled.to(torch.float32)
+
+
+class SuppressBoxes(torch.nn.Module):
+    """Calls maskrcnn_ops.nms and batched_nms."""
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, categories: torch.Tensor):
+        kept = maskrcnn_ops.nms(boxes, scores, iou_threshold=0.5)
+        kept_per_category = maskrcnn_ops.batched_nms(boxes, scores, categories, iou_threshold=0.5)
+        return kept, kept_per_category
+
+
+class PoolPerImage(torch.nn.Module):
+    """roi_align with a list of boxes per image, then NMS: a detector's tail."""
+
+    def forward(self, features, boxes_image0, boxes_image1, scores):
+        pooled = maskrcnn_ops.roi_align(
+            features, [boxes_image0, boxes_image1], output_size=7, spatial_scale=0.5, sampling_ratio=2, aligned=True
+        )
+        kept = maskrcnn_ops.nms(torch.cat([boxes_image0, boxes_image1]), scores, iou_threshold=0.6)
+        return pooled, kept
+
+
+K = Dim("rois", min=1)
+N = Dim("boxes", min=2)
+FEATURE_SHAPE = {0: Dim("batch", min=1), 2: Dim("height", min=2), 3: Dim("width", min=2)}
+ROI_SHAPES = (FEATURE_SHAPE, {0: K})
+NMS_SHAPES = ({0: N}, {0: N}, {0: N})
+
+
+def to_onnxruntime(module: torch.nn.Module, args: tuple, dynamic_shapes):
+    """Exports `module` to ONNX with our translation table and returns a
+    function that runs it in onnxruntime (CPU) on torch tensors."""
+    program = torch.onnx.export(
+        module.eval(),
+        args,
+        dynamo=True,
+        custom_translation_table=maskrcnn_ops.onnx_translation_table(),
+        dynamic_shapes=dynamic_shapes,
+        optimize=False,  # the graph as translated; saves seconds per export
+        verbose=False,
+    )
+    model = program.model_proto
+    onnx.checker.check_model(model, full_check=True)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def run(*inputs: torch.Tensor):
+        feed = {spec.name: tensor.numpy() for spec, tensor in zip(session.get_inputs(), inputs)}
+        return [torch.from_numpy(np.asarray(out)) for out in session.run(None, feed)]
+
+    run.model = model
+    return run
+
+
+def operator_types(model) -> set:
+    return {node.op_type for node in model.graph.node}
+
+
+# ------------------------------------------------------------ torch.export --
+
+
+def test_torch_export_with_a_dynamic_number_of_boxes():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 24, 32, generator=g)
+    traced_with = (features, random_boxes(6, generator=g), random_boxes(5, generator=g), torch.rand(11, generator=g))
+    dynamic = ({}, {0: Dim("boxes0", min=1)}, {0: Dim("boxes1", min=1)}, {0: Dim("all_boxes", min=2)})
+    module = PoolPerImage()
+    program = torch.export.export(module, traced_with, dynamic_shapes=dynamic)
+
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"maskrcnn_ops.roi_align.default", "maskrcnn_ops.nms.default"} <= targets
+    for sizes in [(13, 4), (1, 30)]:
+        args = (features, random_boxes(sizes[0], generator=g), random_boxes(sizes[1], generator=g))
+        args = args + (torch.rand(sum(sizes), generator=g),)
+        pooled, kept = program.module()(*args)
+        expected_pooled, expected_kept = module(*args)
+        assert pooled.shape == (sum(sizes), 8, 7, 7)
+        torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=0)
+        torch.testing.assert_close(kept, expected_kept, rtol=0, atol=0)
+
+
+def test_torch_export_roundtrips_through_save_and_load(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    module = SuppressBoxes()
+    args = (random_boxes(20, generator=g), distinct_scores(20, generator=g), torch.randint(0, 3, (20,), generator=g))
+    program = torch.export.export(module, args, dynamic_shapes=NMS_SHAPES)
+    path = tmp_path / "suppress.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    other = (random_boxes(57, generator=g), distinct_scores(57, generator=g), torch.randint(0, 5, (57,), generator=g))
+    for got, expected in zip(loaded.module()(*other), module(*other)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------- ONNX --
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["sampling2", "adaptive"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "legacy"])
+def test_roi_align_to_onnx_matches_ours(aligned, sampling_ratio):
+    g = torch.Generator().manual_seed(2)
+    module = PoolRoIs(aligned=aligned, sampling_ratio=sampling_ratio)
+    features = torch.randn(2, 6, 20, 24, generator=g)
+    run = to_onnxruntime(module, (features, random_rois(7, batch=2, size=96, generator=g)), ROI_SHAPES)
+    assert "RoiAlign" in operator_types(run.model)
+
+    other_features = torch.randn(3, 6, 17, 29, generator=g)  # H, W and N are not baked in either
+    rois = random_rois(40, batch=3, size=110, generator=g)
+    (pooled,) = run(other_features, rois)
+    torch.testing.assert_close(pooled, module(other_features, rois), **ROI_ALIGN_TOLERANCE)
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "legacy"])
+def test_roi_align_to_onnx_small_degenerate_and_outside_boxes(aligned):
+    """ONNX's RoiAlign (output_half_pixel) also makes legacy boxes at least
+    1x1 feature pixel, as ours; aligned boxes keep their size (even 0)."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 3, 16, 20, generator=g)
+    rois = torch.tensor(
+        [
+            [0, 3.0, 4.0, 3.5, 4.2],  # under one feature pixel (scale 1/4)
+            [1, 5.0, 5.0, 5.0, 5.0],  # empty
+            [0, 40.0, 40.0, 32.0, 28.0],  # inverted
+            [1, -40.0, -24.0, 12.0, 8.0],  # starts outside
+            [0, 70.0, 55.0, 120.0, 100.0],  # reaches past the far edges
+            [1, 0.3, 0.7, 1.1, 1.6],  # sub-pixel near the origin
+        ]
+    )
+    for sampling_ratio in (2, 0):
+        module = PoolRoIs(aligned=aligned, sampling_ratio=sampling_ratio)
+        run = to_onnxruntime(module, (features, rois), ROI_SHAPES)
+        (pooled,) = run(features, rois)
+        torch.testing.assert_close(pooled, module(features, rois), **ROI_ALIGN_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "dtype, tolerance",
+    [
+        (torch.float64, dict(rtol=1e-12, atol=1e-12)),
+        # Computed in float32 by both, then rounded once to the half type.
+        (torch.float16, dict(rtol=1e-3, atol=1e-3)),
+        (torch.bfloat16, dict(rtol=1e-2, atol=1e-2)),
+    ],
+    ids=["f64", "f16", "bf16"],
+)
+def test_roi_align_to_onnx_other_dtypes(dtype, tolerance):
+    g = torch.Generator().manual_seed(4)
+    module = PoolRoIs(aligned=True, sampling_ratio=2, dtype=dtype)
+    features = torch.randn(2, 4, 16, 16, generator=g)
+    run = to_onnxruntime(module, (features, random_rois(9, batch=2, size=64, generator=g)), ROI_SHAPES)
+    rois = random_rois(15, batch=2, size=64, generator=g)
+    (pooled,) = run(features, rois)
+    torch.testing.assert_close(pooled, module(features, rois), **tolerance)
+
+
+def test_roi_align_to_onnx_no_rois():
+    g = torch.Generator().manual_seed(5)
+    module = PoolRoIs(aligned=True, sampling_ratio=2)
+    features = torch.randn(1, 3, 8, 8, generator=g)
+    run = to_onnxruntime(module, (features, random_rois(3, batch=1, size=32, generator=g)), ROI_SHAPES)
+    (pooled,) = run(features, torch.zeros(0, 5))
+    assert pooled.shape == (0, 3, 5, 4)
+
+
+@pytest.fixture(scope="module")
+def onnx_suppression():
+    """SuppressBoxes exported once (traced with 30 boxes) for the NMS tests."""
+    g = torch.Generator().manual_seed(6)
+    args = (random_boxes(30, generator=g), distinct_scores(30, generator=g), torch.randint(0, 4, (30,), generator=g))
+    return to_onnxruntime(SuppressBoxes(), args, NMS_SHAPES)
+
+
+@pytest.mark.parametrize("n, categories", [(2, 1), (50, 3), (400, 80)])
+def test_nms_to_onnx_matches_ours(onnx_suppression, n, categories):
+    assert operator_types(onnx_suppression.model) >= {"NonMaxSuppression", "TopK"}
+    g = torch.Generator().manual_seed(7 + n)
+    inputs = (random_boxes(n, generator=g), distinct_scores(n, generator=g), torch.randint(0, categories, (n,), generator=g))
+    kept, kept_per_category = onnx_suppression(*inputs)
+    expected, expected_per_category = SuppressBoxes()(*inputs)
+    assert 0 < expected.numel() < n or n == 2  # the case suppresses something
+    torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    torch.testing.assert_close(kept_per_category, expected_per_category, rtol=0, atol=0)
+
+
+def test_nms_to_onnx_half_precision_boxes():
+    g = torch.Generator().manual_seed(8)
+
+    class HalfBoxes(torch.nn.Module):
+        def forward(self, boxes, scores, categories):
+            return SuppressBoxes()(boxes.to(torch.float16), scores.to(torch.float16), categories)
+
+    n = 64
+    inputs = (random_boxes(n, generator=g), distinct_scores(n, generator=g), torch.randint(0, 3, (n,), generator=g))
+    run = to_onnxruntime(HalfBoxes(), inputs, NMS_SHAPES)
+    # Scores distinct in float16 too (multiples of 1/64); boxes rounded to
+    # float16 are compared in float32 by both.
+    for got, expected in zip(run(*inputs), HalfBoxes()(*inputs)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_batched_nms_to_onnx_orders_equal_scores_by_index(onnx_suppression):
+    """Disjoint boxes (nothing suppressed) with tied scores across
+    categories: kept indices by decreasing score, ties by index, as ours."""
+    n = 12
+    corner = (torch.arange(n, dtype=torch.float32)[:, None] * 10).expand(n, 2)
+    boxes = torch.cat([corner, corner + 5], dim=1)
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9, 0.5, 0.3, 0.9, 0.1, 0.5, 0.3, 0.9])
+    categories = torch.tensor([2, 0, 1, 0, 2, 0, 1, 1, 2, 2, 0, 0])
+    _, kept_per_category = onnx_suppression(boxes, scores, categories)
+    expected = maskrcnn_ops.batched_nms(boxes, scores, categories, 0.5)
+    assert expected.tolist() == [1, 4, 7, 11, 0, 2, 5, 9, 6, 10, 3, 8]
+    torch.testing.assert_close(kept_per_category, expected, rtol=0, atol=0)
+
+
+def test_nms_to_onnx_no_boxes(onnx_suppression):
+    kept, kept_per_category = onnx_suppression(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    assert kept.shape == (0,) and kept_per_category.shape == (0,)
+
+
+def test_exported_detector_tail_runs_in_onnxruntime():
+    """roi_align over per-image box lists and NMS in one graph, as a
+    detector's post-processing calls them."""
+    g = torch.Generator().manual_seed(9)
+    features = torch.randn(2, 4, 24, 32, generator=g)
+    module = PoolPerImage()
+    args = (features, random_boxes(6, generator=g), random_boxes(5, generator=g), distinct_scores(11, generator=g))
+    dynamic = ({}, {0: Dim("boxes0", min=1)}, {0: Dim("boxes1", min=1)}, {0: Dim("all_boxes", min=2)})
+    run = to_onnxruntime(module, args, dynamic)
+    other = (features, random_boxes(9, generator=g), random_boxes(14, generator=g), distinct_scores(23, generator=g))
+    pooled, kept = run(*other)
+    expected_pooled, expected_kept = module(*other)
+    torch.testing.assert_close(pooled, expected_pooled, **ROI_ALIGN_TOLERANCE)
+    torch.testing.assert_close(kept, expected_kept, rtol=0, atol=0)
+
+
+def test_nms_to_onnx_inverted_boxes_differ_as_documented():
+    """ONNX sorts each box's corners; ours gives an inverted box no area, so
+    it neither suppresses nor is suppressed (module docstring of export.py)."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 1.0, 1.0]])
+    scores = torch.tensor([0.9, 0.8])
+    run = to_onnxruntime(SuppressBoxes(), (boxes, scores, torch.zeros(2, dtype=torch.int64)), NMS_SHAPES)
+    kept, _ = run(boxes, scores, torch.zeros(2, dtype=torch.int64))
+    assert kept.tolist() == [0]
+    assert maskrcnn_ops.nms(boxes, scores, 0.5).tolist() == [0, 1]
+
+
+class PoolPyramid(torch.nn.Module):
+    """maskrcnn_ops.MultiScaleRoIAlign (the fused multi-level op) over a
+    4-level pyramid for 2 images of about 256x320."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.pool = maskrcnn_ops.MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], output_size=7, sampling_ratio=2)
+        self.dtype = dtype
+
+    def forward(self, p2, p3, p4, p5, boxes_image0, boxes_image1):
+        features = {name: f.to(self.dtype) for name, f in zip(["p2", "p3", "p4", "p5"], [p2, p3, p4, p5])}
+        pooled = self.pool(features, [boxes_image0, boxes_image1], [(256, 320), (240, 300)])
+        return pooled.to(torch.float32)
+
+
+def pyramid_boxes(n: int, *, generator: torch.Generator) -> torch.Tensor:
+    """[n, 4] boxes of 1 to 300 px (sides squared-uniform): every level
+    gets some, and the clamps at both ends are reached."""
+    corner = torch.rand(n, 2, generator=generator) * 200
+    sides = 0.5 + torch.rand(n, 2, generator=generator) ** 2 * 300
+    return torch.cat([corner, corner + sides], dim=1)
+
+
+@pytest.mark.parametrize(
+    "dtype, tolerance",
+    [
+        (torch.float32, ROI_ALIGN_TOLERANCE),
+        # Both accumulate in float32; the rounding to half may differ by an ulp.
+        (torch.float16, dict(rtol=1e-3, atol=1e-3)),
+    ],
+    ids=["f32", "f16"],
+)
+def test_multi_scale_roi_align_to_onnx_matches_ours(dtype, tolerance):
+    g = torch.Generator().manual_seed(10)
+    pyramid = [torch.randn(2, 8, 64 >> level, 80 >> level, generator=g) for level in range(4)]
+    module = PoolPyramid(dtype)
+    args = (*pyramid, pyramid_boxes(10, generator=g), pyramid_boxes(12, generator=g))
+    dynamic = ({}, {}, {}, {}, {0: Dim("boxes0", min=1)}, {0: Dim("boxes1", min=1)})
+    run = to_onnxruntime(module, args, dynamic)
+    assert {"RoiAlign", "NonZero", "ScatterND"} <= operator_types(run.model)
+
+    boxes_image1 = torch.cat(
+        [
+            torch.tensor(
+                [
+                    [0.0, 0.0, 224.0, 224.0],  # exactly the canonical size: level 4
+                    [0.0, 0.0, 224.0, 223.9999],  # just under: the formula's 1e-6 keeps it on level 4
+                    [10.0, 10.0, 122.0, 122.0],  # 112 px: exactly level 3
+                    [0.0, 0.0, 448.0, 448.0],  # 448 px: exactly level 5
+                    [30.0, 40.0, 20.0, 90.0],  # inverted: NaN level, pooled from the finest map
+                    [5.0, 5.0, 5.0, 5.0],  # empty: clamped to the finest level
+                ]
+            ),
+            pyramid_boxes(150, generator=g),
+        ]
+    )
+    inputs = (*pyramid, pyramid_boxes(200, generator=g), boxes_image1)
+    (pooled,) = run(*inputs)
+    torch.testing.assert_close(pooled, module(*inputs), **tolerance)
