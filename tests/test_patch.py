@@ -407,6 +407,8 @@ def test_adapters_have_torchvisions_signatures():
         for name, adapter in patch.replacements.items():
             assert _parameters(adapter) == _parameters(originals[name]), name
             assert adapter.__name__ == originals[name].__name__
+        # mmcv's RoIAlign(use_torchvision=True) probes this before passing `aligned`.
+        assert "aligned" in torchvision.ops.roi_align.__code__.co_varnames
 
 
 def test_patched_roi_align_takes_every_form_torchvision_takes():
