@@ -103,7 +103,8 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Tuple[int, in
 
     rows = interpolation_matrix(y1, y2, top, window_h, padded.size(1))  # [N, window_h, M + 2p]
     cols = interpolation_matrix(x1, x2, left, window_w, padded.size(2))  # [N, window_w, M + 2p]
-    windows = torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2))  # [N, window_h, window_w]
+    with torch.autocast(device.type, enabled=False):  # float32 output, whatever the caller's autocast
+        windows = torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2))  # [N, window_h, window_w]
 
     # Write each window into its own plane (its pixels outside the box are
     # zeros). `blocks[n, y, x]` is the window_h x window_w block of plane n
