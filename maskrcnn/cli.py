@@ -1,6 +1,7 @@
 """Command line: ``python -m maskrcnn <command> ...``.
 
     predict IMAGE... --weights FILE --out DIR [--score-threshold T] [--device D]
+            [--mask-threshold T] [--min-size N] [--max-size N] [--batch-size N]
 
 Each command is a subparser with its own ``run`` function, so a command is
 added by writing one ``add_<command>_parser`` function.
@@ -35,7 +36,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, load_model
     from .predict import ImageReadError, predict_files
 
-    overrides = {} if args.score_threshold is None else {"box_score_thresh": args.score_threshold}
+    given = dict(box_score_thresh=args.score_threshold, min_size=args.min_size, max_size=args.max_size)
+    overrides = {key: value for key, value in given.items() if value is not None}
     try:
         model = load_model(args.weights, device=args.device, **overrides)
         coco = predict_files(model, args.images, args.out, device=args.device, batch_size=args.batch_size,
@@ -62,6 +64,11 @@ def add_predict_parser(commands) -> None:
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="minimum detection score (default: the model's, 0.05 for torchvision weights)")
     parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability counted as inside")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="resize images so that their short side is this (default: the model's, 800 for "
+                        "torchvision weights); smaller is faster and finds fewer small objects")
+    parser.add_argument("--max-size", type=int, default=None, help="upper bound of the long side after resizing "
+                        "(default: the model's, 1333 for torchvision weights)")
     parser.add_argument("--device", type=parse_device, default=default_device(),
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
@@ -78,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for option in ("batch_size", "min_size", "max_size"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     return args.run(args)
 
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
-from .coco_names import BACKGROUND, UNUSED, label_names
+from .coco_names import UNUSED, label_names
 from .data.coco_format import target_to_annotations
 from .model import MaskRCNN
 from .visualize import draw_detections
@@ -69,12 +69,12 @@ def detections_to_coco(
     Args:
         images: per image {"file_name", "height", "width"}; ids are 1, 2, ...
         detections: the model's output per image (masks [D, 1, H, W] probabilities).
-        class_names: name per label (category id = label); the background and
-            unused names are not categories.
+        class_names: name per label (category id = label). Unused labels
+            ("N/A" in the COCO table) are categories only if detected (a
+            model can predict them), so every annotation has its category.
         mask_threshold: probability above which a mask pixel is set.
     """
-    coco = dict(images=[], annotations=[],
-                categories=[dict(id=i, name=n) for i, n in enumerate(class_names) if n not in (BACKGROUND, UNUSED)])
+    coco = dict(images=[], annotations=[], categories=[])
     for image_id, (info, found) in enumerate(zip(images, detections), start=1):
         coco["images"].append(dict(id=image_id, **info))
         target = dict(boxes=found["boxes"], labels=found["labels"], masks=found["masks"][:, 0] > mask_threshold)
@@ -82,6 +82,9 @@ def detections_to_coco(
         for record, score in zip(records, found["scores"].tolist()):
             record["score"] = score
         coco["annotations"].extend(records)
+    detected = {annotation["category_id"] for annotation in coco["annotations"]}
+    coco["categories"] = [dict(id=i, name=name) for i, name in enumerate(class_names)
+                          if i > 0 and (name != UNUSED or i in detected)]
     return coco
 
 
