@@ -22,6 +22,23 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
       "bool aligned) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // Max-pooling RoIAlign (mmcv's pool_mode="max"): each bin is the largest of
+  // its bilinear samples, the first in sample order among equals (NaN wins).
+  // Returns (output, argmax): argmax (int32, output's shape and layout) holds
+  // the winning sample iy * grid_w + ix of each bin, -1 for a RoI with no
+  // samples; the backward sends each bin's gradient to that sample alone.
+  m.def(
+      "roi_align_max(Tensor input, Tensor rois, float spatial_scale, "
+      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
+      "bool aligned) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "roi_align_max_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
+      "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
+      "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+      "bool aligned) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // Multi-level (FPN) RoIAlign: each RoI pools from the feature map its size
   // maps to, level floor(canonical_level + log2(sqrt(area) / canonical_scale)
   // + 1e-6) clamped to the pyramid, as torchvision's MultiScaleRoIAlign.

@@ -1,11 +1,13 @@
 """Autograd formulas for the operators.
 
-Differentiable: roi_align (features; and its backward, linear in the
-gradient, so double backward is exact) and decode_boxes (deltas, first
+Differentiable: roi_align and multi_level_roi_align (features; and their
+backwards, linear in the gradient, so double backward is exact),
+roi_align_max (features, first order) and decode_boxes (deltas, first
 order). Not differentiable: encode_boxes (regression targets are constants),
 rpn_decode_filter and the NMS ops (integer or boolean results); a backward
-that reaches encode_boxes, rpn_decode_filter or decode_boxes' own backward
-raises a clear error rather than returning a silent zero.
+that reaches encode_boxes, rpn_decode_filter, roi_align_max's or
+decode_boxes' own backward raises a clear error rather than returning a
+silent zero.
 
 roi_align is differentiable with respect to its input features (not the
 boxes, as in torchvision). Its backward is a linear map of the output
@@ -60,6 +62,28 @@ def _roi_align_backward_backward(ctx, grad_grad_input):
     return (grad_grad,) + (None,) * 10
 
 
+
+
+# roi_align_max: each bin's gradient goes to its winning sample (argmax).
+def _roi_align_max_setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.input_shape = input.shape
+    ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+def _roi_align_max_backward(ctx, grad, _grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.params
+    batch_size, channels, height, width = ctx.input_shape
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.roi_align_max_backward(
+            grad, rois, argmax, spatial_scale, pooled_height, pooled_width,
+            batch_size, channels, height, width, sampling_ratio, aligned,
+        )
+    return grad_input, None, None, None, None, None, None
 
 
 # multi_level_roi_align: the same formulas over a list of feature maps.
@@ -140,11 +164,14 @@ def _not_differentiable(name: str):
 _FORMULAS = {
     "roi_align": (_roi_align_backward, _roi_align_setup_context),
     "roi_align_backward": (_roi_align_backward_backward, _roi_align_backward_setup_context),
+    "roi_align_max": (_roi_align_max_backward, _roi_align_max_setup_context),
     "multi_level_roi_align": (_multi_level_backward, _multi_level_setup_context),
     "multi_level_roi_align_backward": (_multi_level_backward_backward, _multi_level_backward_setup_context),
     "decode_boxes": (_decode_backward, _decode_setup_context),
 }
-for _name in ("decode_boxes_backward", "encode_boxes", "rpn_decode_filter"):
+# roi_align_max_backward is first order only: its own gradient would need a
+# gather at the argmax samples, which no op provides yet.
+for _name in ("roi_align_max_backward", "decode_boxes_backward", "encode_boxes", "rpn_decode_filter"):
     _FORMULAS[_name] = _not_differentiable(_name)
 for _name, (_backward, _setup) in _FORMULAS.items():
     torch.library.register_autograd(f"maskrcnn_ops::{_name}", _backward, setup_context=_setup)

@@ -32,6 +32,23 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
     return _pooled("roi_align", [input], rois, pooled_height, pooled_width)
 
 
+@torch.library.register_fake("maskrcnn_ops::roi_align_max")
+def _roi_align_max_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    output = _pooled("roi_align_max", [input], rois, pooled_height, pooled_width)
+    return output, torch.empty_like(output, dtype=torch.int32)
+
+
+@torch.library.register_fake("maskrcnn_ops::roi_align_max_backward")
+def _roi_align_max_backward_fake(
+    grad, rois, argmax, spatial_scale, pooled_height, pooled_width,
+    batch_size, channels, height, width, sampling_ratio, aligned,
+):
+    return _roi_align_backward_fake(
+        grad, rois, spatial_scale, pooled_height, pooled_width,
+        batch_size, channels, height, width, sampling_ratio, aligned,
+    )
+
+
 @torch.library.register_fake("maskrcnn_ops::roi_align_backward")
 def _roi_align_backward_fake(
     grad, rois, spatial_scale, pooled_height, pooled_width,

@@ -61,12 +61,15 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    pool_mode: str = "avg",
 ) -> Tensor:
     """Reference RoIAlign.
 
     Args:
         input: [N, C, H, W] features.
         rois: [K, 5] rows of (batch_index, x1, y1, x2, y2).
+        pool_mode: "avg" (mean of each bin's samples) or "max" (their
+            maximum; the first maximum in sample order gets the gradient).
     Returns:
         [K, C, PH, PW] in input's dtype (computed in the accumulation dtype).
     """
@@ -110,8 +113,13 @@ def roi_align(
             + corner(y_hi, x_lo) * (wy_hi[:, None] * wx_lo[None, :])
             + corner(y_hi, x_hi) * (wy_hi[:, None] * wx_hi[None, :])
         )
-        pooled = samples.reshape(channels, pooled_h, grid_h, pooled_w, grid_w).sum(dim=(2, 4))
-        outputs.append(pooled / max(grid_h * grid_w, 1))
+        bins = samples.reshape(channels, pooled_h, grid_h, pooled_w, grid_w)
+        if pool_mode == "max":
+            # torch.max over a dim returns (and differentiates) the first maximum.
+            per_bin = bins.permute(0, 1, 3, 2, 4).reshape(channels, pooled_h, pooled_w, grid_h * grid_w)
+            outputs.append(per_bin.max(dim=-1).values)
+        else:
+            outputs.append(bins.sum(dim=(2, 4)) / max(grid_h * grid_w, 1))
     if not outputs:
         return input.new_zeros(0, channels, pooled_h, pooled_w)
     return torch.stack(outputs).to(input.dtype)

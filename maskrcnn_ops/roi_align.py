@@ -114,3 +114,28 @@ class RoIAlign(nn.Module):
             f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})"
         )
+
+
+def roi_align_max(
+    input: Tensor,
+    boxes: BoxesArg,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign with max pooling (mmcv's ``pool_mode="max"``): each bin is the
+    largest of its bilinear samples instead of their mean.
+
+    Arguments, sampling geometry and output as :func:`roi_align`. Among equal
+    samples the first (row-major within the bin) wins, so the gradient, which
+    goes to the winning sample's four neighbours, is deterministic; NaN
+    propagates. A sample outside the feature map counts as 0, as in mmcv.
+    Differentiable once with respect to input.
+    """
+    rois = boxes_to_rois(boxes)
+    pooled_height, pooled_width = _pair(output_size)
+    output, _argmax = torch.ops.maskrcnn_ops.roi_align_max(
+        input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), bool(aligned)
+    )
+    return output

@@ -90,6 +90,16 @@ inline void check_roi_align_backward(const at::Tensor& grad,
               ", ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
 }
 
+// The argmax of a max-mode forward, given back to its backward.
+inline void check_argmax(const at::Tensor& grad, const at::Tensor& argmax) {
+  TORCH_CHECK(argmax.scalar_type() == c10::kInt && argmax.sizes() == grad.sizes() &&
+                  argmax.device() == grad.device(),
+              "maskrcnn_ops::roi_align_max_backward: expected argmax as returned by "
+              "roi_align_max (int32, the shape of grad ",
+              grad.sizes(), ", on ", grad.device(), "), got ", argmax.scalar_type(), " of shape ",
+              argmax.sizes(), " on ", argmax.device());
+}
+
 // ------------------------------------------------------------ multi-level --
 
 // Pyramid levels a multi_level_roi_align call may take (FPN uses 4 or 5).

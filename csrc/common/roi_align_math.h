@@ -161,6 +161,42 @@ MRO_HOST_DEVICE AxisTap<acc_t> bin_sample_tap(acc_t start, acc_t bin_size,
 }
 
 
+// Where the elements of channel c of image b live, for either layout
+// (NCHW or channels_last); also the offset of bin (k, c, ph, pw) of an output
+// of that layout, [K, C, PH, PW] or [K, PH, PW, C].
+struct FeatureLayout {
+  int64_t channels, height, width;
+  bool channels_last;
+
+  MRO_HOST_DEVICE int64_t channel_origin(int64_t b, int64_t c) const {
+    return channels_last ? b * height * width * channels + c
+                         : (b * channels + c) * height * width;
+  }
+  MRO_HOST_DEVICE int64_t channel_stride() const {
+    return channels_last ? 1 : height * width;
+  }
+  MRO_HOST_DEVICE int64_t y_stride() const {
+    return channels_last ? width * channels : width;
+  }
+  MRO_HOST_DEVICE int64_t x_stride() const {
+    return channels_last ? channels : 1;
+  }
+  MRO_HOST_DEVICE int64_t output_offset(int64_t k, int64_t c, int64_t ph, int64_t pw,
+                                        int64_t pooled_h, int64_t pooled_w) const {
+    return channels_last ? ((k * pooled_h + ph) * pooled_w + pw) * channels + c
+                         : ((k * channels + c) * pooled_h + ph) * pooled_w + pw;
+  }
+};
+
+// Max pooling (mmcv's pool_mode="max"): a bin's value is its largest sample
+// (an out-of-range sample counts as 0), the first in sample order (iy major,
+// ix minor) among equals, so the argmax is deterministic; NaN beats any number,
+// so it propagates as in torch.max.
+template <typename acc_t>
+MRO_HOST_DEVICE bool beats_max(acc_t value, acc_t best) {
+  return value > best || (value != value && best == best);
+}
+
 // Feature pyramid level of a RoI (Lin et al., FPN, eq. 1), as torchvision's
 // LevelMapper: floor(canonical_level + log2(sqrt(area) / canonical_scale) +
 // 1e-6), clamped to [first_level, first_level + num_levels - 1], returned as

@@ -23,6 +23,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../common/roi_align_checks.h"
@@ -68,6 +69,9 @@ struct TapTable {
   std::vector<int64_t> x_begin;                   // [K + 1] into x_taps
   std::vector<AxisTap<acc_t>> y_taps;  // per RoI: [pooled_h][grid_h]
   std::vector<AxisTap<acc_t>> x_taps;  // per RoI: [pooled_w][grid_w]
+
+  const AxisTap<acc_t>* ys(int64_t k) const { return y_taps.data() + y_begin[k]; }
+  const AxisTap<acc_t>* xs(int64_t k) const { return x_taps.data() + x_begin[k]; }
 };
 
 template <typename acc_t>
@@ -259,7 +263,7 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
   std::vector<RoIRows> rows(num_rois);
   at::parallel_for(0, num_rois, 64, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k)
-      collect_rows(table.y_taps.data() + table.y_begin[k],
+      collect_rows(table.ys(k),
                    table.y_begin[k + 1] - table.y_begin[k], rows[k]);
   });
   // The first channel of block c0 of RoI k's feature map.
@@ -283,7 +287,7 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
       auto prefetch = [&](int64_t k) {
         const auto& g = table.geometry[k];
         if (g.grid_h == 0 || g.grid_w == 0) return;
-        const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
+        const AxisTap<acc_t>* xs = table.xs(k);
         const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
         prefetch_rows(block_origin(k, c0), pyramid.plane(table.level[k]),
                       static_cast<int>(nc), rows[k].rows,
@@ -301,8 +305,7 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
           std::fill(out, out + nc * out_plane, scalar_t(0));
           continue;
         }
-        const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
-        const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
+        const auto *ys = table.ys(k), *xs = table.xs(k);
         const scalar_t* in = block_origin(k, c0);
         const int64_t plane = pyramid.plane(table.level[k]);
         const int64_t width = pyramid.widths[table.level[k]];
@@ -330,8 +333,7 @@ void forward_nhwc(const TapTable<acc_t>& table, const Pyramid& pyramid,
     std::vector<acc_t> acc(channels);
     for (int64_t k = begin; k < end; ++k) {
       const auto& g = table.geometry[k];
-      const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
-      const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
+      const auto *ys = table.ys(k), *xs = table.xs(k);
       const int64_t width = pyramid.widths[table.level[k]];
       const scalar_t* in_b = inputs[table.level[k]] +
                              g.batch_index * pyramid.plane(table.level[k]) * channels;
@@ -475,8 +477,7 @@ void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
       for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
         const int64_t k = groups.order[i];
         const auto& g = table.geometry[k];
-        const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
-        const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
+        const auto *ys = table.ys(k), *xs = table.xs(k);
         const scalar_t* grad_kc = grad + (k * channels + c) * pooled_h * pooled_w;
         for (int64_t ph = 0; ph < pooled_h; ++ph) {
           for (int64_t pw = 0; pw < pooled_w; ++pw) {
@@ -524,8 +525,7 @@ void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
       for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
         const int64_t k = groups.order[i];
         const auto& g = table.geometry[k];
-        const AxisTap<acc_t>* ys = table.y_taps.data() + table.y_begin[k];
-        const AxisTap<acc_t>* xs = table.x_taps.data() + table.x_begin[k];
+        const auto *ys = table.ys(k), *xs = table.xs(k);
         for (int64_t ph = 0; ph < pooled_h; ++ph) {
           for (int64_t pw = 0; pw < pooled_w; ++pw) {
             const scalar_t* grad_bin =
@@ -641,11 +641,173 @@ std::vector<at::Tensor> multi_level_roi_align_backward_cpu(
                        aligned);
 }
 
+// -------------------------------------------------------------- max mode --
+//
+// mmcv's pool_mode="max". Simple loops over the tap table in either layout
+// (FeatureLayout gives the strides): this mode serves mmdetection models,
+// whose hot path is the average mode above.
+
+template <typename scalar_t, typename acc_t>
+void forward_max(const TapTable<acc_t>& table, const scalar_t* input,
+                 scalar_t* output, int32_t* argmax, const FeatureLayout& layout,
+                 int64_t pooled_h, int64_t pooled_w) {
+  const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
+  const int64_t channels = layout.channels;
+  const int64_t sy = layout.y_stride(), sx = layout.x_stride();
+  at::parallel_for(0, num_rois * channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t k = unit / channels, c = unit % channels;
+      const auto& g = table.geometry[k];
+      const auto *ys = table.ys(k), *xs = table.xs(k);
+      const scalar_t* base = input + layout.channel_origin(g.batch_index, c);
+      for (int64_t ph = 0; ph < pooled_h; ++ph) {
+        for (int64_t pw = 0; pw < pooled_w; ++pw) {
+          acc_t best_value = acc_t(0);
+          int32_t best = -1;
+          for (int iy = 0; iy < g.grid_h; ++iy) {
+            const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
+            for (int ix = 0; ix < g.grid_w; ++ix) {
+              const AxisTap<acc_t> tx = xs[pw * g.grid_w + ix];
+              const acc_t value =
+                  ty.w_low * tx.w_low * static_cast<acc_t>(base[ty.low * sy + tx.low * sx]) +
+                  ty.w_low * tx.w_high * static_cast<acc_t>(base[ty.low * sy + tx.high * sx]) +
+                  ty.w_high * tx.w_low * static_cast<acc_t>(base[ty.high * sy + tx.low * sx]) +
+                  ty.w_high * tx.w_high * static_cast<acc_t>(base[ty.high * sy + tx.high * sx]);
+              if (best < 0 || beats_max(value, best_value)) {
+                best_value = value;
+                best = iy * g.grid_w + ix;
+              }
+            }
+          }
+          const int64_t o = layout.output_offset(k, c, ph, pw, pooled_h, pooled_w);
+          output[o] = static_cast<scalar_t>(best_value);
+          argmax[o] = best;
+        }
+      }
+    }
+  });
+}
+
+// Parallel over (image, channel), RoIs in index order: race-free and
+// deterministic, as the average-mode backward.
+template <typename scalar_t, typename acc_t>
+void backward_max(const TapTable<acc_t>& table, const RoIGroups& groups,
+                  const scalar_t* grad, const int32_t* argmax, acc_t* grad_input,
+                  int64_t batch, const FeatureLayout& layout, int64_t pooled_h,
+                  int64_t pooled_w) {
+  const int64_t channels = layout.channels;
+  const int64_t sy = layout.y_stride(), sx = layout.x_stride();
+  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / channels, c = unit % channels;
+      acc_t* gin = grad_input + layout.channel_origin(b, c);
+      for (int64_t i = groups.begin[b]; i < groups.begin[b + 1]; ++i) {
+        const int64_t k = groups.order[i];
+        const auto& g = table.geometry[k];
+        const auto *ys = table.ys(k), *xs = table.xs(k);
+        for (int64_t ph = 0; ph < pooled_h; ++ph) {
+          for (int64_t pw = 0; pw < pooled_w; ++pw) {
+            const int64_t o = layout.output_offset(k, c, ph, pw, pooled_h, pooled_w);
+            const int32_t sample = argmax[o];
+            // -1 (no sample) or a value that names no sample adds nothing.
+            if (sample < 0 || sample >= g.grid_h * g.grid_w) continue;
+            const AxisTap<acc_t> ty = ys[ph * g.grid_h + sample / g.grid_w];
+            const AxisTap<acc_t> tx = xs[pw * g.grid_w + sample % g.grid_w];
+            const acc_t value = static_cast<acc_t>(grad[o]);
+            gin[ty.low * sy + tx.low * sx] += value * ty.w_low * tx.w_low;
+            gin[ty.low * sy + tx.high * sx] += value * ty.w_low * tx.w_high;
+            gin[ty.high * sy + tx.low * sx] += value * ty.w_high * tx.w_low;
+            gin[ty.high * sy + tx.high * sx] += value * ty.w_high * tx.w_high;
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cpu(
+    const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w,
+                          sampling_ratio);
+  const bool channels_last = use_channels_last(input);
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
+  const int64_t batch = input.size(0);
+  const FeatureLayout layout{input.size(1), input.size(2), input.size(3), channels_last};
+  at::Tensor output = at::empty({rois.size(0), layout.channels, pooled_h, pooled_w},
+                                input.options().memory_format(memory_format));
+  at::Tensor argmax = at::empty(output.sizes(),
+                                input.options().dtype(at::kInt).memory_format(memory_format));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_max_forward_cpu",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor rois_acc =
+            rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+        const auto table = build_tap_table<acc_t>(
+            "maskrcnn_ops::roi_align_max", rois_acc, batch,
+            single_level(layout.height, layout.width, spatial_scale), pooled_h,
+            pooled_w, sampling_ratio, aligned);
+        if (output.numel() == 0) return;
+        const at::Tensor input_c = input.contiguous(memory_format);
+        forward_max<scalar_t, acc_t>(table, input_c.const_data_ptr<scalar_t>(),
+                                     output.mutable_data_ptr<scalar_t>(),
+                                     argmax.mutable_data_ptr<int32_t>(), layout,
+                                     pooled_h, pooled_w);
+      });
+  return {output, argmax};
+}
+
+at::Tensor roi_align_max_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                      const at::Tensor& argmax, double spatial_scale,
+                                      int64_t pooled_h, int64_t pooled_w,
+                                      int64_t batch, int64_t channels,
+                                      int64_t height, int64_t width,
+                                      int64_t sampling_ratio, bool aligned) {
+  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch,
+                           channels, height, width, sampling_ratio);
+  check_argmax(grad, argmax);
+  const bool channels_last = use_channels_last(grad);
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
+  const FeatureLayout layout{channels, height, width, channels_last};
+  const auto acc_dtype = accumulate_dtype(grad.scalar_type());
+  at::Tensor grad_input =
+      at::empty({batch, channels, height, width},
+                grad.options().dtype(acc_dtype).memory_format(memory_format))
+          .zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_max_backward_cpu",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
+        const auto table = build_tap_table<acc_t>(
+            "maskrcnn_ops::roi_align_max_backward", rois_acc, batch,
+            single_level(height, width, spatial_scale), pooled_h, pooled_w,
+            sampling_ratio, aligned);
+        if (grad_input.numel() == 0 || grad.numel() == 0) return;
+        const at::Tensor grad_c = grad.contiguous(memory_format);
+        const at::Tensor argmax_c = argmax.contiguous(memory_format);
+        backward_max<scalar_t, acc_t>(table, group_rois(table, batch, 1),
+                                      grad_c.const_data_ptr<scalar_t>(),
+                                      argmax_c.const_data_ptr<int32_t>(),
+                                      grad_input.mutable_data_ptr<acc_t>(), batch,
+                                      layout, pooled_h, pooled_w);
+      });
+  if (grad_input.scalar_type() != grad.scalar_type()) {
+    grad_input = grad_input.to(grad.scalar_type());
+  }
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CPU, m) {
   m.impl("roi_align", &roi_align_forward_cpu);
   m.impl("roi_align_backward", &roi_align_backward_cpu);
+  m.impl("roi_align_max", &roi_align_max_forward_cpu);
+  m.impl("roi_align_max_backward", &roi_align_max_backward_cpu);
   m.impl("multi_level_roi_align", &multi_level_roi_align_forward_cpu);
   m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cpu);
 }

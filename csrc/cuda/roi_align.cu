@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "../common/roi_align_checks.h"
@@ -51,26 +52,6 @@ inline unsigned int grid_size(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 30)));
 }
-
-// Where the elements of channel c of image b live, for either layout.
-struct FeatureLayout {
-  int64_t channels, height, width;
-  bool channels_last;
-
-  __host__ __device__ int64_t channel_origin(int64_t b, int64_t c) const {
-    return channels_last ? b * height * width * channels + c
-                         : (b * channels + c) * height * width;
-  }
-  __host__ __device__ int64_t channel_stride() const {
-    return channels_last ? 1 : height * width;
-  }
-  __host__ __device__ int64_t y_stride() const {
-    return channels_last ? width * channels : width;
-  }
-  __host__ __device__ int64_t x_stride() const {
-    return channels_last ? channels : 1;
-  }
-};
 
 // The feature maps of one call, passed to the kernels by value: a pointer and
 // size per level, and the FPN level mapping (unused for a single map). T is
@@ -91,6 +72,12 @@ struct Pyramid {
   }
   __device__ __forceinline__ FeatureLayout layout(int64_t level) const {
     return FeatureLayout{channels, height[level], width[level], channels_last};
+  }
+  __device__ __forceinline__ RoIAlignGeometry<acc_t> geometry(
+      const acc_t* roi, int64_t level, int64_t batch, int64_t pooled_h,
+      int64_t pooled_w, int64_t sampling_ratio, bool aligned) const {
+    return roi_geometry<acc_t>(roi, batch, height[level], width[level], scale[level],
+                               pooled_h, pooled_w, sampling_ratio, aligned);
   }
 };
 
@@ -153,27 +140,32 @@ __device__ __forceinline__ Bin decompose(int64_t index, int64_t channels,
   return bin;
 }
 
-template <typename scalar_t, typename acc_t, int CPT>
+// kMax: mmcv's max pooling, which also writes the winning sample of each bin
+// to argmax (-1 for a RoI without samples); otherwise the average.
+template <typename scalar_t, typename acc_t, int CPT, bool kMax>
 __global__ void roi_align_forward_kernel(
     Pyramid<const scalar_t, acc_t> maps, const acc_t* __restrict__ rois,
-    scalar_t* __restrict__ output, int64_t work, int64_t batch,
-    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+    scalar_t* __restrict__ output, int32_t* __restrict__ argmax, int64_t work,
+    int64_t batch, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+    bool aligned) {
   const int group = maps.channels_last ? 1 : CPT;
   const int64_t channels = maps.channels;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Bin bin = decompose(index, channels, pooled_h, pooled_w,
                               maps.channels_last, group);
-    const acc_t* roi = rois + bin.k * 5;
-    const int64_t level = maps.level_of(roi);
+    const int64_t level = maps.level_of(rois + bin.k * 5);
     const FeatureLayout layout = maps.layout(level);
-    const auto g = roi_geometry<acc_t>(roi, batch, layout.height, layout.width,
-                                       maps.scale[level], pooled_h, pooled_w,
-                                       sampling_ratio, aligned);
+    const auto g = maps.geometry(rois + bin.k * 5, level, batch, pooled_h, pooled_w,
+                                 sampling_ratio, aligned);
     const int n = static_cast<int>(min_of<int64_t>(group, channels - bin.c));
-    acc_t sum[CPT];
+    acc_t sum[CPT];  // the sum, or in max mode the best sample
+    int32_t best[CPT];
 #pragma unroll
-    for (int j = 0; j < CPT; ++j) sum[j] = acc_t(0);
+    for (int j = 0; j < CPT; ++j) {
+      sum[j] = acc_t(0);
+      best[j] = -1;
+    }
     if (g.grid_h > 0 && g.grid_w > 0) {
       const scalar_t* base = maps.data[level] + layout.channel_origin(g.batch_index, bin.c);
       const int64_t cs = layout.channel_stride(), sy = layout.y_stride(), sx = layout.x_stride();
@@ -189,22 +181,31 @@ __global__ void roi_align_forward_kernel(
           for (int j = 0; j < CPT; ++j) {
             if (j < n) {
               const scalar_t* p = base + j * cs;
-              sum[j] += w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
-                        w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
+              const acc_t value = w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
+                                  w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
+              if constexpr (kMax) {
+                if (best[j] < 0 || beats_max(value, sum[j])) {
+                  sum[j] = value;
+                  best[j] = iy * g.grid_w + ix;
+                }
+              } else {
+                sum[j] += value;
+              }
             }
           }
         }
       }
     }
-    // Output has the input's layout: [K, PH, PW, C] or [K, C, PH, PW].
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       if (j < n) {
-        const int64_t c = bin.c + j;
-        const int64_t o = maps.channels_last
-                              ? ((bin.k * pooled_h + bin.ph) * pooled_w + bin.pw) * channels + c
-                              : ((bin.k * channels + c) * pooled_h + bin.ph) * pooled_w + bin.pw;
-        output[o] = static_cast<scalar_t>(sum[j] / g.count);
+        const int64_t o = layout.output_offset(bin.k, bin.c + j, bin.ph, bin.pw, pooled_h, pooled_w);
+        if constexpr (kMax) {
+          output[o] = static_cast<scalar_t>(sum[j]);
+          argmax[o] = best[j];
+        } else {
+          output[o] = static_cast<scalar_t>(sum[j] / g.count);
+        }
       }
     }
   }
@@ -232,31 +233,44 @@ struct FixedPointSink {
   }
 };
 
+// argmax: null for average pooling; for max pooling, the winning sample of
+// each bin (as the forward wrote it), which alone receives the bin's gradient.
+// Entries outside the bin's samples (-1, or a corrupt value) add nothing.
 template <typename scalar_t, typename acc_t, typename Sink>
 __global__ void roi_align_backward_kernel(
-    const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois, Sink sink,
+    const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois,
+    const int32_t* __restrict__ argmax, Sink sink,
     Pyramid<typename Sink::element_t, acc_t> maps, int64_t work, int64_t batch,
     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Bin bin = decompose(index, maps.channels, pooled_h, pooled_w,
                               maps.channels_last, 1);
-    const acc_t* roi = rois + bin.k * 5;
-    const int64_t level = maps.level_of(roi);
+    const int64_t level = maps.level_of(rois + bin.k * 5);
     const FeatureLayout layout = maps.layout(level);
-    const auto g = roi_geometry<acc_t>(roi, batch, layout.height, layout.width,
-                                       maps.scale[level], pooled_h, pooled_w,
-                                       sampling_ratio, aligned);
+    const auto g = maps.geometry(rois + bin.k * 5, level, batch, pooled_h, pooled_w,
+                                 sampling_ratio, aligned);
     if (g.grid_h == 0 || g.grid_w == 0) continue;
-    // With one channel per thread, the work index is grad's storage offset
-    // in either layout.
-    const acc_t gbin = static_cast<acc_t>(grad[index]) / g.count;
+    // With one channel per thread, the work index is grad's (and argmax's)
+    // storage offset in either layout.
+    int iy_begin = 0, iy_end = g.grid_h, ix_begin = 0, ix_end = g.grid_w;
+    acc_t divisor = g.count;
+    if (argmax != nullptr) {
+      const int32_t sample = argmax[index];
+      if (sample < 0 || sample >= g.grid_h * g.grid_w) continue;
+      iy_begin = sample / g.grid_w;
+      ix_begin = sample % g.grid_w;
+      iy_end = iy_begin + 1;
+      ix_end = ix_begin + 1;
+      divisor = acc_t(1);
+    }
+    const acc_t gbin = static_cast<acc_t>(grad[index]) / divisor;
     auto* data = maps.data[level] + layout.channel_origin(g.batch_index, bin.c);
     const int64_t sy = layout.y_stride(), sx = layout.x_stride();
-    for (int iy = 0; iy < g.grid_h; ++iy) {
+    for (int iy = iy_begin; iy < iy_end; ++iy) {
       const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
       const acc_t g_lo = gbin * ty.w_low, g_hi = gbin * ty.w_high;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
+      for (int ix = ix_begin; ix < ix_end; ++ix) {
         const auto tx = bin_sample_tap(g.start_w, g.bin_w, bin.pw, ix, g.grid_w, layout.width);
         sink.add(data, ty.low * sy + tx.low * sx, g_lo * tx.w_low);
         sink.add(data, ty.low * sy + tx.high * sx, g_lo * tx.w_high);
@@ -336,10 +350,11 @@ PyramidSpec fpn_pyramid(int64_t channels, std::vector<int64_t> heights,
 }
 
 // Forward over same-layout feature maps [N, C, H_l, W_l] (spec describes
-// them). One launch for all RoIs and levels; no host synchronization.
+// them). One launch for all RoIs and levels; no host synchronization. With an
+// argmax tensor (int32, the output's shape and layout), max pooling.
 at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tensor& rois,
                         const PyramidSpec& spec, int64_t pooled_h, int64_t pooled_w,
-                        int64_t sampling_ratio, bool aligned) {
+                        int64_t sampling_ratio, bool aligned, at::Tensor* argmax = nullptr) {
   const at::Tensor& first = features.front();
   const auto memory_format = spec.channels_last ? at::MemoryFormat::ChannelsLast
                                                 : at::MemoryFormat::Contiguous;
@@ -347,6 +362,9 @@ at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tenso
   const at::Tensor rois_acc = rois.to(accumulate_dtype(first.scalar_type())).contiguous();
   at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w},
                                 first.options().memory_format(memory_format));
+  if (argmax != nullptr) {
+    *argmax = at::empty(output.sizes(), first.options().dtype(at::kInt).memory_format(memory_format));
+  }
   if (output.numel() == 0) return output;
   std::vector<at::Tensor> contiguous;
   for (const auto& f : features) contiguous.push_back(f.contiguous(memory_format));
@@ -359,11 +377,19 @@ at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tenso
         using acc_t = at::opmath_type<scalar_t>;
         std::vector<const scalar_t*> data;
         for (const auto& f : contiguous) data.push_back(f.const_data_ptr<scalar_t>());
-        roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread>
-            <<<grid_size(work), kThreads, 0, stream>>>(
-                spec.on_device<const scalar_t, acc_t>(data), rois_acc.const_data_ptr<acc_t>(),
-                output.mutable_data_ptr<scalar_t>(), work, batch, pooled_h, pooled_w,
-                sampling_ratio, aligned);
+        const auto maps = spec.on_device<const scalar_t, acc_t>(data);
+        if (argmax != nullptr) {
+          roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread, true>
+              <<<grid_size(work), kThreads, 0, stream>>>(
+                  maps, rois_acc.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(),
+                  argmax->mutable_data_ptr<int32_t>(), work, batch, pooled_h, pooled_w,
+                  sampling_ratio, aligned);
+        } else {
+          roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread, false>
+              <<<grid_size(work), kThreads, 0, stream>>>(
+                  maps, rois_acc.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(),
+                  nullptr, work, batch, pooled_h, pooled_w, sampling_ratio, aligned);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return output;
@@ -406,7 +432,8 @@ at::Tensor multi_level_roi_align_forward_cuda(at::TensorList features, const at:
 std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& rois,
                                       const PyramidSpec& spec, int64_t pooled_h,
                                       int64_t pooled_w, int64_t batch,
-                                      int64_t sampling_ratio, bool aligned) {
+                                      int64_t sampling_ratio, bool aligned,
+                                      const at::Tensor* argmax = nullptr) {
   const auto memory_format = spec.channels_last ? at::MemoryFormat::ChannelsLast
                                                 : at::MemoryFormat::Contiguous;
   const int64_t channels = spec.channels, levels = spec.levels();
@@ -426,6 +453,8 @@ std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& 
     return at::empty({batch, channels, spec.heights[l], spec.widths[l]}, options.dtype(dtype));
   };
   const at::Tensor grad_c = grad.contiguous(memory_format);
+  const at::Tensor argmax_c = argmax != nullptr ? argmax->contiguous(memory_format) : at::Tensor();
+  const int32_t* argmax_data = argmax != nullptr ? argmax_c.const_data_ptr<int32_t>() : nullptr;
 
   if (deterministic) {
     std::vector<at::Tensor> grad_inputs;
@@ -455,8 +484,8 @@ std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& 
           if (work > 0) {
             const FixedPointSink<acc_t> sink{scale.const_data_ptr<double>()};
             roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
-                grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), sink,
-                spec.on_device<unsigned long long, acc_t>(level_data), work, batch, pooled_h,
+                grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), argmax_data,
+                sink, spec.on_device<unsigned long long, acc_t>(level_data), work, batch, pooled_h,
                 pooled_w, sampling_ratio, aligned);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
@@ -482,7 +511,7 @@ std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& 
           std::vector<acc_t*> level_data;
           for (auto& t : grad_inputs) level_data.push_back(t.mutable_data_ptr<acc_t>());
           roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
-              grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(),
+              grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), argmax_data,
               FloatAtomicSink<acc_t>{}, spec.on_device<acc_t, acc_t>(level_data), work, batch,
               pooled_h, pooled_w, sampling_ratio, aligned);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -507,6 +536,36 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
       .front();
 }
 
+std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cuda(
+    const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
+    int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  check_batch_indices(rois.to(accumulate_dtype(input.scalar_type())), input.size(0));
+  at::Tensor argmax;
+  at::Tensor output = pool_forward(
+      {input}, rois,
+      single_level(input.size(1), input.size(2), input.size(3), spatial_scale,
+                   use_channels_last(input)),
+      pooled_h, pooled_w, sampling_ratio, aligned, &argmax);
+  return {output, argmax};
+}
+
+at::Tensor roi_align_max_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                       const at::Tensor& argmax, double spatial_scale,
+                                       int64_t pooled_h, int64_t pooled_w, int64_t batch,
+                                       int64_t channels, int64_t height, int64_t width,
+                                       int64_t sampling_ratio, bool aligned) {
+  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
+                           height, width, sampling_ratio);
+  check_argmax(grad, argmax);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return pool_backward(grad, rois,
+                       single_level(channels, height, width, spatial_scale, use_channels_last(grad)),
+                       pooled_h, pooled_w, batch, sampling_ratio, aligned, &argmax)
+      .front();
+}
+
 std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
     const at::Tensor& grad, const at::Tensor& rois, c10::ArrayRef<double> spatial_scales,
     int64_t pooled_h, int64_t pooled_w, int64_t batch, int64_t channels,
@@ -526,6 +585,8 @@ std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CUDA, m) {
   m.impl("roi_align", &roi_align_forward_cuda);
   m.impl("roi_align_backward", &roi_align_backward_cuda);
+  m.impl("roi_align_max", &roi_align_max_forward_cuda);
+  m.impl("roi_align_max_backward", &roi_align_max_backward_cuda);
   m.impl("multi_level_roi_align", &multi_level_roi_align_forward_cuda);
   m.impl("multi_level_roi_align_backward", &multi_level_roi_align_backward_cuda);
 }
