@@ -126,6 +126,67 @@ def roi_align_cases(device: str, quick: bool) -> List[Case]:
     return cases
 
 
+# -------------------------------------------------------- multi-level RoIAlign
+
+# The FPN of Mask R-CNN R50-FPN on an 800 x 1088 batch: P2..P5.
+FPN_LEVELS = {"p2": (200, 272), "p3": (100, 136), "p4": (50, 68), "p5": (25, 34)}
+IMAGE_SHAPES = [(800, 1088)] * 2
+
+
+def _multiscale_setup(device, dtype, channels, rois_per_image, output, backward):
+    """torchvision's MultiScaleRoIAlign (a roi_align per level, selected with
+    torch.where) vs our fused op, on the same pyramid and boxes."""
+
+    def setup():
+        import torchvision
+
+        generator = torch.Generator().manual_seed(0)
+        features = {
+            name: torch.randn(2, channels, h, w, generator=generator).to(device=device, dtype=dtype)
+            for name, (h, w) in FPN_LEVELS.items()
+        }
+        boxes = [random_boxes(rois_per_image, generator).to(device=device, dtype=dtype) for _ in range(2)]
+        names = list(FPN_LEVELS)
+        grad = torch.randn(2 * rois_per_image, channels, output, output, generator=generator).to(device=device, dtype=dtype)
+
+        def make(module):
+            if not backward:
+                return lambda: module(features, boxes, IMAGE_SHAPES)
+            leaves = {k: v.detach().requires_grad_() for k, v in features.items()}
+            return lambda: torch.autograd.grad(module(leaves, boxes, IMAGE_SHAPES), list(leaves.values()), grad)
+
+        ours = make(maskrcnn_ops.MultiScaleRoIAlign(names, output, 2))
+        theirs = make(torchvision.ops.MultiScaleRoIAlign(names, output, 2))
+
+        def agree():
+            a, b = ours(), theirs()
+            pairs = zip(a, b) if backward else [(a, b)]
+            return all(bool(torch.allclose(x, y, atol=1e-4, rtol=1e-4)) for x, y in pairs)
+
+        return ours, theirs, agree
+
+    return setup
+
+
+def multiscale_cases(device: str, quick: bool) -> List[Case]:
+    """Box head (1000 RoIs/image, 7x7) and mask head (100 RoIs/image, 14x14)
+    over P2-P5 with 256 channels, sampling_ratio 2 (torchvision's detection
+    models' settings); boxes as in the RoIAlign workloads, so every level
+    gets RoIs."""
+    workloads = [("box_head", 1000, 7), ("mask_head", 100, 14)]
+    if quick:
+        workloads = [("box_head", 100, 7)]
+    cases = []
+    for name, rois, output in workloads:
+        for backward in (False, True):
+            cases.append(Case(
+                op="multi_scale_roi_align fwd+bwd" if backward else "multi_scale_roi_align",
+                workload=f"{name} P2-P5 {rois}/img {output}x{output} C=256", dtype="float32", layout="nchw",
+                setup=_multiscale_setup(device, torch.float32, 256, rois, output, backward),
+            ))
+    return cases
+
+
 # ----------------------------------------------------------------------- NMS
 
 
@@ -232,6 +293,7 @@ def proposals_cases(device: str, quick: bool) -> List[Case]:
 
 FAMILIES: Dict[str, Callable[[str, bool], List[Case]]] = {
     "roi_align": roi_align_cases,
+    "multiscale": multiscale_cases,
     "nms": nms_cases,
     "proposals": proposals_cases,
 }
