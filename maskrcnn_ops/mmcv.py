@@ -8,7 +8,7 @@ from typing import Tuple, Union
 
 from torch import Tensor, nn
 
-from .roi_align import roi_align, roi_align_max
+from .roi_align import _pair, roi_align, roi_align_max
 
 POOL_MODES = ("avg", "max")
 
@@ -61,7 +61,8 @@ class MmcvRoIAlign(nn.Module):
         super().__init__()
         if pool_mode not in POOL_MODES:
             raise ValueError(f"pool_mode must be one of {POOL_MODES}, got {pool_mode!r}")
-        self.output_size = output_size
+        # A pair, as mmcv stores it: mmdetection reads `*layer.output_size`.
+        self.output_size = _pair(output_size)
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.pool_mode = pool_mode

@@ -181,7 +181,7 @@ def test_mmcv_module_argument_order_and_defaults(device):
     x, rois = make_problem(device, dtype=torch.float32)
     module = maskrcnn_ops.MmcvRoIAlign(3, 0.5, 2, "max", False)
     assert (module.output_size, module.spatial_scale, module.sampling_ratio, module.pool_mode, module.aligned) == (
-        3, 0.5, 2, "max", False,
+        (3, 3), 0.5, 2, "max", False,
     )
     torch.testing.assert_close(module(x, rois), maskrcnn_ops.roi_align_max(x, rois, 3, 0.5, 2, False))
     default = maskrcnn_ops.MmcvRoIAlign(7)
