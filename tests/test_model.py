@@ -314,6 +314,21 @@ def test_batch_of_different_sizes():
         torch.testing.assert_close(a["masks"], b["masks"])
 
 
+def test_channels_last_changes_rounding_only():
+    images = random_images([(96, 128), (120, 90)])
+    default = small_model(box_score_thresh=0.0)
+    fast = small_model(box_score_thresh=0.0, channels_last=True)
+    fast.load_state_dict(default.state_dict())
+    with torch.inference_mode():
+        features = fast.backbone(torch.rand(1, 3, 64, 96))
+        assert features["0"].is_contiguous(memory_format=torch.channels_last)
+        expected, results = default(images), fast(images)
+    for a, b in zip(expected, results):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a["masks"], b["masks"], rtol=0, atol=1e-3)
+
+
 def test_bad_input_and_training_mode():
     model = small_model()
     with pytest.raises(ValueError, match=r"Tensor\[3, H, W\]"):
@@ -378,26 +393,63 @@ def image_boxes(n: int, height: int, width: int, generator) -> torch.Tensor:
     return boxes
 
 
+PASTE_METHODS = [None, "windows", "pixels"]
+
+
+@pytest.mark.parametrize("method", PASTE_METHODS)
 @pytest.mark.parametrize("size", [(120, 160), (97, 61)])
-def test_paste_matches_torchvision(device, size):
+def test_paste_matches_torchvision(device, size, method):
     height, width = size
     generator = torch.Generator().manual_seed(3)
     boxes = image_boxes(60, height, width, generator)
     masks = torch.rand(60, 1, 28, 28, generator=generator)
     theirs = tv_roi_heads.paste_masks_in_image(masks, boxes, size)
-    ours = paste_masks_in_image(masks.to(device), boxes.to(device), size).cpu()
+    ours = paste_masks_in_image(masks.to(device), boxes.to(device), size, method=method).cpu()
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert mask_iou(ours > 0.5, theirs > 0.5).min() > 0.99
 
 
-def test_paste_empty_and_outside(device):
-    assert paste_masks_in_image(torch.rand(0, 1, 28, 28, device=device), torch.zeros(0, 4, device=device),
-                                (30, 40)).shape == (0, 1, 30, 40)
-    # A box entirely outside the image pastes nothing (torchvision's loop fails there).
+@pytest.mark.parametrize("method", PASTE_METHODS)
+def test_paste_other_mask_sizes_and_padding(method):
+    generator = torch.Generator().manual_seed(4)
+    boxes = image_boxes(20, 50, 70, generator)
+    masks = torch.rand(20, 1, 14, 14, generator=generator, dtype=torch.float64)
+    for padding in (0, 2):
+        theirs = tv_roi_heads.paste_masks_in_image(masks.float(), boxes, (50, 70), padding=padding)
+        ours = paste_masks_in_image(masks, boxes, (50, 70), padding=padding, method=method)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", PASTE_METHODS)
+def test_paste_empty_and_outside(device, method):
+    empty = paste_masks_in_image(torch.rand(0, 1, 28, 28, device=device), torch.zeros(0, 4, device=device),
+                                 (30, 40), method=method)
+    assert empty.shape == (0, 1, 30, 40)
+    # Boxes entirely outside the image paste nothing (torchvision's loop fails there).
     outside = paste_masks_in_image(torch.ones(2, 1, 28, 28, device=device),
-                                   torch.tensor([[50.0, 5, 60, 20], [-30, -30, -10, -5]], device=device), (30, 40))
-    assert outside.abs().sum() == 0
+                                   torch.tensor([[50.0, 5, 60, 20], [-30, -30, -10, -5]], device=device), (30, 40),
+                                   method=method)
+    assert outside.shape == (2, 1, 30, 40) and outside.abs().sum() == 0
+    with pytest.raises(ValueError, match="method must be"):
+        paste_masks_in_image(torch.ones(1, 1, 28, 28), torch.ones(1, 4), (30, 40), method="loop")
+
+
+def test_paste_picks_the_cheaper_method(monkeypatch):
+    """One wide and one tall thin box would make the window the whole
+    image: pixels then; boxes of one size: windows (both exact)."""
+    from maskrcnn import paste
+
+    calls = []
+    for name in ("paste_by_pixels", "paste_by_windows"):
+        original = getattr(paste, name)
+        monkeypatch.setattr(paste, name, lambda *args, name=name, original=original: calls.append(name) or original(*args))
+    masks = torch.rand(2, 1, 28, 28)
+    for boxes, expected in ((torch.tensor([[0.0, 10, 400, 12], [5, 0, 7, 300]]), "paste_by_pixels"),
+                            (torch.tensor([[0.0, 10, 40, 52], [5, 0, 47, 44]]), "paste_by_windows")):
+        ours = paste.paste_masks_in_image(masks, boxes, (300, 400))
+        assert calls[-1] == expected
+        torch.testing.assert_close(ours, tv_roi_heads.paste_masks_in_image(masks, boxes, (300, 400)), rtol=0, atol=1e-5)
 
 
 def test_detect_objects_matches_torchvision(device):
