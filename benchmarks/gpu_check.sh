@@ -45,7 +45,8 @@ step build "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 step tests "$PY" -m pytest -q -rs tests
 # The sanitizers slow kernels down a hundredfold: CUDA cases only, without
 # the compile tests and the 200k/400k-box cases.
-CUDA_TESTS=(tests/test_roi_align.py tests/test_nms.py tests/test_boxes.py tests/test_anchors.py tests/test_proposals.py)
+CUDA_TESTS=(tests/test_roi_align.py tests/test_roi_align_max.py tests/test_multiscale_roi_align.py tests/test_nms.py
+  tests/test_boxes.py tests/test_anchors.py tests/test_proposals.py)
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
   "$PY" -m pytest -q -x -m "cuda and not slow" -k "not compile" "${CUDA_TESTS[@]}"
 step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
