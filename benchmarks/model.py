@@ -22,6 +22,20 @@ reported along with the median total.
 
     python -m benchmarks.model [--device cpu|cuda] [--batch 1] [--repeats 5] [--channels-last]
                                [--torchvision-norm frozen|batchnorm] [--json OUT] [--markdown OUT]
+
+``--train`` times a training step instead: torchvision's
+``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` (trainable
+BatchNorm, every stage trainable) and ours built alike
+(``norm="batch", trainable_layers=5``) with its state dict, on the same
+batch of generated shapes images (--height x --width, default 512x512 for
+training) with their boxes, labels and masks, the global RNG seeded alike
+before each step (the same anchor and proposal samples). A step is the
+forward pass to the five losses, backward of their sum, and an SGD step
+with learning rate 0 (so every repeat does the same work on the same
+weights); forward, backward and optimizer step are timed apart, and the
+losses of both models at the first step are reported side by side.
+
+    python -m benchmarks.model --train [--batch 2] [--height 512 --width 512] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -64,6 +78,27 @@ class StageClock:
     def _sync(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
+
+
+def time_alternately(run_step, *, warmup: int, repeats: int) -> dict:
+    """Calls ``run_step(name, step)`` (-> stage times) for "ours" and
+    "torchvision" in turn, ``warmup + repeats`` times each, and returns the
+    stage times of the timed steps per model. Which model goes first
+    alternates, so a slow phase of a shared machine does not always fall
+    on the same one."""
+    timings = {"ours": [], "torchvision": []}
+    for step in range(warmup + repeats):
+        for name in (("ours", "torchvision") if step % 2 == 0 else ("torchvision", "ours")):
+            times = run_step(name, step)
+            if step >= warmup:
+                timings[name].append(times)
+    return timings
+
+
+def median_stages(timings: list, stages) -> tuple:
+    """({stage: median ms}, median total ms) of a model's timed steps."""
+    per_stage = {stage: statistics.median(t[stage] for t in timings) for stage in stages}
+    return per_stage, statistics.median(sum(t.values()) for t in timings)
 
 
 def mark_box_branch_end(roi_heads, clock_holder: list) -> None:
@@ -138,32 +173,129 @@ def run(device: str, batch: int, height: int, width: int, repeats: int, warmup: 
     ours, theirs = build_models(device, torchvision_norm=torchvision_norm, channels_last=channels_last)
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, height, width, generator=generator).to(device) for _ in range(batch)]
-    timings = {"ours": [], "torchvision": []}
     holders = {"ours": [None], "torchvision": [None]}
     mark_box_branch_end(ours.roi_heads, holders["ours"])
     mark_box_branch_end(theirs.roi_heads, holders["torchvision"])
     runners = {"ours": lambda c: ours_staged(ours, images, c), "torchvision": lambda c: torchvision_staged(theirs, images, c)}
     outputs = {}
+
+    def run_step(name: str, step: int) -> dict:
+        clock = StageClock(device)
+        holders[name][0] = clock
+        outputs[name] = runners[name](clock)
+        return clock.times
+
     with torch.inference_mode():
-        for step in range(warmup + repeats):
-            # Alternate which model goes first, so a slow phase of a shared
-            # machine does not always fall on the same one.
-            for name in (("ours", "torchvision") if step % 2 == 0 else ("torchvision", "ours")):
-                clock = StageClock(device)
-                holders[name][0] = clock
-                outputs[name] = runners[name](clock)
-                if step >= warmup:
-                    timings[name].append(clock.times)
+        timings = time_alternately(run_step, warmup=warmup, repeats=repeats)
     rows = []
     for name in ("ours", "torchvision"):
-        per_stage = {stage: statistics.median(t[stage] for t in timings[name]) for stage in STAGES}
-        total = statistics.median(sum(t.values()) for t in timings[name])
+        per_stage, total = median_stages(timings[name], STAGES)
         rows.append(dict(model=name, device=device, batch=batch, image=f"{height}x{width}", dtype="float32",
                          total_ms=total, per_image_ms=total / batch, stages_ms=per_stage, repeats=repeats,
                          torchvision_norm=torchvision_norm, channels_last=channels_last and name == "ours"))
     rows[0].update(agreement(outputs["ours"], outputs["torchvision"]))
     rows[0]["speedup"] = rows[1]["total_ms"] / rows[0]["total_ms"]
     return rows
+
+
+TRAIN_STAGES = ("forward", "backward", "optimizer step")
+
+
+def stage_table(ours: dict, theirs: dict, stages) -> list:
+    """Markdown rows: header, one row per stage and the total, ours against torchvision."""
+    lines = ["| stage | ours ms | torchvision ms | ours / torchvision |", "|---|---:|---:|---:|"]
+    for stage in stages:
+        a, b = ours["stages_ms"][stage], theirs["stages_ms"][stage]
+        lines.append(f"| {stage} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    lines.append(f"| **total** | **{ours['total_ms']:.1f}** | **{theirs['total_ms']:.1f}** | "
+                 f"**{ours['total_ms'] / theirs['total_ms']:.2f}** |")
+    return lines
+
+
+def build_training_models(device: str, height: int, width: int):
+    """(ours, torchvision's) with the same random weights, in training mode:
+    torchvision's model as ``weights=None`` builds it (BatchNorm2d, every
+    stage trainable) and ours with the same design; both resize to
+    ``height`` x ``width`` images' own size (no rescaling)."""
+    import torchvision
+
+    from maskrcnn import maskrcnn_resnet_fpn
+
+    sizes = dict(min_size=min(height, width), max_size=max(height, width))
+    torch.manual_seed(0)
+    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4,
+                                                                **sizes)
+    ours = maskrcnn_resnet_fpn(depth=50, num_classes=4, norm="batch", trainable_layers=5, **sizes)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.to(device).train(), theirs.to(device).train()
+
+
+def shapes_batch(batch: int, height: int, width: int, device: str):
+    """(images, targets) of ``batch`` generated shapes images, on ``device``."""
+    from maskrcnn.data import ShapesDataset
+
+    dataset = ShapesDataset(batch, image_size=(height, width), seed=1, min_shapes=2, max_shapes=5)
+    images, targets = zip(*(dataset[i] for i in range(batch)))
+    images = [image.to(device) for image in images]
+    targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def timed_training_step(model, optimizer, images, targets, clock: StageClock, seed: int) -> dict:
+    """One step (seeded), timed by stage; returns the losses as floats."""
+    torch.manual_seed(seed)
+    clock.start()
+    losses = model(images, [dict(t) for t in targets])
+    clock.mark("forward")
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    clock.mark("backward")
+    optimizer.step()
+    clock.mark("optimizer step")
+    return {name: float(value.detach()) for name, value in losses.items()}
+
+
+def run_training(device: str, batch: int, height: int, width: int, repeats: int, warmup: int) -> list:
+    ours, theirs = build_training_models(device, height, width)
+    images, targets = shapes_batch(batch, height, width, device)
+    models = {"ours": ours, "torchvision": theirs}
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9) for name, model in models.items()}
+    first_losses = {}
+
+    def run_step(name: str, step: int) -> dict:
+        clock = StageClock(device)
+        losses = timed_training_step(models[name], optimizers[name], images, targets, clock, seed=step)
+        first_losses.setdefault(name, losses)
+        return clock.times
+
+    timings = time_alternately(run_step, warmup=warmup, repeats=repeats)
+    rows = []
+    for name in ("ours", "torchvision"):
+        per_stage, total = median_stages(timings[name], TRAIN_STAGES)
+        rows.append(dict(model=name, mode="train", device=device, batch=batch, image=f"{height}x{width}",
+                         dtype="float32", total_ms=total, per_image_ms=total / batch, stages_ms=per_stage,
+                         repeats=repeats, losses_first_step=first_losses[name]))
+    rows[0]["speedup"] = rows[1]["total_ms"] / rows[0]["total_ms"]
+    return rows
+
+
+def training_markdown_table(env: dict, rows: list) -> str:
+    ours, theirs = rows
+    lines = [
+        f"Mask R-CNN R50-FPN training step on {env['device_name']} ({env['threads']} threads), torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, commit {env['commit']}: batch {ours['batch']} of {ours['image']} shapes "
+        f"images with masks (kept at their size), float32, same weights (BatchNorm2d, all stages trainable), "
+        f"RNG seeded alike per step, SGD with lr 0; median of {ours['repeats']} steps after warm-up, ms.",
+        "",
+        *stage_table(ours, theirs, TRAIN_STAGES),
+        "",
+    ]
+    lines.append("Losses at the first step (ours / torchvision; random weights give many proposals of equal "
+                 "score, which torchvision's unstable sort orders arbitrarily, so the sampled negatives and "
+                 "with them the classifier loss can differ slightly): " + ", ".join(
+        f"{name} {ours['losses_first_step'][name]:.6f} / {theirs['losses_first_step'][name]:.6f}"
+        for name in theirs["losses_first_step"]))
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(env: dict, rows: list) -> str:
@@ -175,14 +307,8 @@ def markdown_table(env: dict, rows: list) -> str:
         f"torchvision's ResNet with {'FrozenBatchNorm2d' if ours['torchvision_norm'] == 'frozen' else 'BatchNorm2d'}"
         f"{', ours channels_last' if ours['channels_last'] else ''}.",
         "",
-        "| stage | ours ms | torchvision ms | ours / torchvision |",
-        "|---|---:|---:|---:|",
+        *stage_table(ours, theirs, STAGES),
     ]
-    for stage in STAGES:
-        a, b = ours["stages_ms"][stage], theirs["stages_ms"][stage]
-        lines.append(f"| {stage} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
-    lines.append(f"| **total** | **{ours['total_ms']:.1f}** | **{theirs['total_ms']:.1f}** | "
-                 f"**{ours['total_ms'] / theirs['total_ms']:.2f}** |")
     lines.append(f"| per image | {ours['per_image_ms']:.1f} | {theirs['per_image_ms']:.1f} | |")
     lines.append("")
     lines.append(f"Same labels in the same order: {'yes' if ours['same_labels'] else 'NO'}; largest box difference "
@@ -194,19 +320,26 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=1, help="images per forward")
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1088)
+    parser.add_argument("--height", type=int, default=None, help="image height (default 800; 512 with --train)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default 1088; 512 with --train)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--torchvision-norm", choices=["frozen", "batchnorm"], default="frozen",
                         help="torchvision's ResNet norm: frozen (as built for its COCO weights) or batchnorm (weights=None)")
     parser.add_argument("--channels-last", action="store_true", help="run our backbone channels_last")
+    parser.add_argument("--train", action="store_true",
+                        help="time a training step (forward to the losses, backward, SGD step) instead of inference")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     env = environment(args.device)
-    rows = run(args.device, args.batch, args.height, args.width, args.repeats, args.warmup,
+    if args.train:
+        rows = run_training(args.device, args.batch, args.height or 512, args.width or 512, args.repeats, args.warmup)
+        print(training_markdown_table(env, rows))
+        write_outputs(args, env, rows, training_markdown_table)
+        return 0
+    rows = run(args.device, args.batch, args.height or 800, args.width or 1088, args.repeats, args.warmup,
                torchvision_norm=args.torchvision_norm, channels_last=args.channels_last)
     print(markdown_table(env, rows))
     write_outputs(args, env, rows, markdown_table)

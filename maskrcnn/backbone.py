@@ -27,6 +27,25 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
                             training=False, eps=self.eps)
 
 
+def group_norm(num_channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (fewer when the channels do not allow it):
+    trainable normalization that does not depend on the batch size."""
+    groups = 32
+    while num_channels % groups:
+        groups //= 2
+    return nn.GroupNorm(groups, num_channels)
+
+
+# Normalization of the ResNet, by name (a builder argument, so a checkpoint
+# can name it): "frozen" for fine-tuning pretrained weights (torchvision's
+# COCO model), "batch" or "group" to train from scratch.
+NORM_LAYERS: Dict[str, Callable[[int], nn.Module]] = {
+    "frozen": FrozenBatchNorm2d,
+    "batch": nn.BatchNorm2d,
+    "group": group_norm,
+}
+
+
 RESNETS: Dict[int, Callable[..., torchvision.models.ResNet]] = {
     18: torchvision.models.resnet18,
     34: torchvision.models.resnet34,
@@ -140,4 +159,4 @@ def resnet_fpn_backbone(
     return ResNetFPN(body, out_channels=out_channels, channels_last=channels_last)
 
 
-__all__ = ["FrozenBatchNorm2d", "RESNETS", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]
+__all__ = ["FrozenBatchNorm2d", "NORM_LAYERS", "RESNETS", "group_norm", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]

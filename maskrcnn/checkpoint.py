@@ -4,7 +4,12 @@ Our checkpoint is a dict::
 
     {"format": "maskrcnn-ops/maskrcnn", "format_version": 1,
      "model_kwargs": {...},          # maskrcnn_resnet_fpn's keyword arguments
-     "model": model.state_dict()}
+     "model": model.state_dict(),
+     "training": {...}}              # optional: the state to resume a run
+
+where "training" (written by ``maskrcnn.engine``) holds the iteration, the
+optimizer's and gradient scaler's state dicts, the learning-rate schedule's
+settings and the RNG states: tensors and plain containers only.
 
 Loading also accepts a plain torchvision Mask R-CNN state dict (such as the
 published ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``); its depth and number
@@ -15,9 +20,10 @@ of classes are read from the tensors. Files are read with
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -39,15 +45,23 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: not a checkpoint, or not this model's."""
 
 
-def save_checkpoint(path: PathLike, model: MaskRCNN) -> None:
-    """Writes ``model``'s weights and the keyword arguments it was built with."""
+def save_checkpoint(path: PathLike, model: MaskRCNN, *, training: Optional[Mapping[str, Any]] = None) -> None:
+    """Writes ``model``'s weights and the keyword arguments it was built
+    with, and optionally the training state (see the module docstring).
+
+    The file is written next to ``path`` and then renamed over it, so an
+    interrupted save never leaves a truncated checkpoint behind."""
     if not model.build_kwargs:
         raise ValueError("the model has no build_kwargs: build it with maskrcnn_resnet_fpn() to save it")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_kwargs": dict(model.build_kwargs),
                "model": model.state_dict()}
-    torch.save(payload, path)
+    if training is not None:
+        payload["training"] = dict(training)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
 
 
 def _describe(obj: Any) -> str:
@@ -78,6 +92,14 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
         CheckpointError: not loadable with weights_only=True, or neither our
             checkpoint format nor a torchvision Mask R-CNN state dict.
     """
+    kwargs, state_dict, _ = read_checkpoint(path)
+    return kwargs, state_dict
+
+
+def read_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor], Optional[Dict[str, Any]]]:
+    """Reads a weights file: returns (model_kwargs, state_dict, training),
+    ``training`` None unless the file is our checkpoint with a training
+    state. Raises as ``read_weights``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -99,15 +121,17 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
         if obj.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')!r} is not "
                                   f"supported (this code reads version {FORMAT_VERSION})")
-        kwargs, state_dict = obj.get("model_kwargs"), obj.get("model")
+        kwargs, state_dict, training = obj.get("model_kwargs"), obj.get("model"), obj.get("training")
         if not isinstance(kwargs, Mapping) or not isinstance(state_dict, Mapping):
             raise CheckpointError(f"{path}: a checkpoint needs a 'model_kwargs' dict and a 'model' state dict")
-        return dict(kwargs), dict(state_dict)
+        if training is not None and not isinstance(training, Mapping):
+            raise CheckpointError(f"{path}: 'training' must be a dict, got {type(training).__name__}")
+        return dict(kwargs), dict(state_dict), (dict(training) if training is not None else None)
     if isinstance(obj, Mapping) and all(marker in obj for marker in _TORCHVISION_MARKERS):
         if not all(isinstance(v, Tensor) for v in obj.values()):
             raise CheckpointError(f"{path}: a state dict must map names to tensors")
         try:
-            return torchvision_model_kwargs(obj), dict(obj)
+            return torchvision_model_kwargs(obj), dict(obj), None
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from error
     raise CheckpointError(
@@ -136,6 +160,21 @@ def check_state_dict(model: MaskRCNN, state_dict: Mapping[str, Tensor], *, sourc
         raise CheckpointError(f"{source} does not fit the model: " + ". ".join(problems))
 
 
+def build_model(kwargs: Mapping[str, Any], state_dict: Mapping[str, Tensor], *, source: str,
+                **overrides: Any) -> MaskRCNN:
+    """The model that ``kwargs`` (builder arguments, with ``overrides``)
+    describe, with ``state_dict`` loaded (strict; CheckpointError naming
+    ``source`` if it does not fit). In training mode, as built."""
+    accepted = set(inspect.signature(maskrcnn_resnet_fpn).parameters)
+    unknown = sorted(set(kwargs) - accepted) + sorted(set(overrides) - accepted)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model arguments {unknown}; maskrcnn_resnet_fpn takes {sorted(accepted)}")
+    model = maskrcnn_resnet_fpn(**{**kwargs, **overrides})
+    check_state_dict(model, state_dict, source=source)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **overrides: Any) -> MaskRCNN:
     """Builds the model a weights file describes and loads it (strict).
 
@@ -149,15 +188,8 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
         The model in eval mode.
     """
     kwargs, state_dict = read_weights(path)
-    accepted = set(inspect.signature(maskrcnn_resnet_fpn).parameters)
-    unknown = sorted(set(kwargs) - accepted) + sorted(set(overrides) - accepted)
-    if unknown:
-        raise CheckpointError(f"{path}: unknown model arguments {unknown}; maskrcnn_resnet_fpn takes {sorted(accepted)}")
-    model = maskrcnn_resnet_fpn(**{**kwargs, **overrides})
-    check_state_dict(model, state_dict, source=str(path))
-    model.load_state_dict(state_dict, strict=True)
-    return model.to(device).eval()
+    return build_model(kwargs, state_dict, source=str(path), **overrides).to(device).eval()
 
 
-__all__ = ["FORMAT", "CheckpointError", "check_state_dict", "load_model", "read_weights", "save_checkpoint",
-           "torchvision_model_kwargs"]
+__all__ = ["FORMAT", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
+           "read_weights", "save_checkpoint", "torchvision_model_kwargs"]

@@ -1,7 +1,12 @@
 """Command line: ``python -m maskrcnn <command> ...``.
 
-    predict IMAGE... --weights FILE --out DIR [--score-threshold T] [--device D]
-            [--mask-threshold T] [--min-size N] [--max-size N] [--batch-size N]
+    demo     [--out DIR] [--device D] [--iterations N]
+    train    [--dataset shapes | coco --images DIR --annotations FILE] [--config small|resnet50]
+             [--iterations N | --epochs N] [--batch-size N] [--lr LR] [--warmup N] [--out DIR]
+             [--resume FILE] [--amp] [--device D] ...   (torchrun: one process per GPU or CPU share)
+    evaluate --weights FILE [--dataset shapes | coco --images DIR --annotations FILE] [--out FILE]
+    predict  IMAGE... --weights FILE --out DIR [--score-threshold T] [--device D]
+             [--mask-threshold T] [--min-size N] [--max-size N] [--batch-size N]
 
 Each command is a subparser with its own ``run`` function, so a command is
 added by writing one ``add_<command>_parser`` function.
@@ -10,11 +15,22 @@ added by writing one ``add_<command>_parser`` function.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import torch
+
+# Errors of bad input (files, arguments, data) that the commands report in
+# one line instead of a traceback.
+def _input_errors() -> tuple:
+    from .checkpoint import CheckpointError
+    from .data import CocoFormatError
+    from .predict import ImageReadError
+
+    return (FileNotFoundError, CheckpointError, CocoFormatError, ImageReadError, ValueError)
 
 
 def default_device() -> str:
@@ -75,9 +91,207 @@ def add_predict_parser(commands) -> None:
     parser.set_defaults(run=run_predict)
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser, *, shapes_images: int, shapes_seed: int) -> None:
+    parser.add_argument("--dataset", choices=["shapes", "coco"], default="shapes",
+                        help="generated shapes (default) or a COCO-format folder (--images, --annotations)")
+    parser.add_argument("--images", type=Path, help="coco: the images folder")
+    parser.add_argument("--annotations", type=Path, help="coco: the instances JSON")
+    parser.add_argument("--shapes-images", type=int, default=shapes_images,
+                        help=f"shapes: number of images (default {shapes_images})")
+    parser.add_argument("--shapes-seed", type=int, default=shapes_seed,
+                        help=f"shapes: the generator's seed (default {shapes_seed}; the demo trains on 0, "
+                        "validates on 1)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="shapes: image side (default: the small config's, 128)")
+
+
+def build_dataset(args: argparse.Namespace):
+    """The dataset the --dataset arguments name (COCO files validated here)."""
+    from .data import CocoDataset, ShapesDataset
+    from .demo import IMAGE_SIZE
+
+    if args.dataset == "coco":
+        if args.images is None or args.annotations is None:
+            raise ValueError("--dataset coco needs --images DIR and --annotations FILE")
+        return CocoDataset(args.images, args.annotations)
+    return ShapesDataset(args.shapes_images, image_size=args.image_size or IMAGE_SIZE, seed=args.shapes_seed)
+
+
+def build_config(name: str, *, num_classes: int, image_size: Optional[int]):
+    """A fresh model of configuration ``name`` ("small" or "resnet50")."""
+    from .demo import IMAGE_SIZE
+    from .model import maskrcnn_resnet_fpn, maskrcnn_small
+
+    if name == "small":
+        return maskrcnn_small(num_classes=num_classes, image_size=image_size or IMAGE_SIZE)
+    # From scratch (no pretrained weights to freeze): BatchNorm that trains, every stage trainable.
+    sizes = dict(min_size=image_size, max_size=image_size) if image_size else {}
+    return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, norm="batch", trainable_layers=5, **sizes)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import build_model, read_checkpoint
+    from .data import EpochBatchSampler
+    from .distributed import init_distributed, shutdown_distributed
+    from .engine import train
+    from .schedule import LRSchedule
+
+    if args.amp and args.device.type != "cuda":
+        print(f"error: --amp (mixed precision) needs a CUDA device, got --device {args.device}", file=sys.stderr)
+        return 1
+    context = init_distributed(args.device)
+    try:
+        dataset = build_dataset(args)
+        if args.resume is not None:
+            kwargs, state_dict, _ = read_checkpoint(args.resume)
+            model = build_model(kwargs, state_dict, source=str(args.resume))
+        else:
+            model = build_config(args.config, num_classes=dataset.num_classes, image_size=args.image_size)
+        model.to(context.device)
+        schedule = None
+        if args.resume is None or args.iterations is not None or args.epochs is not None:
+            iterations = args.iterations
+            if iterations is None:
+                per_epoch = len(EpochBatchSampler(len(dataset), batch_size=args.batch_size,
+                                                  world_size=context.world_size))
+                iterations = (args.epochs or 1) * per_epoch
+            schedule = LRSchedule(base_lr=args.lr, total_iterations=iterations,
+                                  warmup_iterations=min(args.warmup, iterations), kind=args.schedule)
+        result = train(
+            model, dataset, schedule=schedule, batch_size=args.batch_size, optimizer=args.optimizer,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, amp=args.amp,
+            num_workers=args.workers, seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, context=context, adapt_threads=args.adapt_threads,
+        )
+    except _input_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed(context)
+    if context.is_main:
+        last = result.history[-1] if result.history else {}
+        losses = ", ".join(f"{name} {value:.4f}" for name, value in last.items() if name != "lr")
+        print(f"trained iterations {result.start_iteration}..{result.iterations} in {result.seconds:.0f} s on "
+              f"{context.world_size} process(es); last losses: {losses}; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def add_train_parser(commands) -> None:
+    from .demo import BATCH_SIZE, ITERATIONS, LEARNING_RATE, MAX_GRAD_NORM, OPTIMIZER, WARMUP_ITERATIONS, WEIGHT_DECAY
+    from .engine import CHECKPOINT_NAME, OPTIMIZERS
+    from .schedule import SCHEDULE_KINDS
+
+    parser = commands.add_parser(
+        "train",
+        help="train a Mask R-CNN on shapes or a COCO-format dataset (torchrun for several processes)",
+        description="Trains a Mask R-CNN from scratch, writing OUT/" + CHECKPOINT_NAME + " (weights and training "
+        "state) every --checkpoint-every iterations and at the end. Under torchrun (e.g. torchrun "
+        "--nproc_per_node 2 -m maskrcnn train ...) each process trains a DistributedDataParallel replica "
+        "(gloo on CPU, nccl on CUDA) on its share of the data; rank 0 logs and writes. Defaults: the demo's.",
+    )
+    # One epoch of the default shapes set is the demo's training budget.
+    add_dataset_arguments(parser, shapes_images=ITERATIONS * BATCH_SIZE, shapes_seed=0)
+    parser.add_argument("--config", choices=["small", "resnet50"], default="small",
+                        help="small: ResNet-18-FPN for 128-px images (the demo's); resnet50: torchvision's "
+                        "R50-FPN design with trainable BatchNorm (from scratch)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--iterations", type=int, help="optimizer steps (default: one epoch)")
+    length.add_argument("--epochs", type=int, help="passes over the dataset (rounded down to full batches)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step and process")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER)
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="learning rate after the warm-up")
+    parser.add_argument("--warmup", type=int, default=WARMUP_ITERATIONS, help="linear warm-up iterations")
+    parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="cosine", help="decay after the warm-up")
+    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    parser.add_argument("--max-grad-norm", type=float, default=MAX_GRAD_NORM,
+                        help="clip the gradient norm to this (0: no clipping)")
+    parser.add_argument("--out", type=Path, default=Path("train_out"), help="output folder")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
+    parser.add_argument("--resume", type=Path, help=f"continue the run of a checkpoint (OUT/{CHECKPOINT_NAME})")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--device", type=parse_device, default=default_device(),
+                        help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
+    parser.add_argument("--adapt-threads", action="store_true",
+                        help="CPU: choose the number of threads by timing now and then (faster on a shared machine)")
+    parser.set_defaults(run=run_train)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .evaluation import evaluate_model, format_metrics
+
+    try:
+        model = load_model(args.weights, device=args.device)
+        dataset = build_dataset(args)
+        metrics, _ = evaluate_model(model, dataset, device=args.device, batch_size=args.batch_size,
+                                    num_workers=args.workers, progress=True)
+    except _input_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"COCO AP of {args.weights} on {len(dataset)} images:")
+    print(format_metrics(metrics))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        # NaN (no objects of a size) is not JSON: written as null.
+        clean = {kind: {name: (None if math.isnan(v) else v) for name, v in values.items()}
+                 for kind, values in metrics.items()}
+        args.out.write_text(json.dumps({"weights": str(args.weights), "images": len(dataset), "metrics": clean},
+                                       indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_evaluate_parser(commands) -> None:
+    from .demo import VALIDATION_IMAGES, VALIDATION_SEED
+
+    parser = commands.add_parser(
+        "evaluate",
+        help="COCO box and mask AP of a model on a dataset (pycocotools)",
+        description="Runs the model over a dataset and prints COCO box and mask AP (AP, AP50, AP75, APs, APm, "
+        "APl) through pycocotools. Default dataset: the demo's held-out shapes.",
+    )
+    parser.add_argument("--weights", required=True, type=Path, help="our checkpoint (e.g. demo_out/last.pt)")
+    add_dataset_arguments(parser, shapes_images=VALIDATION_IMAGES, shapes_seed=VALIDATION_SEED)
+    parser.add_argument("--out", type=Path, help="write the metrics to this JSON file")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--device", type=parse_device, default=default_device(),
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.set_defaults(run=run_evaluate)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, device=args.device, iterations=args.iterations)
+    return 0
+
+
+def add_demo_parser(commands) -> None:
+    from .demo import ITERATIONS
+
+    parser = commands.add_parser(
+        "demo",
+        help="train the small model on generated shapes, evaluate it, draw its masks (no arguments needed)",
+        description="Trains the small Mask R-CNN (ResNet-18-FPN) from scratch on generated shapes, evaluates "
+        "it with pycocotools on held-out images, prints box and mask AP and the wall time, and writes "
+        "OUT/predictions.png, OUT/metrics.json and OUT/last.pt.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    parser.add_argument("--device", type=parse_device, default=default_device(),
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--iterations", type=int, default=None, help=f"training iterations (default {ITERATIONS})")
+    parser.set_defaults(run=run_demo_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m maskrcnn", description="Mask R-CNN on maskrcnn_ops.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_parser(commands)
+    add_train_parser(commands)
+    add_evaluate_parser(commands)
     add_predict_parser(commands)
     return parser
 
@@ -85,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option in ("batch_size", "min_size", "max_size"):
+    for option in ("batch_size", "min_size", "max_size", "iterations", "epochs", "shapes_images", "image_size"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "max_grad_norm", None) == 0:
+        args.max_grad_norm = None
     return args.run(args)
 
 

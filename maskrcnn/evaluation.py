@@ -7,12 +7,13 @@ import contextlib
 import io
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+from tqdm import tqdm
 
 from maskrcnn.data.coco_format import dataset_to_coco, masks_to_rles
 from maskrcnn.data.coco_schema import load_coco_json
@@ -192,6 +193,60 @@ def evaluate_coco(
 
 def _as_cpu(prediction: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return {key: value.detach().cpu() if isinstance(value, Tensor) else value for key, value in prediction.items()}
+
+
+def ground_truth_of(dataset) -> Tuple[COCO, Optional[Dict[int, int]]]:
+    """(ground truth, label -> category id) to evaluate predictions on
+    ``dataset``: a CocoDataset's own file (crowd regions included) and its
+    label mapping, else the dataset's targets with category id = label."""
+    if hasattr(dataset, "coco") and hasattr(dataset, "label_to_category_id"):
+        return dataset.coco, dict(dataset.label_to_category_id)
+    return coco_ground_truth(dataset), None
+
+
+@torch.inference_mode()
+def predict_dataset(
+    model, dataset, *, device: Union[str, torch.device] = "cpu", batch_size: int = 4, num_workers: int = 0,
+    progress: bool = False,
+) -> Dict[int, Dict[str, Tensor]]:
+    """Runs ``model`` (put in eval mode) over every sample of ``dataset``.
+
+    Returns:
+        image id (the target's ``image_id``) -> the model's output for that
+        image (boxes, labels, scores, masks [D, 1, H, W]), on the CPU.
+    """
+    from torch.utils.data import DataLoader
+
+    from maskrcnn.data.collate import collate
+
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    predictions: Dict[int, Dict[str, Tensor]] = {}
+    for images, targets in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
+        outputs = model([image.to(device) for image in images])
+        predictions.update(collect_predictions([t["image_id"] for t in targets], outputs))
+    return predictions
+
+
+def evaluate_model(
+    model, dataset, *, device: Union[str, torch.device] = "cpu", batch_size: int = 4, num_workers: int = 0,
+    progress: bool = False,
+) -> Tuple[Dict[str, Dict[str, float]], Dict[int, Dict[str, Tensor]]]:
+    """COCO box and mask AP of ``model`` on ``dataset`` (see
+    ``predict_dataset`` and ``evaluate_coco``): returns (metrics, predictions)."""
+    ground_truth, category_ids = ground_truth_of(dataset)
+    predictions = predict_dataset(model, dataset, device=device, batch_size=batch_size, num_workers=num_workers,
+                                  progress=progress)
+    return evaluate_coco(predictions, ground_truth, category_ids=category_ids), predictions
+
+
+def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """A small text table: one row per IoU type, COCO's six AP figures."""
+    label = {"bbox": "box", "segm": "mask"}
+    lines = [f"{'':6}" + "".join(f"{name:>8}" for name in METRIC_NAMES)]
+    for iou_type, values in metrics.items():
+        lines.append(f"{label.get(iou_type, iou_type):6}" + "".join(f"{values[name]:8.3f}" for name in METRIC_NAMES))
+    return "\n".join(lines)
 
 
 def collect_predictions(image_ids: Sequence[int], outputs: Sequence[Mapping[str, Tensor]]) -> Dict[int, Dict]:

@@ -88,8 +88,14 @@ class MaskPredictor(nn.Module):
         super().__init__()
         self.conv5_mask = nn.ConvTranspose2d(in_channels, dim_reduced, kernel_size=2, stride=2)
         self.mask_fcn_logits = nn.Conv2d(dim_reduced, num_classes, kernel_size=1)
-        for layer in (self.conv5_mask, self.mask_fcn_logits):
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.kaiming_normal_(self.conv5_mask.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv5_mask.bias)
+        # Logits near zero at the start (probability 1/2 everywhere): a
+        # ReLU-gain initialization here makes logits of several units and a
+        # first mask loss near 5, which a model trained from scratch spends
+        # its first hundreds of steps undoing.
+        nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
+        nn.init.zeros_(self.mask_fcn_logits.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mask_fcn_logits(nn.functional.relu(self.conv5_mask(x)))

@@ -1,15 +1,17 @@
 """Mask R-CNN: transform -> backbone -> RPN -> RoI heads -> boxes and masks
-in the original images; and the builders of the ResNet-FPN models."""
+in the original images, or in training mode the losses; and the builders
+of the ResNet-FPN models."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
 import maskrcnn_ops
 
-from .backbone import ResNetFPN, resnet_fpn_backbone
+from .backbone import NORM_LAYERS, ResNetFPN, resnet_fpn_backbone
+from .data.validation import validate_target
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
 from .paste import paste_masks_in_image
 from .roi_heads import RoIHeadOutputs, RoIHeads, multi_scale_roi_align
@@ -34,8 +36,29 @@ def to_original_images(
     return results
 
 
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def prepare_targets(images: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]], *, num_classes: int) -> List[Dict[str, Tensor]]:
+    """Checks the training targets (``maskrcnn.data.validate_target``: boxes
+    [K, 4] with positive width and height, labels in [1, num_classes), masks
+    [K, H, W] at the image's size) and moves their tensors to the images'
+    device. Raises ValueError naming the target and its ``image_id``."""
+    if isinstance(targets, dict) or len(targets) != len(images):
+        given = "a dict" if isinstance(targets, dict) else f"{len(targets)} targets"
+        raise ValueError(f"expected a list of one target dict per image ({len(images)} images), got {given}")
+    prepared = []
+    for index, (image, target) in enumerate(zip(images, targets)):
+        try:
+            validate_target(target, image_size=tuple(image.shape[-2:]), num_classes=num_classes)
+        except ValueError as error:
+            raise ValueError(f"targets[{index}] (image_id {target.get('image_id', 'unknown')}): {error}") from None
+        prepared.append({k: v.to(image.device) if isinstance(v, Tensor) else v for k, v in target.items()})
+    return prepared
+
+
 class MaskRCNN(nn.Module):
-    """Mask R-CNN at inference.
+    """Mask R-CNN.
 
     Args:
         transform: normalizes, resizes and batches the images.
@@ -43,11 +66,15 @@ class MaskRCNN(nn.Module):
         rpn: proposals per image.
         roi_heads: detections and mask probabilities per image.
 
-    ``forward(images)`` takes a list of [3, H_i, W_i] float images in [0, 1]
-    (RGB) and returns one dict per image as :func:`to_original_images`. It is
-    inference only: call ``model.eval()`` first (training losses are not
-    part of this model yet). The stages are attributes, so they can be run
-    (or timed) one by one as ``forward`` does.
+    ``forward(images)`` in eval mode takes a list of [3, H, W] float images
+    in [0, 1] (RGB) and returns one dict per image as
+    :func:`to_original_images`. In training mode ``forward(images, targets)``
+    (one dict per image: ``boxes`` [K, 4] float (x1, y1, x2, y2) in the
+    image's pixels, ``labels`` [K] int64 in [1, num_classes), ``masks``
+    [K, H, W] uint8 or bool; K may be 0) returns the losses, a dict with
+    torchvision's keys (``LOSS_NAMES``) of float32 scalars to sum and
+    backpropagate. The stages are attributes, so they can be run (or timed)
+    one by one as ``forward`` does.
 
     A model made by :func:`maskrcnn_resnet_fpn` carries ``build_kwargs``, the
     builder's keyword arguments, so that a checkpoint can rebuild it.
@@ -65,11 +92,21 @@ class MaskRCNN(nn.Module):
         # torchvision's published weights use older key names: accept them.
         self.register_load_state_dict_pre_hook(rename_legacy_keys_hook)
 
-    def forward(self, images: List[Tensor]) -> List[Dict[str, Tensor]]:
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background."""
+        return self.roi_heads.box_predictor.cls_score.out_features
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        """Eval mode: detections per image (``targets`` is not read).
+        Training mode: the loss dict (see the class docstring)."""
         if self.training:
-            raise RuntimeError(
-                "MaskRCNN.forward is inference only (training losses are not implemented): call model.eval() first"
-            )
+            if targets is None:
+                raise ValueError(
+                    "in training mode the model computes losses and needs targets: model(images, targets); "
+                    "call model.eval() for detections"
+                )
+            return self.losses(images, targets)
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         batch = self.transform(images)
         features = self.backbone(batch.tensors)
@@ -77,73 +114,168 @@ class MaskRCNN(nn.Module):
         outputs = self.roi_heads(features, proposals, batch.image_sizes)
         return to_original_images(outputs, batch.image_sizes, original_sizes)
 
+    def losses(self, images: List[Tensor], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """The training losses of a batch (what ``forward`` returns in
+        training mode; the RPN's top-n and the normalization layers follow
+        the module's mode). Random draws, from the global RNG in
+        torchvision's order: one per image for the training scale, then
+        the RPN's anchor sample, then the RoI heads' proposal sample."""
+        targets = prepare_targets(images, targets, num_classes=self.num_classes)
+        batch, targets = self.transform.with_targets(images, targets)
+        features = self.backbone(batch.tensors)
+        predictions = self.rpn.predict(batch, features)
+        proposals, _ = self.rpn.proposals(batch, predictions)
+        rpn_losses = self.rpn.losses(predictions, [t["boxes"] for t in targets])
+        losses = self.roi_heads.losses(features, proposals, batch.image_sizes, targets)
+        losses.update(rpn_losses)
+        return losses
+
 
 def maskrcnn_resnet_fpn(
     *,
     depth: int = 50,
     num_classes: int = 91,
     trainable_layers: int = 3,
+    norm: str = "frozen",
     min_size: int = 800,
     max_size: int = 1333,
+    train_min_sizes: Optional[Sequence[int]] = None,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     rpn_pre_nms_top_n: int = 1000,
     rpn_post_nms_top_n: int = 1000,
+    rpn_train_pre_nms_top_n: int = 2000,
+    rpn_train_post_nms_top_n: int = 2000,
     rpn_nms_thresh: float = 0.7,
     rpn_score_thresh: float = 0.0,
+    rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
+    box_representation_size: int = 1024,
+    box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
     box_score_thresh: float = 0.05,
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
+    mask_head_layers: Sequence[int] = (256, 256, 256, 256),
     channels_last: bool = False,
 ) -> MaskRCNN:
-    """A ResNet-FPN Mask R-CNN with random weights (torchvision's v1 design:
-    anchors 32..512 with ratios 0.5, 1, 2; 7x7 box and 14x14 mask RoIAlign;
-    1024-wide box head; four 256-channel mask convolutions).
+    """A ResNet-FPN Mask R-CNN with random weights. The defaults are
+    torchvision's v1 design (anchors 32..512, one size per FPN level, with
+    ratios 0.5, 1, 2; 7x7 box and 14x14 mask RoIAlign; 1024-wide box head;
+    four 256-channel mask convolutions; the paper's training samples).
 
     Args:
         depth: ResNet depth (18, 34, 50, 101, 152).
         num_classes: classes including the background (91 for COCO ids).
         trainable_layers: ResNet stages left trainable (see resnet_fpn_backbone).
+        norm: the ResNet's normalization, a key of ``NORM_LAYERS``: "frozen"
+            (torchvision's COCO model, for fine-tuning), "batch" or "group"
+            (training from scratch).
         min_size, max_size: image resizing (see ImageTransform).
+        train_min_sizes: short sides drawn from in training (see ImageTransform).
+        fpn_channels: channels of every FPN level (and so of the heads' input).
+        anchor_sizes: one anchor size (pixels) per FPN level, P2 to P6.
+        aspect_ratios: anchor height/width ratios, the same on every level.
         rpn_pre_nms_top_n, rpn_post_nms_top_n, rpn_nms_thresh, rpn_score_thresh:
-            proposal generation (see RegionProposalNetwork).
+            proposal generation at inference (see RegionProposalNetwork).
+        rpn_train_pre_nms_top_n, rpn_train_post_nms_top_n: the same in training.
+        rpn_batch_size_per_image, rpn_positive_fraction: anchors sampled per
+            image for the RPN's losses.
+        box_representation_size: width of the box head's two layers.
+        box_batch_size_per_image, box_positive_fraction: proposals sampled
+            per image for the box and mask losses.
         box_score_thresh, box_nms_thresh, box_detections_per_img: detection
             post-processing (see postprocess.detect_objects).
+        mask_head_layers: output channels of the mask head's convolutions
+            (the predictor's transposed convolution keeps the last width).
         channels_last: run the backbone in the channels_last memory format:
             faster, same results up to float rounding (see ResNetFPN).
     """
     build_kwargs = dict(locals())
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
-    backbone = resnet_fpn_backbone(depth=depth, trainable_layers=trainable_layers, channels_last=channels_last)
-    channels = backbone.out_channels
-    anchor_generator = maskrcnn_ops.AnchorGenerator()
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
+    if len(anchor_sizes) != 5:
+        raise ValueError(f"anchor_sizes needs one size per FPN level (P2..P6, 5 levels), got {tuple(anchor_sizes)}")
+    if len(mask_head_layers) == 0:
+        raise ValueError("mask_head_layers needs at least one convolution")
+    backbone = resnet_fpn_backbone(depth=depth, trainable_layers=trainable_layers, out_channels=fpn_channels,
+                                   norm_layer=NORM_LAYERS[norm], channels_last=channels_last)
+    anchor_generator = maskrcnn_ops.AnchorGenerator(
+        sizes=tuple((size,) for size in anchor_sizes), aspect_ratios=(tuple(aspect_ratios),) * len(anchor_sizes)
+    )
     rpn = RegionProposalNetwork(
         anchor_generator=anchor_generator,
-        head=RPNHead(in_channels=channels, num_anchors=anchor_generator.num_anchors_per_location()[0]),
+        head=RPNHead(in_channels=fpn_channels, num_anchors=anchor_generator.num_anchors_per_location()[0]),
         pre_nms_top_n=rpn_pre_nms_top_n,
         post_nms_top_n=rpn_post_nms_top_n,
         nms_thresh=rpn_nms_thresh,
         score_thresh=rpn_score_thresh,
+        train_pre_nms_top_n=rpn_train_pre_nms_top_n,
+        train_post_nms_top_n=rpn_train_post_nms_top_n,
+        batch_size_per_image=rpn_batch_size_per_image,
+        positive_fraction=rpn_positive_fraction,
     )
-    box_pool_size, representation = 7, 1024
+    box_pool_size, mask_width = 7, mask_head_layers[-1]
     roi_heads = RoIHeads(
         box_roi_pool=multi_scale_roi_align(output_size=box_pool_size),
-        box_head=TwoMLPHead(in_features=channels * box_pool_size**2, representation_size=representation),
-        box_predictor=FastRCNNPredictor(in_features=representation, num_classes=num_classes),
+        box_head=TwoMLPHead(in_features=fpn_channels * box_pool_size**2, representation_size=box_representation_size),
+        box_predictor=FastRCNNPredictor(in_features=box_representation_size, num_classes=num_classes),
         mask_roi_pool=multi_scale_roi_align(output_size=14),
-        mask_head=MaskHead(in_channels=channels, layers=(256, 256, 256, 256)),
-        mask_predictor=MaskPredictor(in_channels=256, dim_reduced=256, num_classes=num_classes),
+        mask_head=MaskHead(in_channels=fpn_channels, layers=tuple(mask_head_layers)),
+        mask_predictor=MaskPredictor(in_channels=mask_width, dim_reduced=mask_width, num_classes=num_classes),
         score_thresh=box_score_thresh,
         nms_thresh=box_nms_thresh,
         detections_per_img=box_detections_per_img,
+        batch_size_per_image=box_batch_size_per_image,
+        positive_fraction=box_positive_fraction,
     )
     model = MaskRCNN(
-        transform=ImageTransform(min_size=min_size, max_size=max_size),
+        transform=ImageTransform(min_size=min_size, max_size=max_size, train_min_sizes=train_min_sizes),
         backbone=backbone,
         rpn=rpn,
         roi_heads=roi_heads,
     )
     model.build_kwargs = build_kwargs
     return model
+
+
+def maskrcnn_small(*, num_classes: int, image_size: int = 128, **overrides) -> MaskRCNN:
+    """A small Mask R-CNN to train from scratch on a CPU in minutes (the
+    demo's model): ResNet-18-FPN with BatchNorm that trains (no pretrained
+    weights to freeze), every stage trainable, 64 FPN channels, anchors
+    from image_size / 16 to image_size, a 256-wide box head, two 64-channel
+    mask convolutions, and fewer proposals and samples than the paper's
+    (a few objects per image need no more).
+
+    Args:
+        num_classes: classes including the background (4 for ShapesDataset).
+        image_size: the images' side (they are resized so that their short
+            side is this and their long side at most this).
+        overrides: other ``maskrcnn_resnet_fpn`` arguments, replacing these.
+    """
+    settings = dict(
+        depth=18,
+        num_classes=num_classes,
+        norm="batch",
+        trainable_layers=5,
+        min_size=image_size,
+        max_size=image_size,
+        fpn_channels=64,
+        anchor_sizes=tuple(image_size // 16 * 2**level for level in range(5)),
+        rpn_pre_nms_top_n=300,
+        rpn_post_nms_top_n=100,
+        rpn_train_pre_nms_top_n=600,
+        rpn_train_post_nms_top_n=300,
+        box_representation_size=256,
+        box_batch_size_per_image=128,
+        box_detections_per_img=20,
+        mask_head_layers=(64, 64),
+    )
+    settings.update(overrides)
+    return maskrcnn_resnet_fpn(**settings)
 
 
 def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
@@ -155,4 +287,5 @@ def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
     return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MaskRCNN", "maskrcnn_resnet_fpn", "maskrcnn_resnet50_fpn", "to_original_images"]
+__all__ = ["LOSS_NAMES", "MaskRCNN", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn", "prepare_targets",
+           "to_original_images"]

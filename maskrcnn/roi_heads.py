@@ -1,6 +1,6 @@
 """The second stage: multi-level RoIAlign on the proposals, box head,
 post-processing into detections, then RoIAlign on the detections and the
-mask head."""
+mask head; in training, sampled proposals and the box and mask losses."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import maskrcnn_ops
 
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
 from .postprocess import BOX_CODER_WEIGHTS, detect_objects, select_class_masks
+from .training import box_head_loss, mask_loss, mask_targets, sample_proposals
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")
 
@@ -37,7 +38,7 @@ class RoIHeadOutputs(NamedTuple):
 
 
 class RoIHeads(nn.Module):
-    """Box and mask branches of Mask R-CNN at inference.
+    """Box and mask branches of Mask R-CNN.
 
     Args:
         box_roi_pool, mask_roi_pool: multi-level RoIAlign modules (7x7 and 14x14).
@@ -45,7 +46,14 @@ class RoIHeads(nn.Module):
         mask_head, mask_predictor: features -> per-class mask logits.
         score_thresh, nms_thresh, detections_per_img: see
             ``postprocess.detect_objects``.
-        box_weights: box coder weights of the box deltas.
+        box_weights: box coder weights of the box deltas (the regression
+            targets in training use ``maskrcnn.training.ROI_BOX_WEIGHTS``,
+            the same (10, 10, 5, 5)).
+        fg_iou_thresh, bg_iou_thresh: in training, a proposal with IoU >= fg
+            with a ground-truth box takes its class, below bg it is
+            background (0.5, 0.5).
+        batch_size_per_image, positive_fraction: proposals sampled per image
+            for the losses, at most this fraction foreground (512, 0.25).
     """
 
     def __init__(
@@ -61,6 +69,10 @@ class RoIHeads(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         box_weights: Sequence[float] = BOX_CODER_WEIGHTS,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
     ) -> None:
         super().__init__()
         self.box_roi_pool = box_roi_pool
@@ -73,6 +85,10 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.box_weights = tuple(box_weights)
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
 
     def box_logits(
         self, features: Dict[str, Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]]
@@ -82,14 +98,68 @@ class RoIHeads(nn.Module):
         pooled = self.box_roi_pool(features, proposals, image_sizes)
         return self.box_predictor(self.box_head(pooled))
 
+    def mask_logits(
+        self, features: Dict[str, Tensor], boxes: List[Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> Tensor:
+        """Per-class mask logits [D, C, M, M] of the D = sum_i D_i boxes."""
+        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
+
     def mask_probabilities(
         self, features: Dict[str, Tensor], boxes: List[Tensor], labels: List[Tensor], image_sizes: List[Tuple[int, int]]
     ) -> List[Tensor]:
         """Per image [D_i, 1, M, M] probabilities of each detection's class."""
         counts = [b.size(0) for b in boxes]
-        pooled = self.mask_roi_pool(features, boxes, image_sizes)
-        logits = self.mask_predictor(self.mask_head(pooled))
+        logits = self.mask_logits(features, boxes, image_sizes)
         return list(select_class_masks(logits, torch.cat(labels)).split(counts))
+
+    def losses(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+        targets: Sequence[Dict[str, Tensor]],
+    ) -> Dict[str, Tensor]:
+        """The training losses of the box and mask branches.
+
+        The ground-truth boxes join the proposals, a balanced sample is
+        drawn (global RNG, as torchvision), the box branch runs on it, and
+        the mask branch on its foreground samples against the ground-truth
+        masks cropped to them (RoIAlign).
+
+        Args:
+            features: FPN levels.
+            proposals: per image [K_i, 4] (no gradient), resized-image coordinates.
+            image_sizes: per image (height, width) of the resized image.
+            targets: per image ``boxes`` [G_i, 4], ``labels`` [G_i] and
+                ``masks`` [G_i, H_i, W_i] at the resized image's size.
+
+        Returns:
+            {"loss_classifier", "loss_box_reg", "loss_mask"}: float32 scalars.
+        """
+        samples = sample_proposals(
+            proposals,
+            [t["boxes"] for t in targets],
+            [t["labels"] for t in targets],
+            foreground_iou=self.fg_iou_thresh,
+            background_iou=self.bg_iou_thresh,
+            batch_size_per_image=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+        )
+        class_logits, box_deltas = self.box_logits(features, samples.proposals, image_sizes)
+        loss_classifier, loss_box_reg = box_head_loss(
+            class_logits.float(), box_deltas.float(), samples.labels, samples.regression_targets
+        )
+        boxes, labels, matched = samples.positives()
+        logits = self.mask_logits(features, boxes, image_sizes).float()
+        crops = [
+            mask_targets(target["masks"], image_boxes, image_matched, size=logits.size(-1))
+            for target, image_boxes, image_matched in zip(targets, boxes, matched)
+        ]
+        return {
+            "loss_classifier": loss_classifier,
+            "loss_box_reg": loss_box_reg,
+            "loss_mask": mask_loss(logits, labels, crops),
+        }
 
     def forward(
         self, features: Dict[str, Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]]

@@ -1,16 +1,17 @@
 """Region proposal network: a small convolutional head on every FPN level,
-and proposal generation (anchors, decode, clip, NMS, top-k) for the whole
-batch on maskrcnn_ops."""
+proposal generation (anchors, decode, clip, NMS, top-k) for the whole batch
+on maskrcnn_ops, and in training the anchors' targets and losses."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import maskrcnn_ops
 
+from .training import assign_anchor_targets, rpn_loss, sample_anchor_labels
 from .transform import ImageBatch
 
 
@@ -50,20 +51,44 @@ class RPNHead(nn.Module):
         return objectness, deltas
 
 
+class RPNPredictions(NamedTuple):
+    """The RPN head's outputs for a batch, flattened to anchor order.
+
+    Attributes:
+        objectness: [N, A] logits (A anchors per image, all levels).
+        deltas: [N, A, 4] box deltas (dx, dy, dw, dh), weights (1, 1, 1, 1).
+        anchors: [A, 4] anchors (the same for every image of the padded batch).
+        num_anchors_per_level: A split by level.
+    """
+
+    objectness: Tensor
+    deltas: Tensor
+    anchors: Tensor
+    num_anchors_per_level: List[int]
+
+
 class RegionProposalNetwork(nn.Module):
-    """Proposals for a batch: torchvision's ``RegionProposalNetwork`` at
-    inference, with the post-processing of all images and levels batched in
-    ``maskrcnn_ops.generate_proposals``.
+    """Proposals for a batch: torchvision's ``RegionProposalNetwork``, with
+    the post-processing of all images and levels batched in
+    ``maskrcnn_ops.generate_proposals`` and the training targets and losses
+    of ``maskrcnn.training``.
 
     Args:
         anchor_generator: a ``maskrcnn_ops.AnchorGenerator`` with one size
             tuple per feature level.
         head: the RPNHead.
-        pre_nms_top_n: candidates kept per image and level before NMS.
-        post_nms_top_n: proposals kept per image after NMS.
+        pre_nms_top_n: candidates kept per image and level before NMS (eval mode).
+        post_nms_top_n: proposals kept per image after NMS (eval mode).
         nms_thresh: IoU threshold of the NMS within each (image, level).
         score_thresh: proposals whose objectness probability is below this are dropped.
         min_size: proposals with a side shorter than this (pixels) are dropped.
+        train_pre_nms_top_n, train_post_nms_top_n: the same in training mode
+            (paper and torchvision: 2000, 2000).
+        fg_iou_thresh, bg_iou_thresh: an anchor with IoU >= fg with a
+            ground-truth box is positive, below bg negative, in between
+            ignored (0.7, 0.3).
+        batch_size_per_image, positive_fraction: anchors sampled per image
+            for the losses, at most this fraction positive (256, 0.5).
     """
 
     def __init__(
@@ -76,6 +101,12 @@ class RegionProposalNetwork(nn.Module):
         nms_thresh: float = 0.7,
         score_thresh: float = 0.0,
         min_size: float = 1e-3,
+        train_pre_nms_top_n: int = 2000,
+        train_post_nms_top_n: int = 2000,
+        fg_iou_thresh: float = 0.7,
+        bg_iou_thresh: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -85,6 +116,12 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thresh = nms_thresh
         self.score_thresh = score_thresh
         self.min_size = min_size
+        self.train_pre_nms_top_n = train_pre_nms_top_n
+        self.train_post_nms_top_n = train_post_nms_top_n
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
 
     def anchors(self, images: ImageBatch, features: List[Tensor]) -> Tensor:
         """All anchors of the padded batch, [sum_l H_l * W_l * A, 4], float32
@@ -95,6 +132,66 @@ class RegionProposalNetwork(nn.Module):
         strides = [(padded_h // h, padded_w // w) for h, w in grid_sizes]
         return self.anchor_generator.grid_anchors(grid_sizes, strides, torch.float32, features[0].device)
 
+    def predict(self, images: ImageBatch, features: Dict[str, Tensor]) -> RPNPredictions:
+        """The head on every level, flattened to anchor order, and the anchors."""
+        levels = list(features.values())
+        objectness, deltas = self.head(levels)
+        flat_objectness, flat_deltas, num_anchors_per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
+        return RPNPredictions(flat_objectness, flat_deltas, self.anchors(images, levels), num_anchors_per_level)
+
+    def proposals(self, images: ImageBatch, predictions: RPNPredictions) -> Tuple[List[Tensor], List[Tensor]]:
+        """Proposals and their objectness probabilities per image (see
+        ``forward``), with the top-n of the current mode. No gradient flows
+        into the boxes (the RoI heads take them as given, as in the paper)."""
+        pre_nms_top_n, post_nms_top_n = (
+            (self.train_pre_nms_top_n, self.train_post_nms_top_n)
+            if self.training
+            else (self.pre_nms_top_n, self.post_nms_top_n)
+        )
+        return maskrcnn_ops.generate_proposals(
+            predictions.objectness.detach().float(),
+            predictions.deltas.detach().float(),
+            predictions.anchors,
+            predictions.num_anchors_per_level,
+            images.image_sizes,
+            pre_nms_top_n=pre_nms_top_n,
+            post_nms_top_n=post_nms_top_n,
+            nms_thresh=self.nms_thresh,
+            score_thresh=self.score_thresh,
+            min_size=self.min_size,
+        )
+
+    def losses(self, predictions: RPNPredictions, gt_boxes: Sequence[Tensor]) -> Dict[str, Tensor]:
+        """The RPN's training losses: anchors matched to the ground truth
+        (``fg_iou_thresh`` / ``bg_iou_thresh``), a balanced sample of them
+        (from the global RNG, as torchvision), objectness and box losses.
+
+        Args:
+            predictions: from ``predict``.
+            gt_boxes: per image [K_i, 4] ground-truth boxes in the resized
+                image (K_i may be 0).
+
+        Returns:
+            {"loss_objectness", "loss_rpn_box_reg"}: float32 scalars.
+        """
+        num_images = predictions.objectness.size(0)
+        labels, regression_targets = assign_anchor_targets(
+            [predictions.anchors] * num_images,
+            gt_boxes,
+            high_threshold=self.fg_iou_thresh,
+            low_threshold=self.bg_iou_thresh,
+        )
+        sampled = sample_anchor_labels(
+            labels, batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction
+        )
+        loss_objectness, loss_box = rpn_loss(
+            predictions.objectness.float().flatten(),
+            predictions.deltas.float().reshape(-1, 4),
+            sampled,
+            regression_targets,
+        )
+        return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+
     def forward(self, images: ImageBatch, features: Dict[str, Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """Args:
             images: the padded batch (only its shape and image sizes are read).
@@ -103,23 +200,9 @@ class RegionProposalNetwork(nn.Module):
         Returns:
             per image, proposals [K_i, 4] (x1, y1, x2, y2) in the resized
             image, and their objectness probabilities [K_i], best first;
-            K_i <= post_nms_top_n.
+            K_i <= post_nms_top_n (train_post_nms_top_n in training mode).
         """
-        levels = list(features.values())
-        objectness, deltas = self.head(levels)
-        flat_objectness, flat_deltas, num_anchors_per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
-        return maskrcnn_ops.generate_proposals(
-            flat_objectness.float(),
-            flat_deltas.float(),
-            self.anchors(images, levels),
-            num_anchors_per_level,
-            images.image_sizes,
-            pre_nms_top_n=self.pre_nms_top_n,
-            post_nms_top_n=self.post_nms_top_n,
-            nms_thresh=self.nms_thresh,
-            score_thresh=self.score_thresh,
-            min_size=self.min_size,
-        )
+        return self.proposals(images, self.predict(images, features))
 
 
-__all__ = ["RPNHead", "RegionProposalNetwork"]
+__all__ = ["RPNHead", "RPNPredictions", "RegionProposalNetwork"]

@@ -1,11 +1,11 @@
-"""Image preprocessing (normalize, resize, pad into a batch) and the mapping
-of boxes back to the original images, as torchvision's
-``GeneralizedRCNNTransform`` at inference."""
+"""Image preprocessing (normalize, resize, pad into a batch; in training the
+targets' boxes and masks resized along) and the mapping of boxes back to
+the original images, as torchvision's ``GeneralizedRCNNTransform``."""
 
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,11 @@ class ImageTransform(nn.Module):
     Args:
         min_size: target length of the short side after resizing.
         max_size: upper bound of the long side after resizing.
+        train_min_sizes: short sides to pick from in training mode, one
+            drawn per image (multi-scale training); None: ``(min_size,)``.
+            The draw comes from the global RNG even when there is one size,
+            as torchvision's transform does, so that a model and
+            torchvision's seeded alike sample the same training examples.
         image_mean, image_std: per-channel normalization (RGB, values in [0, 1]).
         size_divisible: the padded batch's height and width are multiples of
             this (the coarsest FPN stride), so every level's grid is exact.
@@ -72,6 +77,7 @@ class ImageTransform(nn.Module):
         *,
         min_size: int = 800,
         max_size: int = 1333,
+        train_min_sizes: Optional[Sequence[int]] = None,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         size_divisible: int = 32,
@@ -79,17 +85,28 @@ class ImageTransform(nn.Module):
         super().__init__()
         self.min_size = int(min_size)
         self.max_size = int(max_size)
+        self.train_min_sizes = tuple(int(m) for m in (train_min_sizes or (min_size,)))
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
         self.size_divisible = int(size_divisible)
 
-    def normalize_and_resize(self, image: Tensor) -> Tensor:
-        """[3, H, W] in [0, 1] -> normalized [3, H', W'] (bilinear, half-pixel centres)."""
+    def normalize_and_resize(self, image: Tensor, *, min_size: Optional[int] = None) -> Tensor:
+        """[3, H, W] in [0, 1] -> normalized [3, H', W'] (bilinear, half-pixel
+        centres) with short side ``min_size`` (default: ``self.min_size``)."""
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         image = (image - mean[:, None, None]) / std[:, None, None]
-        size = resized_size(image.size(1), image.size(2), min_size=self.min_size, max_size=self.max_size)
+        size = resized_size(image.size(1), image.size(2), min_size=min_size or self.min_size, max_size=self.max_size)
+        if size == (image.size(1), image.size(2)):
+            return image  # bilinear resampling to the same size copies every pixel: skip it
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def draw_train_min_size(self) -> int:
+        """One of ``train_min_sizes``, uniformly, from one ``torch.rand``
+        draw of the global RNG (torchvision's transform draws one number per
+        image the same way)."""
+        index = min(int(torch.rand(1).item() * len(self.train_min_sizes)), len(self.train_min_sizes) - 1)
+        return self.train_min_sizes[index]
 
     def forward(self, images: Sequence[Tensor]) -> ImageBatch:
         """Args: images: list of [3, H_i, W_i] floating tensors in [0, 1].
@@ -98,7 +115,34 @@ class ImageTransform(nn.Module):
         to a common size rounded up to ``size_divisible``.
         """
         check_images(images)
-        resized = [self.normalize_and_resize(image) for image in images]
+        return self.batch([self.normalize_and_resize(image) for image in images])
+
+    def with_targets(self, images: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]]) -> Tuple[ImageBatch, List[Dict[str, Tensor]]]:
+        """Training form: each image resized to a short side drawn from
+        ``train_min_sizes``, and its target's ``boxes`` [K, 4] scaled and
+        ``masks`` [K, H, W] resized (nearest) along with it.
+
+        Args:
+            images: list of [3, H_i, W_i] floating tensors in [0, 1].
+            targets: one dict per image with ``boxes``, ``labels`` and
+                optionally ``masks`` (checked by the caller); not modified.
+
+        Returns:
+            (ImageBatch, targets): new target dicts in the resized images'
+            coordinates (other entries passed through).
+        """
+        check_images(images)
+        if len(targets) != len(images):
+            raise ValueError(f"expected one target per image, got {len(targets)} targets for {len(images)} images")
+        resized, resized_targets = [], []
+        for image, target in zip(images, targets):
+            scaled = self.normalize_and_resize(image, min_size=self.draw_train_min_size())
+            resized.append(scaled)
+            resized_targets.append(resize_target(target, tuple(image.shape[-2:]), tuple(scaled.shape[-2:])))
+        return self.batch(resized), resized_targets
+
+    def batch(self, resized: List[Tensor]) -> ImageBatch:
+        """Pads normalized [3, H_i, W_i] images into one ImageBatch."""
         height = max(image.size(1) for image in resized)
         width = max(image.size(2) for image in resized)
         step = self.size_divisible
@@ -107,6 +151,21 @@ class ImageTransform(nn.Module):
         for slot, image in zip(batch, resized):
             slot[:, : image.size(1), : image.size(2)].copy_(image)
         return ImageBatch(batch, [(image.size(1), image.size(2)) for image in resized])
+
+
+def resize_target(target: Dict[str, Tensor], from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Dict[str, Tensor]:
+    """A training target for the image resized from ``from_size`` to
+    ``to_size`` (height, width): boxes scaled (``rescale_boxes``), masks
+    [K, H, W] resized by nearest neighbour and kept uint8, as torchvision's
+    transform. A new dict; nothing is done when the size is unchanged."""
+    if tuple(from_size) == tuple(to_size):
+        return dict(target)
+    resized = dict(target)
+    resized["boxes"] = rescale_boxes(target["boxes"], from_size, to_size)
+    if "masks" in target:
+        masks = target["masks"]
+        resized["masks"] = F.interpolate(masks[:, None].float(), size=tuple(to_size))[:, 0].to(torch.uint8)
+    return resized
 
 
 def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
@@ -119,4 +178,5 @@ def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int,
     return boxes * ratios
 
 
-__all__ = ["ImageBatch", "ImageTransform", "IMAGENET_MEAN", "IMAGENET_STD", "check_images", "rescale_boxes", "resized_size"]
+__all__ = ["ImageBatch", "ImageTransform", "IMAGENET_MEAN", "IMAGENET_STD", "check_images", "rescale_boxes",
+           "resize_target", "resized_size"]

@@ -88,4 +88,31 @@ def draw_detections(
     return canvas
 
 
-__all__ = ["blend_masks", "draw_detections", "image_to_uint8", "label_color"]
+def detection_grid(
+    images: Sequence[Tensor],
+    detections: Sequence[Dict[str, Tensor]],
+    *,
+    class_names: Sequence[str],
+    columns: int = 4,
+    mask_threshold: float = 0.5,
+    margin: int = 4,
+) -> Image.Image:
+    """Several images with their detections drawn (``draw_detections``),
+    tiled row by row on a white sheet, ``columns`` per row; images of
+    different sizes each take a cell of the largest size."""
+    if len(images) == 0 or len(images) != len(detections):
+        raise ValueError(f"expected as many detections as images (at least one), got {len(detections)} and {len(images)}")
+    drawn = [draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold)
+             for image, found in zip(images, detections)]
+    cell_w = max(d.width for d in drawn) + margin
+    cell_h = max(d.height for d in drawn) + margin
+    columns = min(columns, len(drawn))
+    rows = -(-len(drawn) // columns)
+    sheet = Image.new("RGB", (columns * cell_w + margin, rows * cell_h + margin), (255, 255, 255))
+    for index, picture in enumerate(drawn):
+        row, column = divmod(index, columns)
+        sheet.paste(picture, (margin + column * cell_w, margin + row * cell_h))
+    return sheet
+
+
+__all__ = ["blend_masks", "detection_grid", "draw_detections", "image_to_uint8", "label_color"]

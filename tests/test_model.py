@@ -332,7 +332,7 @@ def test_channels_last_changes_rounding_only():
     assert result["masks"].shape[-2:] == (64, 96)
 
 
-def test_bad_input_and_training_mode():
+def test_bad_input_and_training_mode_without_targets():
     model = small_model()
     with pytest.raises(ValueError, match=r"Tensor\[3, H, W\]"):
         model([torch.rand(1, 32, 32)])
@@ -340,7 +340,7 @@ def test_bad_input_and_training_mode():
         model([torch.zeros(3, 32, 32, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="non-empty list"):
         model([])
-    with pytest.raises(RuntimeError, match="model.eval()"):
+    with pytest.raises(ValueError, match=r"needs targets.*model\.eval\(\)"):
         model.train()([torch.rand(3, 32, 32)])
 
 

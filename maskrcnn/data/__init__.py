@@ -13,6 +13,7 @@ from .coco_format import (
 )
 from .coco_schema import CocoFormatError, load_coco_json, validate_coco
 from .collate import collate
+from .sampler import EpochBatchSampler
 from .shapes import SHAPE_CLASS_NAMES, ShapesDataset, boxes_from_masks
 from .transforms import RandomHorizontalFlip, horizontal_flip
 from .validation import validate_target
@@ -33,6 +34,7 @@ __all__ = [
     "dataset_to_coco",
     "write_coco_folder",
     "collate",
+    "EpochBatchSampler",
     "RandomHorizontalFlip",
     "horizontal_flip",
     "validate_target",

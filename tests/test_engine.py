@@ -1,0 +1,269 @@
+"""Tests of the training engine and its command line: learning-rate
+schedule, epoch batches (shuffle, shards, resume), checkpoint and resume
+(the resumed run equals the uninterrupted one), two-process
+DistributedDataParallel on gloo (replicas stay identical), the train,
+evaluate and demo commands on a tiny shapes run, and their errors.
+
+Every run here uses the small ResNet-18 model on 64-px shapes for a few
+iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+import maskrcnn
+from maskrcnn import demo
+from maskrcnn.checkpoint import CheckpointError, save_checkpoint
+from maskrcnn.cli import main
+from maskrcnn.data import EpochBatchSampler, ShapesDataset
+from maskrcnn.distributed import init_distributed, shutdown_distributed
+from maskrcnn.engine import CHECKPOINT_NAME, load_training_state, train
+from maskrcnn.schedule import LRSchedule
+
+TINY = ["--image-size", "64", "--batch-size", "2"]
+
+
+def tiny_model() -> maskrcnn.MaskRCNN:
+    torch.manual_seed(0)
+    return maskrcnn.maskrcnn_small(num_classes=4, image_size=64)
+
+
+def tiny_dataset(count: int = 40) -> ShapesDataset:
+    return ShapesDataset(count, image_size=64, seed=0)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_schedule_warmup_then_cosine():
+    schedule = LRSchedule(base_lr=0.1, total_iterations=110, warmup_iterations=10, warmup_factor=0.01)
+    assert schedule(0) == pytest.approx(0.001)
+    assert schedule(5) == pytest.approx(0.001 + 0.099 * 0.5)
+    assert schedule(10) == pytest.approx(0.1)
+    assert schedule(60) == pytest.approx(0.05)  # half way through the decay
+    assert schedule(110) == pytest.approx(0.0, abs=1e-12)
+    rates = [schedule(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_schedule_steps_constant_and_state():
+    step = LRSchedule(base_lr=1.0, total_iterations=100, kind="step", steps=(0.5, 0.8), gamma=0.1)
+    assert [step(i) for i in (0, 49, 50, 79, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    constant = LRSchedule(base_lr=0.3, total_iterations=10, kind="constant", warmup_iterations=2)
+    assert constant(1) < 0.3 and constant(2) == constant(9) == 0.3
+    assert LRSchedule.from_state_dict(step.state_dict()) == step
+    for bad in (dict(kind="linear"), dict(base_lr=0.0), dict(steps=(1.5,)), dict(total_iterations=0)):
+        with pytest.raises(ValueError):
+            LRSchedule(**{**dict(base_lr=0.1, total_iterations=10), **bad})
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_epoch_batches_shuffle_shard_and_resume():
+    full = EpochBatchSampler(10, batch_size=2, seed=3)
+    batches = list(next_n(iter(full), 10))
+    assert len(full) == 5
+    assert sorted(sum(batches[:5], [])) == list(range(10))  # epoch 0: each sample once
+    assert batches[:5] != batches[5:]  # epoch 1: another order
+    resumed = list(next_n(iter(EpochBatchSampler(10, batch_size=2, seed=3, start_batch=7)), 3))
+    assert resumed == batches[7:10]
+    ranks = [list(next_n(iter(EpochBatchSampler(11, batch_size=2, seed=3, rank=r, world_size=2)), 2)) for r in (0, 1)]
+    seen = [i for rank in ranks for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) == 8  # disjoint shares, full batches only
+    with pytest.raises(ValueError, match="no full batch of 4 per process with 2 process"):
+        EpochBatchSampler(7, batch_size=4, world_size=2)
+
+
+def next_n(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- checkpoint and resume
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """3 + 2 iterations with a checkpoint in between give the weights of 5
+    uninterrupted ones (data order, samples, optimizer and schedule all
+    continue), and the file loads with weights_only=True."""
+    schedule = LRSchedule(base_lr=1e-3, total_iterations=5, warmup_iterations=2)
+    settings = dict(batch_size=2, optimizer="adamw", max_grad_norm=10.0, progress=False)
+    straight = tiny_model()
+    whole = train(straight, tiny_dataset(), schedule=schedule, **settings)
+
+    first = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted_run(first, schedule, tmp_path, settings)
+    checkpoint = tmp_path / CHECKPOINT_NAME
+    raw = torch.load(checkpoint, weights_only=True)
+    assert raw["training"]["iteration"] == 3
+
+    resumed_model = tiny_model()  # fresh weights: the checkpoint's replace them
+    rest = train(resumed_model, tiny_dataset(), resume=checkpoint, **settings)
+    assert rest.start_iteration == 3 and len(rest.history) == 2
+    assert [h["loss"] for h in rest.history] == pytest.approx([h["loss"] for h in whole.history[3:]], rel=1e-5)
+    for (name, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values()):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _interrupted_run(model, schedule, out_dir, settings):
+    """Trains until the checkpoint after iteration 3 is written, then stops
+    at the next forward as a Ctrl-C would."""
+    calls = {"n": 0}
+    original_forward = model.forward
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return original_forward(*args, **kwargs)
+
+    model.forward = forward
+    train(model, tiny_dataset(), schedule=schedule, out_dir=out_dir, checkpoint_every=3, **settings)
+
+
+def test_resume_errors(tmp_path):
+    weights_only = tmp_path / "weights.pt"
+    save_checkpoint(weights_only, tiny_model())
+    with pytest.raises(CheckpointError, match="no training state"):
+        load_training_state(weights_only)
+    model = tiny_model()
+    schedule = LRSchedule(base_lr=1e-3, total_iterations=2)
+    train(model, tiny_dataset(), schedule=schedule, batch_size=2, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="batch size 2 on 1 process"):
+        train(model, tiny_dataset(), resume=tmp_path / CHECKPOINT_NAME, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="already complete: 2 of 2"):
+        train(model, tiny_dataset(), resume=tmp_path / CHECKPOINT_NAME, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="amp .* needs a CUDA device"):
+        train(model, tiny_dataset(), schedule=schedule, amp=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan at iteration 0.*loss_classifier nan"):
+        train(model, tiny_dataset(), schedule=LRSchedule(base_lr=1e-3, total_iterations=2), batch_size=2,
+              progress=False)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    context = init_distributed(torch.device("cpu"))
+    try:
+        model = tiny_model()  # the same seed on both ranks; DDP also broadcasts rank 0's weights
+        result = train(model, tiny_dataset(), schedule=LRSchedule(base_lr=1e-3, total_iterations=3),
+                       batch_size=2, optimizer="adamw", context=context, out_dir=out_dir, progress=False)
+        torch.save({"state": model.state_dict(), "losses": [h["loss"] for h in result.history]},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        shutdown_distributed(context)
+
+
+def test_two_process_gloo_replicas_stay_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    initial = tiny_model().state_dict()
+    for name, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][name]), name  # replicas bitwise identical
+    moved = [name for name, value in rank0["state"].items() if value.is_floating_point()
+             and not torch.equal(value, initial[name])]
+    assert "roi_heads.box_head.fc6.weight" in moved and "backbone.body.conv1.weight" in moved
+    assert rank0["losses"] != rank1["losses"]  # each rank trained on its own share of the data
+    assert (tmp_path / CHECKPOINT_NAME).is_file()  # rank 0 wrote the checkpoint
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_train_resume_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--iterations", "2", "--shapes-images", "20", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "trained iterations 0..2" in capsys.readouterr().out
+    assert main(["train", *TINY, "--iterations", "3", "--shapes-images", "20", "--out", str(out),
+                 "--resume", str(out / CHECKPOINT_NAME), "--device", "cpu"]) == 0
+    assert "trained iterations 2..3" in capsys.readouterr().out
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["training"]["iteration"] == 3
+
+    metrics_file = tmp_path / "metrics.json"
+    assert main(["evaluate", "--weights", str(out / CHECKPOINT_NAME), "--image-size", "64", "--shapes-images", "4",
+                 "--out", str(metrics_file), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "box" in printed and "mask" in printed and "AP50" in printed
+    written = json.loads(metrics_file.read_text())
+    assert written["images"] == 4 and set(written["metrics"]) == {"bbox", "segm"}
+    value = written["metrics"]["segm"]["AP50"]
+    assert value is None or 0.0 <= value <= 1.0
+
+
+def test_cli_train_on_coco_folder_and_bad_input(tmp_path, capsys):
+    """A COCO folder with an image without objects and a zero-width
+    annotation (dropped by the reader) trains through; a corrupt
+    annotations file, a missing --annotations and --amp on the CPU are
+    one-line errors."""
+    from maskrcnn.data import write_coco_folder
+
+    images_dir, annotations_file = write_coco_folder(ShapesDataset(4, image_size=64, seed=5), tmp_path / "coco")
+    annotations = json.loads(annotations_file.read_text())
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] != 0]
+    degenerate = dict(annotations["annotations"][0], id=10_000, bbox=[5.0, 5.0, 0.0, 10.0])
+    annotations["annotations"].append(degenerate)
+    annotations_file.write_text(json.dumps(annotations))
+    coco = ["--dataset", "coco", "--images", str(images_dir), "--annotations", str(annotations_file)]
+    assert main(["train", *coco, "--image-size", "64", "--batch-size", "2", "--epochs", "1", "--out",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    (tmp_path / "corrupt.json").write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [')
+    assert main(["train", "--dataset", "coco", "--images", str(images_dir), "--annotations",
+                 str(tmp_path / "corrupt.json"), "--device", "cpu"]) == 1
+    assert "corrupt.json" in capsys.readouterr().err
+    assert main(["train", "--dataset", "coco", "--images", str(images_dir), "--device", "cpu"]) == 1
+    assert "needs --images DIR and --annotations FILE" in capsys.readouterr().err
+    assert main(["train", "--amp", "--device", "cpu", "--iterations", "1"]) == 1
+    assert "--amp (mixed precision) needs a CUDA device" in capsys.readouterr().err
+
+
+def test_demo_writes_metrics_and_picture(tmp_path, capsys):
+    summary = demo.run_demo(out_dir=tmp_path, iterations=2, validation_images=4, progress=False)
+    printed = capsys.readouterr().out
+    assert "mask AP50" in printed and "wall time" in printed
+    assert {"bbox", "segm"} == set(summary["metrics"])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["iterations"] == 2 and written["validation_images"] == 4
+    from PIL import Image
+
+    with Image.open(tmp_path / "predictions.png") as picture:
+        assert picture.width >= 4 * demo.IMAGE_SIZE  # four images per row
+    assert (tmp_path / CHECKPOINT_NAME).is_file()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_training_on_cuda():
+    model = tiny_model().cuda()
+    result = train(model, tiny_dataset(), schedule=LRSchedule(base_lr=1e-3, total_iterations=3), batch_size=2,
+                   optimizer="adamw", amp=True, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in result.history)

@@ -1,0 +1,208 @@
+"""Tests of the model in training mode: the losses equal torchvision's
+``maskrcnn_resnet50_fpn`` with the same weights, batch and seed (and so do
+the gradients), every trainable parameter gets a gradient, a few steps on
+a fixed batch lower the loss, the training transform resizes targets as
+torchvision's does, and bad targets give clear errors (empty targets
+train).
+
+The parity test runs ResNet-50 at 320 px (one forward and backward of
+each model); the others use the small ResNet-18 configuration on 64-96 px
+images.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch.testing import assert_close
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+import maskrcnn
+from maskrcnn.data import ShapesDataset
+from maskrcnn.model import LOSS_NAMES
+from maskrcnn.transform import ImageTransform
+
+# Parameters whose gradients the parity test compares, one per stage.
+PARITY_GRADIENTS = (
+    "backbone.body.conv1.weight",
+    "backbone.body.layer4.1.bn2.weight",
+    "backbone.fpn.inner_blocks.0.0.weight",
+    "rpn.head.cls_logits.weight",
+    "rpn.head.bbox_pred.bias",
+    "roi_heads.box_head.fc6.weight",
+    "roi_heads.box_predictor.bbox_pred.weight",
+    "roi_heads.mask_head.0.0.weight",
+    "roi_heads.mask_predictor.mask_fcn_logits.weight",
+)
+
+
+def empty_target(height: int, width: int) -> dict:
+    return {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, height, width, dtype=torch.uint8),
+    }
+
+
+def shapes_batch(count: int, *, size, seed: int = 3):
+    """(images, targets) of ``count`` generated shapes images."""
+    dataset = ShapesDataset(count, image_size=size, seed=seed, min_shapes=2)
+    images, targets = zip(*(dataset[i] for i in range(count)))
+    return list(images), list(targets)
+
+
+def small_model(**overrides) -> maskrcnn.MaskRCNN:
+    torch.manual_seed(0)
+    return maskrcnn.maskrcnn_small(num_classes=4, image_size=64, **overrides).train()
+
+
+def test_losses_and_gradients_equal_torchvision_maskrcnn_resnet50_fpn():
+    """Same weights, same batch (an image with three shapes, one without
+    objects), the global RNG seeded alike before each forward: the five
+    losses agree to float32 rounding and so do the gradients."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=4, min_size=320, max_size=400
+    ).train()
+    # weights=None builds trainable BatchNorm and an all-trainable ResNet: the same here.
+    ours = maskrcnn.maskrcnn_resnet_fpn(depth=50, num_classes=4, norm="batch", trainable_layers=5,
+                                        min_size=320, max_size=400).train()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    images, targets = shapes_batch(1, size=(240, 300))
+    images.append(torch.rand(3, 200, 260, generator=torch.Generator().manual_seed(1)))
+    targets.append(empty_target(200, 260))
+
+    torch.manual_seed(7)
+    expected = theirs(images, [dict(t) for t in targets])
+    torch.manual_seed(7)
+    losses = ours(images, targets)
+    assert list(losses) == list(expected) == list(LOSS_NAMES)
+    for name in LOSS_NAMES:
+        assert float(losses[name].detach()) > 0, name
+        assert_close(losses[name], expected[name], rtol=2e-5, atol=1e-7, msg=name)
+
+    sum(expected.values()).backward()
+    sum(losses.values()).backward()
+    their_parameters = dict(theirs.named_parameters())
+    for name in PARITY_GRADIENTS:
+        ours_grad, their_grad = dict(ours.named_parameters())[name].grad, their_parameters[name].grad
+        assert ours_grad is not None, name
+        # RoIAlign sums a bin's samples in another order than torchvision's
+        # kernel: the gradients differ by float32 rounding, relative to their scale.
+        assert_close(ours_grad, their_grad, rtol=0, atol=2e-3 * float(their_grad.abs().max()), msg=name)
+    # BatchNorm saw the same batch statistics.
+    assert_close(ours.backbone.body.bn1.running_mean, theirs.backbone.body.bn1.running_mean)
+
+
+def test_gradients_reach_every_trainable_parameter():
+    model = small_model()
+    images, targets = shapes_batch(2, size=64)
+    assert {int(label) for t in targets for label in t["labels"]} == {1, 2, 3}, "every class in the batch"
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(list(model.parameters()))  # the small model trains everything
+    missing = [name for name, p in trainable if p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+    zero = [name for name, p in trainable if not (p.grad.abs().sum() > 0)]
+    assert not zero, f"zero gradient: {zero}"
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+
+
+def test_frozen_layers_get_no_gradient():
+    torch.manual_seed(0)
+    model = maskrcnn.maskrcnn_resnet_fpn(depth=18, num_classes=4, trainable_layers=2, min_size=64,
+                                         max_size=64).train()
+    images, targets = shapes_batch(1, size=64)
+    sum(model(images, targets).values()).backward()
+    assert model.backbone.body.layer1[0].conv1.weight.grad is None
+    assert model.backbone.body.layer4[0].conv1.weight.grad is not None
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
+    model = small_model()
+    images, targets = shapes_batch(2, size=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    totals = []
+    for _ in range(12):
+        torch.manual_seed(0)  # the same samples each step: only the weights change
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(float(loss.detach()))
+    assert totals[-1] < 0.6 * totals[0], totals
+
+
+def test_empty_targets_train():
+    """Images without objects: every anchor and proposal is background,
+    the box-regression and mask losses are zero (connected to the graph),
+    and backward runs."""
+    model = small_model()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 80)]
+    losses = model(images, [empty_target(64, 64), empty_target(64, 80)])
+    assert float(losses["loss_box_reg"].detach()) == 0.0 and float(losses["loss_mask"].detach()) == 0.0
+    assert float(losses["loss_rpn_box_reg"].detach()) == 0.0
+    assert float(losses["loss_classifier"].detach()) > 0 and float(losses["loss_objectness"].detach()) > 0
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.update(boxes=torch.tensor([[10.0, 10.0, 10.0, 30.0]])), r"zero or negative width"),
+        (lambda t: t.update(masks=torch.zeros(1, 32, 32, dtype=torch.uint8)), r"'masks' must be \[K, H, W\] = \[1, 64, 64\]"),
+        (lambda t: t.update(labels=torch.tensor([4])), r"labels must lie in \[1, 4\)"),
+        (lambda t: t.update(boxes=torch.tensor([[1.0, 2.0, float("nan"), 30.0]])), r"not finite"),
+        (lambda t: t.pop("masks"), r"missing 'masks'"),
+    ],
+    ids=["zero-width-box", "mask-size", "label-range", "nan-box", "no-masks"],
+)
+def test_bad_targets_give_clear_errors(change, message):
+    model = small_model()
+    target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
+              "masks": torch.ones(1, 64, 64, dtype=torch.uint8), "image_id": 17}
+    change(target)
+    with pytest.raises(ValueError, match=message) as error:
+        model([torch.rand(3, 64, 64)], [target])
+    assert "targets[0] (image_id 17)" in str(error.value)
+
+
+def test_targets_must_match_images():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"one target dict per image \(2 images\), got 1 targets"):
+        model([torch.rand(3, 64, 64)] * 2, [empty_target(64, 64)])
+
+
+def test_training_mode_uses_the_training_top_n():
+    model = small_model(rpn_post_nms_top_n=20, rpn_train_post_nms_top_n=150)
+    batch = model.transform([torch.rand(3, 64, 64)])
+    with torch.no_grad():
+        features = model.backbone(batch.tensors)
+        train_proposals, _ = model.rpn(batch, features)
+        model.eval()
+        eval_proposals, _ = model.rpn(batch, features)
+    assert len(eval_proposals[0]) <= 20 < len(train_proposals[0]) <= 150
+
+
+@pytest.mark.parametrize("min_sizes", [(96,), (64, 80, 96)], ids=["one-size", "multi-scale"])
+def test_training_transform_resizes_targets_as_torchvision(min_sizes):
+    """Images, boxes and masks equal torchvision's training transform, with
+    the same random choice of scale per image (one draw each)."""
+    images, targets = shapes_batch(3, size=(60, 90))
+    ours = ImageTransform(min_size=min_sizes[-1], max_size=200, train_min_sizes=min_sizes)
+    theirs = GeneralizedRCNNTransform(min_size=min_sizes, max_size=200, image_mean=ours.image_mean,
+                                      image_std=ours.image_std).train()
+    torch.manual_seed(5)
+    their_batch, their_targets = theirs(images, [dict(t) for t in targets])
+    torch.manual_seed(5)
+    batch, resized = ours.with_targets(images, targets)
+    assert batch.image_sizes == [tuple(s) for s in their_batch.image_sizes]
+    assert_close(batch.tensors, their_batch.tensors)
+    for mine, expected, original in zip(resized, their_targets, targets):
+        assert_close(mine["boxes"], expected["boxes"])
+        assert torch.equal(mine["masks"], expected["masks"])
+        assert mine["masks"].dtype == torch.uint8
+        assert original["masks"].shape[-2:] == (60, 90)  # inputs left alone
