@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -220,7 +219,7 @@ def add_train_parser(commands) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .evaluation import evaluate_model, format_metrics
+    from .evaluation import evaluate_model, format_metrics, metrics_for_json
 
     try:
         model = load_model(args.weights, device=args.device)
@@ -234,11 +233,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        # NaN (no objects of a size) is not JSON: written as null.
-        clean = {kind: {name: (None if math.isnan(v) else v) for name, v in values.items()}
-                 for kind, values in metrics.items()}
-        args.out.write_text(json.dumps({"weights": str(args.weights), "images": len(dataset), "metrics": clean},
-                                       indent=2))
+        args.out.write_text(json.dumps({"weights": str(args.weights), "images": len(dataset),
+                                        "metrics": metrics_for_json(metrics)}, indent=2))
         print(f"wrote {args.out}")
     return 0
 

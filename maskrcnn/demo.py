@@ -24,7 +24,7 @@ import torch
 
 from .data import ShapesDataset
 from .engine import train
-from .evaluation import evaluate_model, format_metrics
+from .evaluation import evaluate_model, format_metrics, metrics_for_json
 from .model import maskrcnn_small
 from .schedule import LRSchedule
 from .visualize import detection_grid
@@ -43,6 +43,9 @@ WARMUP_ITERATIONS = 100
 WEIGHT_DECAY = 1e-4
 MAX_GRAD_NORM = 10.0
 PICTURED_IMAGES = 8
+# The picture: detections scoring 0.5 or more, on images enlarged twice.
+PICTURE_SCORE_THRESHOLD = 0.5
+PICTURE_SCALE = 2
 
 
 def shapes_datasets(*, image_size: int = IMAGE_SIZE, validation_images: int = VALIDATION_IMAGES):
@@ -89,10 +92,11 @@ def run_demo(
 
     pictured = range(min(PICTURED_IMAGES, len(validation_set)))
     sheet = detection_grid([validation_set[i][0] for i in pictured], [predictions[i] for i in pictured],
-                           class_names=train_set.class_names)
+                           class_names=train_set.class_names, score_threshold=PICTURE_SCORE_THRESHOLD,
+                           scale=PICTURE_SCALE)
     sheet.save(out_dir / "predictions.png")
     summary = {
-        "metrics": metrics,
+        "metrics": metrics_for_json(metrics),
         "wall_seconds": time.perf_counter() - began,
         "train_seconds": trained - began,
         "evaluate_seconds": evaluated - trained,

@@ -240,6 +240,13 @@ def evaluate_model(
     return evaluate_coco(predictions, ground_truth, category_ids=category_ids), predictions
 
 
+def metrics_for_json(metrics: Mapping[str, Mapping[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
+    """The metrics with NaN (nothing of that size to measure) as None, since
+    JSON has no NaN."""
+    return {kind: {name: (None if math.isnan(value) else value) for name, value in values.items()}
+            for kind, values in metrics.items()}
+
+
 def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """A small text table: one row per IoU type, COCO's six AP figures."""
     label = {"bbox": "box", "segm": "mask"}

@@ -88,22 +88,43 @@ def draw_detections(
     return canvas
 
 
+def enlarge(image: Tensor, detections: Dict[str, Tensor], *, scale: int) -> tuple:
+    """An image [3, H, W] and its detections ``scale`` times larger (pixels
+    and masks repeated, boxes scaled), so that captions fit on small images."""
+    if scale == 1:
+        return image, detections
+    bigger = dict(detections, boxes=detections["boxes"] * scale)
+    if "masks" in detections:
+        bigger["masks"] = detections["masks"].repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    return image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), bigger
+
+
 def detection_grid(
     images: Sequence[Tensor],
     detections: Sequence[Dict[str, Tensor]],
     *,
     class_names: Sequence[str],
     columns: int = 4,
+    score_threshold: float = 0.0,
+    scale: int = 1,
     mask_threshold: float = 0.5,
     margin: int = 4,
 ) -> Image.Image:
     """Several images with their detections drawn (``draw_detections``),
     tiled row by row on a white sheet, ``columns`` per row; images of
-    different sizes each take a cell of the largest size."""
+    different sizes each take a cell of the largest size.
+
+    Args:
+        score_threshold: detections scoring below this are not drawn.
+        scale: integer enlargement of every image (see ``enlarge``).
+    """
     if len(images) == 0 or len(images) != len(detections):
         raise ValueError(f"expected as many detections as images (at least one), got {len(detections)} and {len(images)}")
-    drawn = [draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold)
-             for image, found in zip(images, detections)]
+    drawn = []
+    for image, found in zip(images, detections):
+        keep = found["scores"] >= score_threshold
+        image, found = enlarge(image, {key: value[keep] for key, value in found.items()}, scale=scale)
+        drawn.append(draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold))
     cell_w = max(d.width for d in drawn) + margin
     cell_h = max(d.height for d in drawn) + margin
     columns = min(columns, len(drawn))
@@ -115,4 +136,4 @@ def detection_grid(
     return sheet
 
 
-__all__ = ["blend_masks", "detection_grid", "draw_detections", "image_to_uint8", "label_color"]
+__all__ = ["blend_masks", "detection_grid", "draw_detections", "enlarge", "image_to_uint8", "label_color"]

@@ -27,7 +27,7 @@ from maskrcnn.checkpoint import CheckpointError, save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.data import EpochBatchSampler, ShapesDataset
 from maskrcnn.distributed import init_distributed, shutdown_distributed
-from maskrcnn.engine import CHECKPOINT_NAME, load_training_state, train
+from maskrcnn.engine import CHECKPOINT_NAME, ThreadTuner, load_training_state, train
 from maskrcnn.schedule import LRSchedule
 
 TINY = ["--image-size", "64", "--batch-size", "2"]
@@ -65,6 +65,24 @@ def test_schedule_steps_constant_and_state():
     for bad in (dict(kind="linear"), dict(base_lr=0.0), dict(steps=(1.5,)), dict(total_iterations=0)):
         with pytest.raises(ValueError):
             LRSchedule(**{**dict(base_lr=0.1, total_iterations=10), **bad})
+
+
+def test_thread_tuner_probes_and_keeps_the_faster_count():
+    """Each period starts with probe steps at 1 and at the maximum count,
+    then keeps the count whose median step was shorter."""
+    tuner = ThreadTuner(max_threads=2, period=10, probe=2)
+    seconds = {1: 0.5, 2: 1.1}  # a busy machine: one thread is faster
+    chosen = []
+    for step in range(20):
+        threads = tuner.threads(step)
+        chosen.append(threads)
+        tuner.record(threads, seconds[threads])
+        if step == 9:
+            seconds = {1: 0.55, 2: 0.35}  # the other job ended
+    assert chosen[:10] == [1, 1, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert chosen[10:] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
+    assert tuner.iterations_at == {1: 10, 2: 10}
+    assert ThreadTuner(max_threads=1).threads(0) == 1  # nothing to choose from
 
 
 # ---------------------------------------------------------------- batches
@@ -251,12 +269,14 @@ def test_demo_writes_metrics_and_picture(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mask AP50" in printed and "wall time" in printed
     assert {"bbox", "segm"} == set(summary["metrics"])
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text  # strict JSON: no objects of a size is null
+    written = json.loads(text)
     assert written["iterations"] == 2 and written["validation_images"] == 4
     from PIL import Image
 
     with Image.open(tmp_path / "predictions.png") as picture:
-        assert picture.width >= 4 * demo.IMAGE_SIZE  # four images per row
+        assert picture.width >= 4 * demo.PICTURE_SCALE * demo.IMAGE_SIZE  # four enlarged images per row
     assert (tmp_path / CHECKPOINT_NAME).is_file()
 
 
