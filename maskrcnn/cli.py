@@ -248,7 +248,7 @@ def add_evaluate_parser(commands) -> None:
         description="Runs the model over a dataset and prints COCO box and mask AP (AP, AP50, AP75, APs, APm, "
         "APl) through pycocotools. Default dataset: the demo's held-out shapes.",
     )
-    parser.add_argument("--weights", required=True, type=Path, help="our checkpoint (e.g. demo_out/last.pt)")
+    parser.add_argument("--weights", required=True, type=Path, help="our checkpoint (e.g. demo_out/model.pt)")
     add_dataset_arguments(parser, shapes_images=VALIDATION_IMAGES, shapes_seed=VALIDATION_SEED)
     parser.add_argument("--out", type=Path, help="write the metrics to this JSON file")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
@@ -273,7 +273,7 @@ def add_demo_parser(commands) -> None:
         help="train the small model on generated shapes, evaluate it, draw its masks (no arguments needed)",
         description="Trains the small Mask R-CNN (ResNet-18-FPN) from scratch on generated shapes, evaluates "
         "it with pycocotools on held-out images, prints box and mask AP and the wall time, and writes "
-        "OUT/predictions.png, OUT/metrics.json and OUT/last.pt.",
+        "OUT/predictions.png, OUT/metrics.json and OUT/model.pt.",
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     parser.add_argument("--device", type=parse_device, default=default_device(),

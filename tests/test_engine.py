@@ -277,7 +277,7 @@ def test_demo_writes_metrics_and_picture(tmp_path, capsys):
 
     with Image.open(tmp_path / "predictions.png") as picture:
         assert picture.width >= 4 * demo.PICTURE_SCALE * demo.IMAGE_SIZE  # four enlarged images per row
-    assert (tmp_path / CHECKPOINT_NAME).is_file()
+    assert maskrcnn.load_model(tmp_path / demo.WEIGHTS_NAME).num_classes == 4
 
 
 @pytest.mark.cuda
