@@ -131,6 +131,7 @@ def build_config(name: str, *, num_classes: int, image_size: Optional[int]):
 def run_train(args: argparse.Namespace) -> int:
     from .checkpoint import build_model, read_checkpoint
     from .data import EpochBatchSampler
+    from .demo import OPTIMIZER
     from .distributed import init_distributed, shutdown_distributed
     from .engine import train
     from .schedule import LRSchedule
@@ -157,7 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
             schedule = LRSchedule(base_lr=args.lr, total_iterations=iterations,
                                   warmup_iterations=min(args.warmup, iterations), kind=args.schedule)
         result = train(
-            model, dataset, schedule=schedule, batch_size=args.batch_size, optimizer=args.optimizer,
+            model, dataset, schedule=schedule, batch_size=args.batch_size,
+            optimizer=args.optimizer or (None if args.resume is not None else OPTIMIZER),
             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, amp=args.amp,
             num_workers=args.workers, seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, context=context, adapt_threads=args.adapt_threads,
@@ -197,7 +199,8 @@ def add_train_parser(commands) -> None:
     length.add_argument("--iterations", type=int, help="optimizer steps (default: one epoch)")
     length.add_argument("--epochs", type=int, help="passes over the dataset (rounded down to full batches)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step and process")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help=f"default {OPTIMIZER} (on --resume: the checkpoint's)")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="learning rate after the warm-up")
     parser.add_argument("--warmup", type=int, default=WARMUP_ITERATIONS, help="linear warm-up iterations")
     parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="cosine", help="decay after the warm-up")

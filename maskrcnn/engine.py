@@ -159,8 +159,8 @@ class RunningLosses:
 
 
 def training_state(
-    *, iteration: int, optimizer: torch.optim.Optimizer, schedule: LRSchedule, scaler: torch.amp.GradScaler,
-    batch_size: int, seed: int, world_size: int,
+    *, iteration: int, optimizer: torch.optim.Optimizer, optimizer_kind: str, schedule: LRSchedule,
+    scaler: torch.amp.GradScaler, batch_size: int, seed: int, world_size: int,
 ) -> Dict[str, Any]:
     """The "training" entry of a checkpoint: everything but the weights
     that a resumed run needs (tensors and plain types only)."""
@@ -171,6 +171,7 @@ def training_state(
         "grad_scaler": scaler.state_dict(),
         "rng": rng_state(),
         "data": {"batch_size": batch_size, "seed": seed, "world_size": world_size},
+        "optimizer_kind": optimizer_kind,
     }
 
 
@@ -184,15 +185,48 @@ def load_training_state(path: Union[str, Path]) -> Dict[str, Any]:
             f"{path} holds model weights but no training state, so a run cannot resume from it "
             "(only checkpoints written during training can be resumed)"
         )
-    for key in ("iteration", "optimizer", "schedule", "grad_scaler", "rng", "data"):
+    for key in ("iteration", "optimizer", "optimizer_kind", "schedule", "grad_scaler", "rng", "data"):
         if key not in training:
             raise CheckpointError(f"{path}: the training state has no {key!r} entry")
     return {**training, "model": state_dict}
 
 
-def _loss_values(losses: Dict[str, torch.Tensor], total: torch.Tensor) -> Dict[str, float]:
+def training_step(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: List[torch.Tensor],
+    targets: List[Dict[str, Any]],
+    *,
+    amp: bool,
+    max_grad_norm: Optional[float],
+    iteration: int,
+) -> Dict[str, float]:
+    """One optimizer step on a batch: the losses (under float16 autocast
+    if ``amp``), backward of their sum (scaled), optional clipping of the
+    gradient norm, the step. Returns the loss values (LOSS_NAMES and
+    "loss", their sum); FloatingPointError if the sum is not finite (before
+    any update, so the weights stay as they were)."""
+    device_type = images[0].device.type
+    with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=amp):
+        losses = network(images, targets)
+    total = sum(losses.values())
     values = {name: float(value.detach()) for name, value in losses.items()}
     values["loss"] = float(total.detach())
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"the loss became {values['loss']} at iteration {iteration}: "
+            + ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+            + " (a smaller learning rate, a longer warm-up or --max-grad-norm may help)"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if max_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
     return values
 
 
@@ -202,7 +236,7 @@ def train(
     *,
     schedule: Optional[LRSchedule] = None,
     batch_size: int = 2,
-    optimizer: str = "sgd",
+    optimizer: Optional[str] = None,
     weight_decay: float = 1e-4,
     momentum: float = 0.9,
     max_grad_norm: Optional[float] = None,
@@ -229,7 +263,8 @@ def train(
             a run, say).
         batch_size: images per step of each process (the global batch is
             batch_size * world_size).
-        optimizer: "sgd" (momentum ``momentum``) or "adamw".
+        optimizer: "sgd" (momentum ``momentum``) or "adamw"; None: "sgd",
+            or on resume the checkpoint's (a different one is an error).
         weight_decay: on weights only (see ``make_optimizer``).
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
         amp: CUDA mixed precision (float16 autocast and a gradient scaler);
@@ -270,10 +305,15 @@ def train(
                 f"{resume} was written by a run with batch size {saved['batch_size']} on {saved['world_size']} "
                 f"process(es); resume it with the same (got {batch_size} on {context.world_size})"
             )
+        if optimizer not in (None, state["optimizer_kind"]):
+            raise ValueError(f"{resume} was trained with {state['optimizer_kind']}; resume it with the same "
+                             f"optimizer (got {optimizer})")
+        optimizer = state["optimizer_kind"]
         seed = saved["seed"]
         model.load_state_dict(state["model"])
     if schedule is None:
         raise ValueError("a schedule is needed (or a checkpoint to resume, whose schedule continues)")
+    optimizer = optimizer or "sgd"
     start = state["iteration"] if state is not None else 0
     if start >= schedule.total_iterations:
         raise ValueError(f"the run is already complete: {start} of {schedule.total_iterations} iterations done")
@@ -298,7 +338,6 @@ def train(
     model.train()
     network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if context.distributed else model
-    trainable = [p for p in model.parameters() if p.requires_grad]
     out_dir = Path(out_dir) if out_dir is not None else None
     result = TrainResult(start_iteration=start, iterations=schedule.total_iterations)
     running = RunningLosses()
@@ -309,8 +348,8 @@ def train(
             return
         result.checkpoint = out_dir / CHECKPOINT_NAME
         save_checkpoint(result.checkpoint, model, training=training_state(
-            iteration=iteration, optimizer=opt, schedule=schedule, scaler=scaler, batch_size=batch_size, seed=seed,
-            world_size=context.world_size))
+            iteration=iteration, optimizer=opt, optimizer_kind=optimizer, schedule=schedule, scaler=scaler,
+            batch_size=batch_size, seed=seed, world_size=context.world_size))
 
     bar = tqdm(total=schedule.total_iterations, initial=start, unit="it", dynamic_ncols=True,
                disable=not (progress and context.is_main))
@@ -329,26 +368,12 @@ def train(
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             images, targets = next(batches)
-            images = [image.to(device, non_blocking=True) for image in images]
             learning_rate = schedule(iteration)
             set_learning_rate(opt, learning_rate)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                losses = network(images, targets)
-            total = sum(losses.values())
-            values = _loss_values(losses, total)
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"the loss became {values['loss']} at iteration {iteration}: "
-                    + ", ".join(f"{name} {value:.4g}" for name, value in values.items())
-                    + " (a smaller learning rate, a longer warm-up or --max-grad-norm may help)"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if max_grad_norm is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
+            values = training_step(
+                network, opt, scaler, [image.to(device, non_blocking=True) for image in images], targets,
+                amp=amp, max_grad_norm=max_grad_norm, iteration=iteration,
+            )
             values["lr"] = learning_rate
             if tuner is not None:
                 tuner.record(threads, time.perf_counter() - step_began)
@@ -374,5 +399,5 @@ def train(
     return result
 
 
-__all__ = ["CHECKPOINT_NAME", "OPTIMIZERS", "ThreadTuner", "TrainResult", "load_training_state", "make_optimizer", "restore_rng_state",
-           "rng_state", "train", "training_state"]
+__all__ = ["CHECKPOINT_NAME", "OPTIMIZERS", "ThreadTuner", "TrainResult", "load_training_state", "make_optimizer",
+           "restore_rng_state", "rng_state", "train", "training_state", "training_step"]

@@ -162,6 +162,9 @@ def test_resume_errors(tmp_path):
         train(model, tiny_dataset(), resume=tmp_path / CHECKPOINT_NAME, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="already complete: 2 of 2"):
         train(model, tiny_dataset(), resume=tmp_path / CHECKPOINT_NAME, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="trained with sgd; resume it with the same optimizer"):
+        train(model, tiny_dataset(), resume=tmp_path / CHECKPOINT_NAME, batch_size=2, optimizer="adamw",
+              progress=False)
     with pytest.raises(ValueError, match="amp .* needs a CUDA device"):
         train(model, tiny_dataset(), schedule=schedule, amp=True, progress=False)
 
