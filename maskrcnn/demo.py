@@ -89,7 +89,12 @@ def run_demo(
     )
     trained = time.perf_counter()
     save_checkpoint(out_dir / WEIGHTS_NAME, model)
-    metrics, predictions = evaluate_model(model, validation_set, device=device, batch_size=8, progress=progress)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(result.last_threads)  # what the training found fastest on this machine just now
+    try:
+        metrics, predictions = evaluate_model(model, validation_set, device=device, batch_size=8, progress=progress)
+    finally:
+        torch.set_num_threads(default_threads)
     evaluated = time.perf_counter()
 
     pictured = range(min(PICTURED_IMAGES, len(validation_set)))

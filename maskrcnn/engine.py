@@ -80,35 +80,45 @@ class ThreadTuner:
     On an idle 2-core machine a step of the small model took 0.35 s with 2
     threads and 0.55 s with 1; with another process busy on one core it
     took 1.14 s with 2 (the threads wait for each other at every operation)
-    and 0.51 s with 1. So every ``period`` iterations the tuner runs
-    ``probe`` iterations with each candidate count (1 and the maximum) and
-    keeps the one whose median step was shorter until the next probe. The
-    results do not depend on the choice beyond float rounding.
+    and 0.51 s with 1. So now and then the tuner runs ``probe`` steps with
+    each candidate count (1 and the maximum) and keeps the one whose median
+    step was shorter until the next probe. Probing the slow count costs
+    time, so the interval between probes doubles (up to ``max_interval``)
+    each time a probe confirms the current choice, and falls back to
+    ``min_interval`` when it changes. The results do not depend on the
+    choice beyond float rounding.
 
     Args:
         max_threads: the largest count (torch's default: the cores).
-        period: iterations between the starts of two probes.
-        probe: iterations timed per candidate.
+        probe: steps timed per candidate.
+        min_interval, max_interval: steps from one decision to the next probe.
     """
 
-    def __init__(self, *, max_threads: int, period: int = 100, probe: int = 5) -> None:
+    def __init__(self, *, max_threads: int, probe: int = 3, min_interval: int = 50, max_interval: int = 400) -> None:
         self.candidates = sorted({1, max_threads})
-        self.period = period
         self.probe = probe
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.interval = min_interval
         self.chosen = max_threads
+        self.next_probe = 0
         self.timings: Dict[int, List[float]] = {}
         self.iterations_at: Dict[int, int] = {}
 
     def threads(self, step: int) -> int:
-        """The count for step ``step`` of this run (0-based)."""
-        phase = step % self.period
+        """The count for step ``step`` of this run (0-based; called for
+        every step in order)."""
+        offset = step - self.next_probe
         probing = len(self.candidates) * self.probe
-        if phase < probing:
-            if phase == 0:
+        if 0 <= offset < probing:
+            if offset == 0:
                 self.timings = {count: [] for count in self.candidates}
-            return self.candidates[phase // self.probe]
-        if phase == probing:
-            self.chosen = min(self.candidates, key=lambda count: statistics.median(self.timings[count]))
+            return self.candidates[offset // self.probe]
+        if offset == probing:
+            best = min(self.candidates, key=lambda count: statistics.median(self.timings[count]))
+            self.interval = min(2 * self.interval, self.max_interval) if best == self.chosen else self.min_interval
+            self.chosen = best
+            self.next_probe = step + self.interval
         return self.chosen
 
     def record(self, threads: int, seconds: float) -> None:
@@ -129,6 +139,7 @@ class TrainResult:
         seconds: wall time of the loop.
         checkpoint: the last checkpoint written, if any.
         threads: iterations run with each intra-op thread count.
+        last_threads: the count in use at the end (the tuner's last choice).
     """
 
     history: List[Dict[str, float]] = field(default_factory=list)
@@ -137,6 +148,7 @@ class TrainResult:
     seconds: float = 0.0
     checkpoint: Optional[Path] = None
     threads: Dict[int, int] = field(default_factory=dict)
+    last_threads: int = 1
 
 
 class RunningLosses:
@@ -388,6 +400,7 @@ def train(
         bar.close()
         torch.set_num_threads(default_threads)
     result.threads = dict(tuner.iterations_at) if tuner is not None else {default_threads: len(result.history)}
+    result.last_threads = tuner.chosen if tuner is not None else default_threads
     if context.distributed:
         # DDP sends rank 0's buffers (BatchNorm statistics) to every rank at
         # each forward, but each rank then updated its own with its last

@@ -68,20 +68,25 @@ def test_schedule_steps_constant_and_state():
 
 
 def test_thread_tuner_probes_and_keeps_the_faster_count():
-    """Each period starts with probe steps at 1 and at the maximum count,
-    then keeps the count whose median step was shorter."""
-    tuner = ThreadTuner(max_threads=2, period=10, probe=2)
-    seconds = {1: 0.5, 2: 1.1}  # a busy machine: one thread is faster
-    chosen = []
-    for step in range(20):
+    """A probe (2 steps at 1 thread, 2 at 2) starts the run; its winner is
+    kept; the next probe comes after min_interval steps, then twice as long
+    after each probe that confirms the choice, and min_interval again
+    after one that changes it."""
+    tuner = ThreadTuner(max_threads=2, probe=2, min_interval=4, max_interval=16)
+    chosen, probes = [], []
+    for step in range(40):
+        busy = step < 22  # another job holds a core for the first 22 steps
         threads = tuner.threads(step)
         chosen.append(threads)
-        tuner.record(threads, seconds[threads])
-        if step == 9:
-            seconds = {1: 0.55, 2: 0.35}  # the other job ended
-    assert chosen[:10] == [1, 1, 2, 2, 1, 1, 1, 1, 1, 1]
-    assert chosen[10:] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
-    assert tuner.iterations_at == {1: 10, 2: 10}
+        if tuner.timings and not any(tuner.timings.values()):
+            probes.append(step)
+        tuner.record(threads, {1: 0.5, 2: 1.1}[threads] if busy else {1: 0.55, 2: 0.35}[threads])
+    assert probes == [0, 8, 20, 28]
+    assert chosen[:4] == [1, 1, 2, 2] and set(chosen[4:8]) == {1}  # busy: one thread
+    assert set(chosen[12:20]) == {1}  # confirmed: the next probe 8 steps after the decision
+    assert set(chosen[24:28]) == {2}  # the machine is free again: a change, so soon another probe
+    assert chosen[28:32] == [1, 1, 2, 2] and set(chosen[32:]) == {2}
+    assert tuner.iterations_at[1] + tuner.iterations_at[2] == 40
     assert ThreadTuner(max_threads=1).threads(0) == 1  # nothing to choose from
 
 
