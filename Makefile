@@ -32,7 +32,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(PY) -m benchmarks.roi_align
+	$(PY) -m maskrcnn demo
 
 bench: build
 	$(PY) -m benchmarks
