@@ -5,6 +5,7 @@ Our checkpoint is a dict::
     {"format": "maskrcnn-ops/maskrcnn", "format_version": 1,
      "model_kwargs": {...},          # maskrcnn_resnet_fpn's keyword arguments
      "model": model.state_dict(),
+     "class_names": [...],           # optional: a name per label (model.class_names)
      "training": {...}}              # optional: the state to resume a run
 
 where "training" (written by ``maskrcnn.engine``) holds the iteration, the
@@ -23,7 +24,7 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -57,6 +58,8 @@ def save_checkpoint(path: PathLike, model: MaskRCNN, *, training: Optional[Mappi
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_kwargs": dict(model.build_kwargs),
                "model": model.state_dict()}
+    if model.class_names:
+        payload["class_names"] = list(model.class_names)
     if training is not None:
         payload["training"] = dict(training)
     partial = path.with_name(path.name + ".partial")
@@ -92,14 +95,22 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
         CheckpointError: not loadable with weights_only=True, or neither our
             checkpoint format nor a torchvision Mask R-CNN state dict.
     """
-    kwargs, state_dict, _ = read_checkpoint(path)
-    return kwargs, state_dict
+    checkpoint = read_checkpoint(path)
+    return checkpoint.model_kwargs, checkpoint.state_dict
 
 
-def read_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor], Optional[Dict[str, Any]]]:
-    """Reads a weights file: returns (model_kwargs, state_dict, training),
-    ``training`` None unless the file is our checkpoint with a training
-    state. Raises as ``read_weights``."""
+class Checkpoint(NamedTuple):
+    """The contents of a weights file (see the module docstring): training
+    None and class_names empty unless the file is our checkpoint with them."""
+
+    model_kwargs: Dict[str, Any]
+    state_dict: Dict[str, Tensor]
+    training: Optional[Dict[str, Any]]
+    class_names: List[str]
+
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """Reads a weights file, raising as ``read_weights``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -126,12 +137,16 @@ def read_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor], 
             raise CheckpointError(f"{path}: a checkpoint needs a 'model_kwargs' dict and a 'model' state dict")
         if training is not None and not isinstance(training, Mapping):
             raise CheckpointError(f"{path}: 'training' must be a dict, got {type(training).__name__}")
-        return dict(kwargs), dict(state_dict), (dict(training) if training is not None else None)
+        class_names = obj.get("class_names", [])
+        if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
+            raise CheckpointError(f"{path}: 'class_names' must be a list of strings")
+        return Checkpoint(dict(kwargs), dict(state_dict), dict(training) if training is not None else None,
+                          list(class_names))
     if isinstance(obj, Mapping) and all(marker in obj for marker in _TORCHVISION_MARKERS):
         if not all(isinstance(v, Tensor) for v in obj.values()):
             raise CheckpointError(f"{path}: a state dict must map names to tensors")
         try:
-            return torchvision_model_kwargs(obj), dict(obj), None
+            return Checkpoint(torchvision_model_kwargs(obj), dict(obj), None, [])
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from error
     raise CheckpointError(
@@ -187,9 +202,11 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
     Returns:
         The model in eval mode.
     """
-    kwargs, state_dict = read_weights(path)
-    return build_model(kwargs, state_dict, source=str(path), **overrides).to(device).eval()
+    checkpoint = read_checkpoint(path)
+    model = build_model(checkpoint.model_kwargs, checkpoint.state_dict, source=str(path), **overrides)
+    model.class_names = checkpoint.class_names
+    return model.to(device).eval()
 
 
-__all__ = ["FORMAT", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
+__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
            "read_weights", "save_checkpoint", "torchvision_model_kwargs"]

@@ -143,8 +143,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         dataset = build_dataset(args)
         if args.resume is not None:
-            kwargs, state_dict, _ = read_checkpoint(args.resume)
-            model = build_model(kwargs, state_dict, source=str(args.resume))
+            checkpoint = read_checkpoint(args.resume)
+            model = build_model(checkpoint.model_kwargs, checkpoint.state_dict, source=str(args.resume))
+            model.class_names = checkpoint.class_names
         else:
             model = build_config(args.config, num_classes=dataset.num_classes, image_size=args.image_size)
         model.to(context.device)

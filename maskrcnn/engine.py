@@ -191,7 +191,8 @@ def load_training_state(path: Union[str, Path]) -> Dict[str, Any]:
     """The training state of a checkpoint written by ``train`` (its
     "training" entry, and the weights under "model"). CheckpointError if
     the file holds weights only."""
-    _, state_dict, training = read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
+    training, state_dict = checkpoint.training, checkpoint.state_dict
     if training is None:
         raise CheckpointError(
             f"{path} holds model weights but no training state, so a run cannot resume from it "
@@ -330,6 +331,8 @@ def train(
     if start >= schedule.total_iterations:
         raise ValueError(f"the run is already complete: {start} of {schedule.total_iterations} iterations done")
 
+    if not model.class_names and getattr(dataset, "class_names", None):
+        model.class_names = list(dataset.class_names)  # saved with the checkpoints, used by predict
     opt = make_optimizer(model, kind=optimizer, lr=schedule(start), weight_decay=weight_decay, momentum=momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     if state is not None:

@@ -77,7 +77,9 @@ class MaskRCNN(nn.Module):
     one by one as ``forward`` does.
 
     A model made by :func:`maskrcnn_resnet_fpn` carries ``build_kwargs``, the
-    builder's keyword arguments, so that a checkpoint can rebuild it.
+    builder's keyword arguments, so that a checkpoint can rebuild it, and
+    ``class_names`` (a name per label, background first; empty when
+    unknown), which checkpoints keep and training sets from its dataset.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class MaskRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.build_kwargs: Dict[str, object] = {}
+        self.class_names: List[str] = []
         # torchvision's published weights use older key names: accept them.
         self.register_load_state_dict_pre_hook(rename_legacy_keys_hook)
 

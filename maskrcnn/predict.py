@@ -110,7 +110,7 @@ def predict_files(
         with open_image(path):
             pass
     out_dir.mkdir(parents=True, exist_ok=True)
-    class_names = label_names(model.roi_heads.box_predictor.cls_score.out_features)
+    class_names = model.class_names or label_names(model.num_classes)
     names = output_names(paths)
     infos, results = [], []
     model.eval()

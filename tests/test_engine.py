@@ -285,7 +285,9 @@ def test_demo_writes_metrics_and_picture(tmp_path, capsys):
 
     with Image.open(tmp_path / "predictions.png") as picture:
         assert picture.width >= 4 * demo.PICTURE_SCALE * demo.IMAGE_SIZE  # four enlarged images per row
-    assert maskrcnn.load_model(tmp_path / demo.WEIGHTS_NAME).num_classes == 4
+    trained = maskrcnn.load_model(tmp_path / demo.WEIGHTS_NAME)
+    assert trained.num_classes == 4
+    assert trained.class_names == ["__background__", "circle", "square", "triangle"]  # for predict's captions
 
 
 @pytest.mark.cuda
