@@ -17,6 +17,13 @@ _ops = torch.ops.maskrcnn_ops
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
+# At most this many candidate boxes go through one NMS call (unless a single
+# image has more). The CUDA kernel's suppression mask is quadratic in the
+# boxes of a call (N * ceil(N / 64) words: 50 MiB here, 3.2 GB for 160k boxes,
+# a batch of 16 at torchvision's training top-n), and its reduction walks
+# them serially, so a large batch is split into calls over whole images.
+_NMS_BOXES_PER_CALL = 20480
+
 ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
 
 
@@ -119,6 +126,36 @@ def _top_candidates(
     return candidates.view(n, levels * k), valid.view(n, levels * k)
 
 
+def _nms_keep_by_image_groups(boxes: Tensor, scores: Tensor, level_ids: Tensor, nms_thresh: float) -> Tensor:
+    """NMS within each (image, level), in calls over consecutive groups of
+    whole images with at most ``_NMS_BOXES_PER_CALL`` boxes each (one image
+    per call if an image alone has more).
+
+    Exactly one call's result: the segments never cross images. The group
+    sizes are Python ints known from the shapes, so there is no host sync and
+    every device runs this same loop.
+
+    Args:
+        boxes: [N, M, 4] candidates per image (NaN boxes never suppress).
+        scores: [N, M].
+        level_ids: int64 [M], the level of each candidate slot.
+
+    Returns:
+        bool [N, M], True for the boxes NMS keeps.
+    """
+    n, per_image = scores.shape
+    images_per_call = max(1, _NMS_BOXES_PER_CALL // max(per_image, 1))
+    keep = torch.empty(n, per_image, dtype=torch.bool, device=scores.device)
+    for first in range(0, n, images_per_call):
+        last = min(first + images_per_call, n)
+        image_ids = torch.arange(last - first, device=scores.device).repeat_interleave(per_image)
+        keep[first:last] = batched_nms_keep(
+            boxes[first:last].reshape(-1, 4), scores[first:last].reshape(-1), level_ids.repeat(last - first),
+            nms_thresh, image_ids,
+        ).view(last - first, per_image)
+    return keep
+
+
 def generate_proposals_padded(
     objectness: Tensor,
     deltas: Tensor,
@@ -139,7 +176,8 @@ def generate_proposals_padded(
     Per image and level: the ``pre_nms_top_n`` anchors with the highest
     objectness; their deltas decoded, clipped to the image, boxes with a side
     below ``min_size`` or a score (sigmoid of the logit) below ``score_thresh``
-    dropped, NMS at ``nms_thresh`` within each (image, level); then the best
+    dropped, NMS at ``nms_thresh`` within each (image, level) (in calls over
+    groups of whole images, each of a bounded number of boxes); then the best
     ``post_nms_top_n`` of each image by score. The same proposals, scores and
     order as torchvision's ``RegionProposalNetwork`` with these settings.
 
@@ -175,13 +213,12 @@ def generate_proposals_padded(
     device = objectness.device
     objectness, deltas, anchors = objectness.detach(), deltas.detach(), anchors.detach()
     sizes = _image_sizes_tensor(image_sizes, n, device)
-    if total == 0 or pre_nms_top_n <= 0 or post_nms_top_n == 0:
+    if n == 0 or total == 0 or pre_nms_top_n <= 0 or post_nms_top_n == 0:
         return (
             deltas.new_zeros(n, post_nms_top_n, 4),
             objectness.new_zeros(n, post_nms_top_n),
             torch.zeros(n, dtype=torch.int64, device=device),
         )
-    levels = len(num_anchors_per_level)
     candidates, valid = _top_candidates(
         objectness, num_anchors_per_level, pre_nms_top_n, batched=objectness.is_cuda
     )
@@ -202,14 +239,13 @@ def generate_proposals_padded(
 
     # NMS within each (image, level); dropped boxes become NaN, which never
     # suppress anything, and stay dropped through `keep`.
-    level_ids = torch.arange(levels, device=device).repeat_interleave(k).expand(n, levels * k)
-    image_ids = torch.arange(n, device=device)[:, None].expand(n, levels * k)
-    nms_boxes = boxes.masked_fill(~keep[..., None], float("nan")).reshape(-1, 4)
-    flat_scores = scores.reshape(-1)
-    survives = batched_nms_keep(nms_boxes, flat_scores, level_ids.reshape(-1), nms_thresh, image_ids.reshape(-1))
-    survives &= keep.reshape(-1)
+    level_ids = torch.arange(levels, device=device).repeat_interleave(k)
+    nms_boxes = boxes.masked_fill(~keep[..., None], float("nan"))
+    survives = _nms_keep_by_image_groups(nms_boxes, scores, level_ids, nms_thresh) & keep
 
-    chosen, counts = rank_kept_per_image(survives, flat_scores, image_ids.reshape(-1), n, post_nms_top_n)
+    flat_scores = scores.reshape(-1)
+    image_ids = torch.arange(n, device=device).repeat_interleave(levels * k)
+    chosen, counts = rank_kept_per_image(survives.reshape(-1), flat_scores, image_ids, n, post_nms_top_n)
     filled = chosen >= 0
     gather = chosen.clamp(min=0)
     # where(), not a product: the padding must be zero even next to NaN.

@@ -42,6 +42,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 import maskrcnn_ops
+import maskrcnn_ops.proposals as proposals_module
 from maskrcnn_ops import reference
 from maskrcnn_ops.anchors import FPN_ASPECT_RATIOS, FPN_SIZES
 from maskrcnn_ops.proposals import _top_candidates
@@ -56,12 +57,14 @@ DEFAULT_CLIP = math.log(1000.0 / 16)
 MODES = {"eval": (1000, 1000, False), "train": (2000, 2000, True)}
 
 # (padded batch height, width, image sizes): a COCO-sized batch of two images
-# of different sizes, a small one, and one smaller than the largest strides.
+# of different sizes, a small one, one smaller than the largest strides, and
+# a small batch of five images.
 BATCHES = {
     "coco": (800, 1088, [(800, 1066), (736, 1088)]),
     "medium": (256, 384, [(256, 370), (240, 384)]),
     "small": (64, 96, [(60, 90), (64, 71)]),
     "tiny": (32, 48, [(30, 41), (20, 17)]),
+    "five": (64, 96, [(60, 90), (64, 71), (50, 96), (64, 96), (33, 40)]),
 }
 STRIDES = (4, 8, 16, 32, 64)
 
@@ -228,12 +231,12 @@ def compare_with_torchvision(batch, *, pre_nms_top_n, post_nms_top_n, training=F
     return result
 
 
-def small_case(seed, *, n=2, dtype=torch.float32, device="cpu"):
-    """A small random problem: n images, 3 levels of 40, 12 and 5 anchors
-    (random boxes, some partly outside the image), N(0, 2) logits, N(0, 0.5)
-    deltas, image sizes around 60 x 80."""
+def small_case(seed, *, n=2, levels=(40, 12, 5), dtype=torch.float32, device="cpu"):
+    """A small random problem: n images, by default 3 levels of 40, 12 and 5
+    anchors (random boxes, some partly outside the image), N(0, 2) logits,
+    N(0, 0.5) deltas, image sizes around 60 x 80."""
     g = torch.Generator().manual_seed(seed)
-    levels = [40, 12, 5]
+    levels = list(levels)
     total = sum(levels)
     xy = torch.rand(total, 2, generator=g, dtype=torch.float64) * 90 - 10
     wh = torch.rand(total, 2, generator=g, dtype=torch.float64) * 40 + 2
@@ -542,6 +545,117 @@ def test_negative_post_nms_top_n(device):
         maskrcnn_ops.generate_proposals_padded(**case, pre_nms_top_n=10, post_nms_top_n=-1, nms_thresh=0.7)
 
 
+# ------------------------------------------------ NMS in groups of images --
+
+
+def spy_on_nms_calls(monkeypatch):
+    """Routes generate_proposals_padded's batched_nms_keep calls through a
+    spy; returns the list that receives each call's image_ids (int64 [B],
+    on CPU)."""
+    calls = []
+
+    def spy(boxes, scores, idxs, iou_threshold, image_ids=None):
+        calls.append(image_ids.cpu())
+        return maskrcnn_ops.batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)
+
+    monkeypatch.setattr(proposals_module, "batched_nms_keep", spy)
+    return calls
+
+
+def assert_whole_image_groups(calls, *, per_image, group_sizes):
+    """The NMS calls took consecutive groups of whole images of the given
+    sizes: per_image candidate slots of each image, numbered from 0 within
+    the call; and none held more than the bound, unless one image alone
+    does."""
+    assert [len(ids) for ids in calls] == [size * per_image for size in group_sizes]
+    bound = proposals_module._NMS_BOXES_PER_CALL
+    for ids, size in zip(calls, group_sizes):
+        assert len(ids) <= max(bound, per_image)
+        assert torch.equal(ids, torch.arange(size).repeat_interleave(per_image))
+
+
+@pytest.mark.parametrize(
+    "boxes_per_call, group_sizes",
+    [(90, [2, 2, 1]), (134, [2, 2, 1]), (45, [1] * 5), (1, [1] * 5)],
+    ids=["2-images", "2-images-not-exact", "1-image", "below-1-image"],
+)
+def test_nms_in_image_groups_equals_one_call(device, monkeypatch, boxes_per_call, group_sizes):
+    """With the NMS bound lowered so that 5 images (45 candidate slots each: 3
+    levels, k = 15) take several calls, the padded outputs are bitwise those
+    of the one call the default bound gives, the candidates of image 2 all
+    filtered (NaN deltas) included; and still the reference's proposals. The
+    NMS threshold is low enough that every other image loses candidates to
+    it, so keep flags applied to the wrong images would show."""
+    case = small_case(50, n=5, device=device)
+    case["deltas"][2] = math.nan
+    settings = dict(pre_nms_top_n=15, post_nms_top_n=45, nms_thresh=0.2, score_thresh=0.1)
+    without_nms = maskrcnn_ops.generate_proposals_padded(**dict(settings, nms_thresh=1.0), **case)[2].tolist()
+    calls = spy_on_nms_calls(monkeypatch)
+    one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
+    assert_whole_image_groups(calls, per_image=45, group_sizes=[5])
+
+    monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", boxes_per_call)
+    calls.clear()
+    split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
+    assert_whole_image_groups(calls, per_image=45, group_sizes=group_sizes)
+    for actual, expected in zip(split, one_call):
+        assert torch.equal(actual, expected)
+    counts = split[2].tolist()
+    assert counts[2] == 0 and all(0 < kept < before for kept, before in zip(counts, without_nms) if before)
+    assert_same_as_reference(maskrcnn_ops.generate_proposals(**case, **settings),
+                             reference.generate_proposals(**case, **settings), torch.float32)
+
+
+def test_nms_in_image_groups_matches_torchvision(monkeypatch):
+    """A batch of five images with 5 FPN levels (500 candidate slots each),
+    the NMS in groups of 2, 2 and 1 images: torchvision's proposals, image
+    2's candidates all NaN (no proposal)."""
+    batch = Batch("five", seed=51)
+    objectness, deltas, _ = batch.flat()
+    deltas = deltas.clone()
+    deltas[2] = math.nan
+    batch.set_flat(deltas=deltas)
+    monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", 1000)
+    calls = spy_on_nms_calls(monkeypatch)
+    _, scores = compare_with_torchvision(batch, pre_nms_top_n=100, post_nms_top_n=150)
+    assert_whole_image_groups(calls, per_image=500, group_sizes=[2, 2, 1])
+    assert [len(s) > 0 for s in scores] == [True, True, False, True, True]
+
+
+def test_default_nms_bound(device, monkeypatch):
+    """At the default bound, a batch of 5 images of 9,000 candidate slots (3
+    levels, k = 3000) runs NMS in calls of 2, 2 and 1 images, none above
+    the bound, whose suppression mask (N * ceil(N / 64) 8-byte words) stays
+    within 64 MiB; the result is bitwise that of one unbounded call."""
+    bound = proposals_module._NMS_BOXES_PER_CALL
+    assert bound * math.ceil(bound / 64) * 8 <= 64 * 2**20
+    case = small_case(52, n=5, levels=(3000, 3000, 3000), device=device)
+    settings = dict(pre_nms_top_n=3000, post_nms_top_n=1000, nms_thresh=0.7)
+    calls = spy_on_nms_calls(monkeypatch)
+    split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
+    assert_whole_image_groups(calls, per_image=9000, group_sizes=[2, 2, 1])
+
+    monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", 10**9)
+    calls.clear()
+    one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
+    assert_whole_image_groups(calls, per_image=9000, group_sizes=[5])
+    for actual, expected in zip(split, one_call):
+        assert torch.equal(actual, expected)
+    assert min(split[2].tolist()) > 0
+
+
+def test_empty_batch(device):
+    """A batch of no images (image sizes [0, 2]) gives [0, post, 4] /
+    [0, post] / [0] outputs and empty lists, not an error."""
+    case = small_case(53, device=device)
+    empty = dict(case, objectness=case["objectness"][:0], deltas=case["deltas"][:0],
+                 image_sizes=torch.zeros(0, 2, device=device))
+    settings = dict(pre_nms_top_n=10, post_nms_top_n=20, nms_thresh=0.7)
+    boxes, scores, counts = maskrcnn_ops.generate_proposals_padded(**empty, **settings)
+    assert boxes.shape == (0, 20, 4) and scores.shape == (0, 20) and counts.shape == (0,)
+    assert maskrcnn_ops.generate_proposals(**empty, **settings) == ([], [])
+
+
 # ---------------------------------------------------------------- bad input --
 
 
@@ -766,11 +880,15 @@ def test_opcheck_with_grad_inputs(device):
 # ------------------------------------------------------------ torch.compile --
 
 
-def test_compile_generate_proposals_padded(device, fresh_dynamo):
+@pytest.mark.parametrize("boxes_per_call", [None, 1], ids=["one-nms-call", "nms-call-per-image"])
+def test_compile_generate_proposals_padded(device, fresh_dynamo, monkeypatch, boxes_per_call):
     """torch.compile(fullgraph=True, backend="aot_eager") traces the whole
     padded form (top-k, gathers, the fused op, batched NMS keep flags,
     ranking) without a graph break, and equals eager on several inputs of
-    the same shapes (the per-level layout cache warm or cold)."""
+    the same shapes (the per-level layout cache warm or cold); also with the
+    NMS split into one call per image."""
+    if boxes_per_call is not None:
+        monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", boxes_per_call)
 
     def fn(objectness, deltas, anchors, image_sizes):
         return maskrcnn_ops.generate_proposals_padded(
