@@ -113,6 +113,11 @@ def roi_align(
             + corner(y_hi, x_lo) * (wy_hi[:, None] * wx_lo[None, :])
             + corner(y_hi, x_hi) * (wy_hi[:, None] * wx_hi[None, :])
         )
+        # A sample outside the map is 0 whatever the map holds (zero weights
+        # times a NaN or Inf at the placeholder index would not be), and
+        # passes no gradient.
+        inside = ((wy_lo != 0) | (wy_hi != 0))[:, None] & ((wx_lo != 0) | (wx_hi != 0))[None, :]
+        samples = torch.where(inside, samples, torch.zeros((), dtype=samples.dtype, device=samples.device))
         bins = samples.reshape(channels, pooled_h, grid_h, pooled_w, grid_w)
         if pool_mode == "max":
             # torch.max over a dim returns (and differentiates) the first maximum.

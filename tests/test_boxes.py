@@ -346,3 +346,82 @@ def test_compile_decode_forward_and_backward(device, fresh_dynamo):
     actual[0].backward(grad_output)
     torch.testing.assert_close(d_compiled.grad, d_eager.grad, atol=0, rtol=0)
     assert d_eager.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- bad input --
+
+_W = [1.0, 1.0, 1.0, 1.0]
+
+
+def _bad_box_coding_calls(device):
+    """(name, call, error type, message) for every kind of bad argument."""
+    deltas, boxes = make_deltas(3, device=device), make_boxes(3, device=device)
+    empty = torch.zeros(0, 4, device=device)
+    return [
+        ("deltas-not-4C", lambda: maskrcnn_ops.decode_boxes(torch.zeros(3, 5, device=device), boxes),
+         RuntimeError, r"decode_boxes: expected deltas of shape \[K, 4 \* C\], got \[3, 5\]"),
+        ("deltas-1d", lambda: maskrcnn_ops.decode_boxes(deltas.flatten(), boxes),
+         RuntimeError, r"decode_boxes: expected deltas of shape \[K, 4 \* C\]"),
+        ("boxes-rows", lambda: maskrcnn_ops.decode_boxes(deltas, boxes[:2]),
+         RuntimeError, r"decode_boxes: expected boxes of shape \[3, 4\], got \[2, 4\]"),
+        ("integer-deltas", lambda: maskrcnn_ops.decode_boxes(deltas.long(), boxes),
+         RuntimeError, "decode_boxes: expected deltas of dtype float32, float64, float16 or bfloat16, got Long"),
+        ("integer-boxes", lambda: maskrcnn_ops.decode_boxes(deltas, boxes.int()),
+         RuntimeError, "decode_boxes: expected floating-point boxes, got Int"),
+        ("three-weights", lambda: maskrcnn_ops.decode_boxes(deltas, boxes, (1.0, 1.0, 1.0)),
+         ValueError, r"weights must be 4 numbers \(wx, wy, ww, wh\)"),
+        ("zero-weight", lambda: maskrcnn_ops.decode_boxes(deltas, boxes, (0.0, 1.0, 1.0, 1.0)),
+         RuntimeError, "decode_boxes: weights must be finite and non-zero"),
+        # Checked before the early exit of an empty input, on every backend.
+        ("nan-weight-empty", lambda: ops.decode_boxes(empty, empty, [math.nan, 1.0, 1.0, 1.0], 1.0),
+         RuntimeError, "decode_boxes: weights must be finite and non-zero"),
+        ("backward-grad-shape", lambda: ops.decode_boxes_backward(make_deltas(3, 2, device=device), deltas, boxes, _W, 1.0),
+         RuntimeError, r"decode_boxes_backward: expected grad of shape \[3, 4\], got \[3, 8\]"),
+        ("backward-integer-grad", lambda: ops.decode_boxes_backward(deltas.long(), deltas, boxes, _W, 1.0),
+         RuntimeError, "decode_boxes_backward: expected a floating-point grad, got Long"),
+        ("backward-inf-weight-empty", lambda: ops.decode_boxes_backward(empty, empty, empty, [1.0, math.inf, 1.0, 1.0], 1.0),
+         RuntimeError, "decode_boxes_backward: weights must be finite and non-zero"),
+        ("encode-rows", lambda: maskrcnn_ops.encode_boxes(boxes, boxes[:2]),
+         RuntimeError, r"encode_boxes: expected proposals of shape \[3, 4\], got \[2, 4\]"),
+        ("encode-integer", lambda: maskrcnn_ops.encode_boxes(boxes.long(), boxes),
+         RuntimeError, "encode_boxes: expected reference_boxes of dtype float32, float64, float16 or bfloat16"),
+        ("encode-zero-weight-empty", lambda: ops.encode_boxes(empty, empty, [1.0, 1.0, 0.0, 1.0]),
+         RuntimeError, "encode_boxes: weights must be finite and non-zero"),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _bad_box_coding_calls("cpu")])
+def test_bad_input_raises_clearly(device, case):
+    """Each malformed argument is a one-line error naming the op and what was
+    expected, on both backends; an empty input does not skip the checks."""
+    _, call, error, message = next(c for c in _bad_box_coding_calls(device) if c[0] == case)
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_decode_double_backward_raises(device):
+    """decode_boxes is differentiable once (training never needs more); a
+    second derivative is a clear error, not a silent zero."""
+    deltas = make_deltas(5, device=device, seed=40).requires_grad_(True)
+    decoded = maskrcnn_ops.decode_boxes(deltas, make_boxes(5, device=device, seed=40))
+    (grad,) = torch.autograd.grad(decoded.sum(), deltas, create_graph=True)
+    with pytest.raises(RuntimeError, match="decode_boxes_backward is not differentiable"):
+        grad.sum().backward()
+
+
+def test_encode_is_not_differentiable(device):
+    """Regression targets carry no gradient in Mask R-CNN; asking for one is a
+    clear error."""
+    gt = make_boxes(4, device=device, seed=41).requires_grad_(True)
+    targets = maskrcnn_ops.encode_boxes(gt, make_boxes(4, device=device, seed=42))
+    with pytest.raises(RuntimeError, match="encode_boxes is not differentiable"):
+        targets.sum().backward()
+
+
+@cuda_only
+def test_decode_backward_grad_on_another_device():
+    """The raw backward op with a CPU grad and CUDA deltas: the dispatcher
+    picks the CUDA kernel, which must refuse the host pointer."""
+    deltas, boxes = make_deltas(3, device="cuda"), make_boxes(3, device="cuda")
+    with pytest.raises(RuntimeError, match="decode_boxes_backward: grad and deltas must be on the same device"):
+        ops.decode_boxes_backward(deltas.cpu(), deltas, boxes, _W, 1.0)

@@ -606,6 +606,47 @@ def test_boxes_outside_image_give_zeros(device, aligned):
         assert not grad.any()
 
 
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("aligned", [False, True], ids=["legacy", "aligned"])
+def test_non_finite_values_do_not_leak_through_outside_samples(device, aligned, memory_format, deterministic_mode):
+    """Samples outside the map read nothing and take no gradient. With Inf
+    and NaN at element (0, 0) of the planes, which no inside sample of the
+    boxes below reaches (they stick out past the right and bottom borders),
+    the output equals torchvision's on the same map with those elements set
+    to 0, and so does the reference; an Inf or NaN gradient on such a box's
+    bins lands exactly where torchvision's backward puts it, never at (0, 0).
+    (Multiplying the outside samples' zero weights by the placeholder element
+    would give NaN; torchvision's CUDA kernel, mmcv and detectron2 skip such
+    samples, its CPU forward does not.) CUDA runs both backward kernels."""
+    h, w = 12, 14
+    finite = make_features(2, 3, h, w, device=device)
+    x = finite.clone()
+    x[:, 0, 0, 0], x[:, 1, 0, 0], x[:, 2, 0, 0] = math.inf, math.nan, -math.inf
+    finite[:, :, 0, 0] = 0
+    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+    rois = torch.tensor(
+        [[0, w - 4.0, 3.0, w + 20.0, 9.0], [1, 4.0, h - 3.0, 11.0, h + 30.0], [1, w - 2.0, h - 2.0, w + 9.0, h + 9.0]],
+        device=device,
+    )
+    for sampling_ratio in (-1, 2):
+        out = maskrcnn_ops.roi_align(x, rois, 3, 1.0, sampling_ratio, aligned)
+        expected = torchvision.ops.roi_align(finite.cpu(), rois.cpu(), 3, 1.0, sampling_ratio, aligned)
+        torch.testing.assert_close(out.detach().cpu(), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reference.roi_align(x.detach(), rois, 3, 1.0, sampling_ratio, aligned).cpu(),
+                                   expected, atol=1e-5, rtol=1e-5)
+        grad_out = torch.ones_like(out)
+        grad_out[0, :, 1, 0] = math.inf  # a bin of the first box, half outside
+        grad_out[2, 1, 0, 0] = math.nan
+        x_cpu = x.detach().cpu().requires_grad_(True)
+        torchvision.ops.roi_align(x_cpu, rois.cpu(), 3, 1.0, sampling_ratio, aligned).backward(grad_out.cpu())
+        for deterministic in (False, True):
+            deterministic_mode(deterministic)
+            (grad,) = torch.autograd.grad(out, x, grad_out, retain_graph=True)
+            assert not grad[:, :, 0, 0].any()
+            torch.testing.assert_close(grad.cpu(), x_cpu.grad, atol=1e-5, rtol=1e-5, equal_nan=True)
+            assert grad.isinf().any() and grad.isnan().any()  # the Inf and NaN did arrive
+
+
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("aligned", [False, True], ids=["legacy", "aligned"])
 def test_zero_size_and_inverted_boxes(device, aligned, sampling_ratio):

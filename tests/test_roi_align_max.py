@@ -103,6 +103,28 @@ def test_nan_propagates(device):
     assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+def test_outside_samples_are_zero_candidates_that_read_nothing(device, memory_format):
+    """A sample beyond the border is a candidate of value 0 (mmcv) whatever
+    the map holds at the placeholder element (0, 0): with NaN and -Inf there,
+    far from boxes that stick out past the right border, the result equals
+    the one on the map with those elements set to 0; a box of all-negative
+    values partly outside gets 0 from an outside sample, and the gradient of
+    such a bin goes nowhere."""
+    finite = -1.0 - torch.rand(1, 2, 8, 10, dtype=torch.float64, device=device)
+    x = finite.clone()
+    x[0, 0, 0, 0], x[0, 1, 0, 0] = float("nan"), -float("inf")
+    finite[:, :, 0, 0] = 0
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    rois = torch.tensor([[0, 6.0, 2.0, 18.0, 7.0]], dtype=torch.float64, device=device)
+    out = maskrcnn_ops.roi_align_max(x, rois, 2, 1.0, 2, True)
+    expected = reference.roi_align(finite, rois, 2, 1.0, 2, True, pool_mode="max")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (out[..., 1] == 0).all() and (out[..., 0] < 0).all()  # bins 1 lie wholly outside
+    (grad,) = torch.autograd.grad(out, x, torch.full_like(out, float("inf")))
+    assert not grad[:, :, 0, 0].any() and torch.isinf(grad).sum() > 0
+
+
 def test_empty_and_degenerate_rois(device):
     x = torch.randn(1, 3, 8, 8, device=device, requires_grad=True)
     out, argmax = ops.roi_align_max(x, torch.zeros(0, 5, device=device), 1.0, 2, 2, 2, True)

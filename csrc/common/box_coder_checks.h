@@ -43,6 +43,20 @@ inline void check_decode_args(const char* op, const at::Tensor& deltas, const at
               boxes.device());
 }
 
+// grad [K, 4 * C], the gradient of decode_boxes's output, on deltas's device.
+inline void check_decode_backward_args(const char* op, const at::Tensor& grad,
+                                       const at::Tensor& deltas, const at::Tensor& boxes) {
+  check_decode_args(op, deltas, boxes);
+  TORCH_CHECK(grad.sizes() == deltas.sizes(), op, ": expected grad of shape ", deltas.sizes(),
+              ", got ", grad.sizes());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": expected a floating-point grad, got ",
+              grad.scalar_type());
+  // The dispatcher picks the CUDA kernel when any argument is on a GPU; a
+  // grad elsewhere would be read through a pointer of the wrong device.
+  TORCH_CHECK(grad.device() == deltas.device(), op, ": grad and deltas must be on the same device, got ",
+              grad.device(), " and ", deltas.device());
+}
+
 inline void check_encode_args(const char* op, const at::Tensor& reference, const at::Tensor& proposals) {
   check_coded(op, "reference_boxes", reference);
   TORCH_CHECK(at::isFloatingType(proposals.scalar_type()), op,

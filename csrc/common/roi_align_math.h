@@ -42,13 +42,20 @@ struct RoIAlignGeometry {
 // Bilinear taps along one axis for one sample coordinate: the output gets
 // w_low * f[low] + w_high * f[high]. Both weights are zero when the sample is
 // outside [-1, size], and the indices are then 0, which is in range whenever
-// the geometry is valid (size > 0), so kernels never branch on validity.
+// the geometry is valid (size > 0).
 template <typename acc_t>
 struct AxisTap {
   int64_t low;
   int64_t high;
   acc_t w_low;
   acc_t w_high;
+
+  // A sample outside [-1, size] along this axis: no weight on either
+  // neighbour (a tap inside has w_low + w_high == 1). The kernels skip such a
+  // sample instead of multiplying its zero weights by the element at the
+  // placeholder index 0, so a NaN or Inf there does not leak into the result
+  // or its gradient (torchvision, mmcv and detectron2 skip it too).
+  MRO_HOST_DEVICE bool outside() const { return w_low == acc_t(0) && w_high == acc_t(0); }
 };
 
 template <typename acc_t>

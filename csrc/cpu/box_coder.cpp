@@ -59,9 +59,7 @@ at::Tensor decode_boxes_backward_cpu(const at::Tensor& grad, const at::Tensor& d
                                      const at::Tensor& boxes, c10::ArrayRef<double> weights,
                                      double clip) {
   const char* op = "maskrcnn_ops::decode_boxes_backward";
-  check_decode_args(op, deltas, boxes);
-  TORCH_CHECK(grad.sizes() == deltas.sizes(), op, ": expected grad of shape ", deltas.sizes(),
-              ", got ", grad.sizes());
+  check_decode_backward_args(op, grad, deltas, boxes);
   const at::Tensor d = deltas.contiguous();
   const at::Tensor g = grad.to(d.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(d);

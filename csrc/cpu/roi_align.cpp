@@ -215,6 +215,7 @@ inline void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
       acc_t sum[CB] = {};
       const AxisTap<acc_t>* tx = xs + pw * g.grid_w;
       for (int ix = 0; ix < g.grid_w; ++ix) {
+        if (tx[ix].outside()) continue;
         const int64_t xl = tx[ix].low, xh = tx[ix].high;
         const acc_t wl = tx[ix].w_low, wh = tx[ix].w_high;
         for (int j = 0; j < CB; ++j)
@@ -235,6 +236,7 @@ inline void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
     std::fill(bins, bins + span, acc_t(0));
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const int64_t t = ph * g.grid_h + iy;
+      if (ys[t].outside()) continue;
       const acc_t* lo = row_sums + r.slot_low[t] * span;
       const acc_t* hi = row_sums + r.slot_high[t] * span;
       const acc_t wl = ys[t].w_low, wh = ys[t].w_high;
@@ -342,8 +344,10 @@ void forward_nhwc(const TapTable<acc_t>& table, const Pyramid& pyramid,
           std::fill(acc.begin(), acc.end(), acc_t(0));
           for (int iy = 0; iy < g.grid_h; ++iy) {
             const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
+            if (ty.outside()) continue;
             for (int ix = 0; ix < g.grid_w; ++ix) {
               const AxisTap<acc_t> tx = xs[pw * g.grid_w + ix];
+              if (tx.outside()) continue;
               const acc_t w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
               const acc_t w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
               const scalar_t* p1 = in_b + (ty.low * width + tx.low) * channels;
@@ -486,10 +490,12 @@ void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
             const AxisTap<acc_t>* tx = xs + pw * g.grid_w;
             for (int iy = 0; iy < g.grid_h; ++iy) {
               const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
+              if (ty.outside()) continue;
               acc_t* lo = gin + ty.low * width;
               acc_t* hi = gin + ty.high * width;
               const acc_t g_lo = gbin * ty.w_low, g_hi = gbin * ty.w_high;
               for (int ix = 0; ix < g.grid_w; ++ix) {
+                if (tx[ix].outside()) continue;
                 lo[tx[ix].low] += g_lo * tx[ix].w_low;
                 lo[tx[ix].high] += g_lo * tx[ix].w_high;
                 hi[tx[ix].low] += g_hi * tx[ix].w_low;
@@ -534,8 +540,10 @@ void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
               gbin[c] = static_cast<acc_t>(grad_bin[c]) / g.count;
             for (int iy = 0; iy < g.grid_h; ++iy) {
               const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
+              if (ty.outside()) continue;
               for (int ix = 0; ix < g.grid_w; ++ix) {
                 const AxisTap<acc_t> tx = xs[pw * g.grid_w + ix];
+                if (tx.outside()) continue;
                 const acc_t w[4] = {ty.w_low * tx.w_low, ty.w_low * tx.w_high,
                                     ty.w_high * tx.w_low,
                                     ty.w_high * tx.w_high};
@@ -668,7 +676,9 @@ void forward_max(const TapTable<acc_t>& table, const scalar_t* input,
             const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
             for (int ix = 0; ix < g.grid_w; ++ix) {
               const AxisTap<acc_t> tx = xs[pw * g.grid_w + ix];
+              // An outside sample is a candidate of value 0, as in mmcv.
               const acc_t value =
+                  ty.outside() || tx.outside() ? acc_t(0) :
                   ty.w_low * tx.w_low * static_cast<acc_t>(base[ty.low * sy + tx.low * sx]) +
                   ty.w_low * tx.w_high * static_cast<acc_t>(base[ty.low * sy + tx.high * sx]) +
                   ty.w_high * tx.w_low * static_cast<acc_t>(base[ty.high * sy + tx.low * sx]) +
@@ -713,6 +723,7 @@ void backward_max(const TapTable<acc_t>& table, const RoIGroups& groups,
             if (sample < 0 || sample >= g.grid_h * g.grid_w) continue;
             const AxisTap<acc_t> ty = ys[ph * g.grid_h + sample / g.grid_w];
             const AxisTap<acc_t> tx = xs[pw * g.grid_w + sample % g.grid_w];
+            if (ty.outside() || tx.outside()) continue;
             const acc_t value = static_cast<acc_t>(grad[o]);
             gin[ty.low * sy + tx.low * sx] += value * ty.w_low * tx.w_low;
             gin[ty.low * sy + tx.high * sx] += value * ty.w_low * tx.w_high;

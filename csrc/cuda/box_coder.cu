@@ -113,10 +113,10 @@ at::Tensor decode_boxes_cuda(const at::Tensor& deltas, const at::Tensor& boxes,
   const at::Tensor d = deltas.contiguous();
   at::Tensor out = at::empty_like(d);
   const int64_t classes = d.size(1) / 4, rows = d.size(0) * classes;
-  if (rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "decode_boxes", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = check_box_weights<acc_t>(op, weights);
+    if (rows == 0) return;  // weights checked; a zero-size grid cannot launch
     const at::Tensor b = boxes.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     decode_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         d.const_data_ptr<scalar_t>(), b.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -130,18 +130,16 @@ at::Tensor decode_boxes_backward_cuda(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& boxes, c10::ArrayRef<double> weights,
                                       double clip) {
   const char* op = "maskrcnn_ops::decode_boxes_backward";
-  check_decode_args(op, deltas, boxes);
-  TORCH_CHECK(grad.sizes() == deltas.sizes(), op, ": expected grad of shape ", deltas.sizes(),
-              ", got ", grad.sizes());
+  check_decode_backward_args(op, grad, deltas, boxes);
   const c10::cuda::CUDAGuard guard(deltas.device());
   const at::Tensor d = deltas.contiguous();
   const at::Tensor g = grad.to(d.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(d);
   const int64_t classes = d.size(1) / 4, rows = d.size(0) * classes;
-  if (rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "decode_boxes_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = check_box_weights<acc_t>(op, weights);
+    if (rows == 0) return;  // weights checked; a zero-size grid cannot launch
     const at::Tensor b = boxes.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     decode_backward_kernel<scalar_t, acc_t>
         <<<blocks_for(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -160,10 +158,10 @@ at::Tensor encode_boxes_cuda(const at::Tensor& reference, const at::Tensor& prop
   const at::Tensor r = reference.contiguous();
   at::Tensor out = at::empty_like(r);
   const int64_t rows = r.size(0);
-  if (rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "encode_boxes", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = check_box_weights<acc_t>(op, weights);
+    if (rows == 0) return;  // weights checked; a zero-size grid cannot launch
     const at::Tensor p = proposals.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     encode_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         r.const_data_ptr<scalar_t>(), p.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -184,11 +182,11 @@ std::tuple<at::Tensor, at::Tensor> rpn_decode_filter_cuda(
   at::Tensor boxes = at::empty_like(d);
   at::Tensor keep = at::empty({d.size(0), d.size(1)}, d.options().dtype(at::kBool));
   const int64_t per_image = d.size(1), rows = d.size(0) * per_image;
-  if (rows == 0) return {boxes, keep};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "rpn_decode_filter", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto w = check_box_weights<acc_t>(op, weights);
+    if (rows == 0) return;  // weights checked; a zero-size grid cannot launch
     const at::Tensor a = anchors.to(acc_dtype).contiguous();
     const at::Tensor s = scores.to(acc_dtype).contiguous();
     const at::Tensor hw = image_sizes.to(acc_dtype).contiguous();

@@ -75,7 +75,7 @@ __global__ void nms_mask_kernel(const acc_t* __restrict__ boxes,
   mask[i * words + col_block] = bits;
 }
 
-__global__ void nms_reduce_kernel(const unsigned long long* __restrict__ mask,
+__global__ void __launch_bounds__(kReduceThreads) nms_reduce_kernel(const unsigned long long* __restrict__ mask,
                                   const int64_t* __restrict__ seg_last, int64_t n, int64_t words,
                                   unsigned long long* removed_global, bool* __restrict__ keep_sorted) {
   extern __shared__ unsigned long long removed_shared[];

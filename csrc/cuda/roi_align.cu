@@ -173,6 +173,9 @@ __global__ void roi_align_forward_kernel(
         const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
         for (int ix = 0; ix < g.grid_w; ++ix) {
           const auto tx = bin_sample_tap(g.start_w, g.bin_w, bin.pw, ix, g.grid_w, layout.width);
+          // An outside sample reads nothing: it adds 0 (is a candidate of value
+          // 0 in max mode).
+          const bool outside = ty.outside() || tx.outside();
           const int64_t o1 = ty.low * sy + tx.low * sx, o2 = ty.low * sy + tx.high * sx;
           const int64_t o3 = ty.high * sy + tx.low * sx, o4 = ty.high * sy + tx.high * sx;
           const acc_t w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
@@ -181,8 +184,10 @@ __global__ void roi_align_forward_kernel(
           for (int j = 0; j < CPT; ++j) {
             if (j < n) {
               const scalar_t* p = base + j * cs;
-              const acc_t value = w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
-                                  w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
+              const acc_t value =
+                  outside ? acc_t(0)
+                          : w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
+                                w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
               if constexpr (kMax) {
                 if (best[j] < 0 || beats_max(value, sum[j])) {
                   sum[j] = value;
@@ -215,22 +220,39 @@ __global__ void roi_align_forward_kernel(
 
 // Gradient sinks: where the backward kernel adds its contributions. `data`
 // points at element 0 of the level's gradient map.
+// A kernel calls bind() once, then add() per contribution.
 template <typename acc_t>
 struct FloatAtomicSink {
   using element_t = acc_t;
+  __device__ __forceinline__ FloatAtomicSink bind() const { return *this; }
   __device__ __forceinline__ void add(acc_t* data, int64_t i, acc_t v) const {
     atomicAdd(data + i, v);
   }
 };
 
+// Deterministic: contributions are rounded to fixed point (integer atomics
+// commute). A NaN or Inf in grad has no fixed-point form; then (scale 0) the
+// same 64-bit words hold float64 sums instead, so non-finite values land
+// exactly where the CPU puts them (NaN, +-Inf: the same whatever the order)
+// and only finite sums may differ in their last bit between runs.
 template <typename acc_t>
 struct FixedPointSink {
   using element_t = unsigned long long;
   const double* scale;  // device scalar; 0 flags a non-finite grad
-  __device__ __forceinline__ void add(unsigned long long* data, int64_t i, acc_t v) const {
-    const long long q = __double2ll_rn(static_cast<double>(v) * *scale);
-    atomicAdd(data + i, static_cast<unsigned long long>(q));
-  }
+
+  struct Bound {
+    double scale;
+    __device__ __forceinline__ void add(unsigned long long* data, int64_t i, acc_t v) const {
+      if (scale == 0.0) {
+        atomicAdd(reinterpret_cast<double*>(data + i), static_cast<double>(v));
+      } else {
+        const long long q = __double2ll_rn(static_cast<double>(v) * scale);
+        atomicAdd(data + i, static_cast<unsigned long long>(q));
+      }
+    }
+  };
+  // The scale is read once per thread, not once per contribution.
+  __device__ __forceinline__ Bound bind() const { return Bound{*scale}; }
 };
 
 // argmax: null for average pooling; for max pooling, the winning sample of
@@ -242,6 +264,7 @@ __global__ void roi_align_backward_kernel(
     const int32_t* __restrict__ argmax, Sink sink,
     Pyramid<typename Sink::element_t, acc_t> maps, int64_t work, int64_t batch,
     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  const auto sink_bound = sink.bind();
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Bin bin = decompose(index, maps.channels, pooled_h, pooled_w,
@@ -269,13 +292,15 @@ __global__ void roi_align_backward_kernel(
     const int64_t sy = layout.y_stride(), sx = layout.x_stride();
     for (int iy = iy_begin; iy < iy_end; ++iy) {
       const auto ty = bin_sample_tap(g.start_h, g.bin_h, bin.ph, iy, g.grid_h, layout.height);
+      if (ty.outside()) continue;
       const acc_t g_lo = gbin * ty.w_low, g_hi = gbin * ty.w_high;
       for (int ix = ix_begin; ix < ix_end; ++ix) {
         const auto tx = bin_sample_tap(g.start_w, g.bin_w, bin.pw, ix, g.grid_w, layout.width);
-        sink.add(data, ty.low * sy + tx.low * sx, g_lo * tx.w_low);
-        sink.add(data, ty.low * sy + tx.high * sx, g_lo * tx.w_high);
-        sink.add(data, ty.high * sy + tx.low * sx, g_hi * tx.w_low);
-        sink.add(data, ty.high * sy + tx.high * sx, g_hi * tx.w_high);
+        if (tx.outside()) continue;
+        sink_bound.add(data, ty.low * sy + tx.low * sx, g_lo * tx.w_low);
+        sink_bound.add(data, ty.low * sy + tx.high * sx, g_lo * tx.w_high);
+        sink_bound.add(data, ty.high * sy + tx.low * sx, g_hi * tx.w_low);
+        sink_bound.add(data, ty.high * sy + tx.high * sx, g_hi * tx.w_high);
       }
     }
   }
@@ -303,7 +328,7 @@ __global__ void fixed_point_to_float_kernel(const unsigned long long* __restrict
   const double s = *scale;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double value = s == 0.0 ? __longlong_as_double(0x7ff8000000000000LL)
+    const double value = s == 0.0 ? __longlong_as_double(static_cast<long long>(fixed[i]))
                                   : static_cast<double>(static_cast<long long>(fixed[i])) / s;
     out[i] = static_cast<scalar_t>(value);
   }
@@ -312,14 +337,14 @@ __global__ void fixed_point_to_float_kernel(const unsigned long long* __restrict
 // Batch indices are checked with one device-to-host copy; during CUDA graph
 // capture that copy is impossible, and the kernels' own guard (invalid rows
 // give zeros and read nothing) is what remains.
-void check_batch_indices(const at::Tensor& rois, int64_t batch) {
+void check_batch_indices(const char* op, const at::Tensor& rois, int64_t batch) {
   if (rois.size(0) == 0) return;
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor index = rois.select(1, 0);
   const at::Tensor bad = index.le(-1).logical_or_(index.ge(batch)).logical_or_(index.ne(index));
   const bool any_bad = bad.any().item<bool>();
-  TORCH_CHECK(!any_bad, "maskrcnn_ops::roi_align: rois[:, 0] holds a batch index outside the valid "
-              "range [0, ", batch, ") (or NaN)");
+  TORCH_CHECK(!any_bad, op, ": rois[:, 0] holds a batch index outside the valid range [0, ",
+              batch, ") (or NaN)");
 }
 
 PyramidSpec single_level(int64_t channels, int64_t height, int64_t width,
@@ -400,8 +425,9 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
                                   int64_t sampling_ratio, bool aligned) {
   check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  check_batch_indices(rois.to(accumulate_dtype(input.scalar_type())), input.size(0));
-  return pool_forward({input}, rois,
+  const at::Tensor rois_acc = rois.to(accumulate_dtype(input.scalar_type())).contiguous();
+  check_batch_indices("maskrcnn_ops::roi_align", rois_acc, input.size(0));
+  return pool_forward({input}, rois_acc,
                       single_level(input.size(1), input.size(2), input.size(3), spatial_scale,
                                    use_channels_last(input)),
                       pooled_h, pooled_w, sampling_ratio, aligned);
@@ -541,10 +567,11 @@ std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cuda(
     int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  check_batch_indices(rois.to(accumulate_dtype(input.scalar_type())), input.size(0));
+  const at::Tensor rois_acc = rois.to(accumulate_dtype(input.scalar_type())).contiguous();
+  check_batch_indices("maskrcnn_ops::roi_align_max", rois_acc, input.size(0));
   at::Tensor argmax;
   at::Tensor output = pool_forward(
-      {input}, rois,
+      {input}, rois_acc,
       single_level(input.size(1), input.size(2), input.size(3), spatial_scale,
                    use_channels_last(input)),
       pooled_h, pooled_w, sampling_ratio, aligned, &argmax);
