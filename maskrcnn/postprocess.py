@@ -1,7 +1,8 @@
 """Detection post-processing for a whole batch: torchvision's
 ``RoIHeads.postprocess_detections`` (softmax, per-class decode, clip, drop
 background, score threshold, small boxes, per-class NMS, top-k), with the
-NMS of all images and classes in one ``batched_nms_padded`` call."""
+NMS of all classes of whole images at once (``maskrcnn_ops.image_groups``)
+and one top-k for the batch."""
 
 from __future__ import annotations
 
@@ -88,9 +89,18 @@ def detect_objects(
     candidates = torch.nonzero((scores > score_thresh) & (widths >= min_size) & (heights >= min_size)).squeeze(1)
     boxes, scores, labels, images = boxes[candidates], scores[candidates], labels[candidates], images[candidates]
 
-    kept, kept_counts = maskrcnn_ops.batched_nms_padded(
-        boxes, scores, labels, nms_thresh, detections_per_img, image_ids=images, num_images=num_images
-    )
+    # Candidates are grouped by image (rows are), so whole images go through
+    # NMS together in bounded calls; counting them per image costs one more
+    # sync in a function that syncs anyway (nonzero, the counts below).
+    keep = torch.empty(candidates.numel(), dtype=torch.bool, device=device)
+    boxes_per_image = torch.bincount(images, minlength=num_images).tolist()
+    offsets = [0]
+    for count in boxes_per_image:
+        offsets.append(offsets[-1] + count)
+    for first, last in maskrcnn_ops.image_groups(boxes_per_image):
+        rows = slice(offsets[first], offsets[last])
+        keep[rows] = maskrcnn_ops.batched_nms_keep(boxes[rows], scores[rows], labels[rows], nms_thresh, images[rows])
+    kept, kept_counts = maskrcnn_ops.rank_kept_per_image(keep, scores, images, num_images, detections_per_img)
     per_image = [kept[i, :n] for i, n in enumerate(kept_counts.tolist())]
     return Detections([boxes[k] for k in per_image], [scores[k] for k in per_image], [labels[k] for k in per_image])
 

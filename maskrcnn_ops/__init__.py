@@ -48,7 +48,7 @@ _C = _load_extension()
 from . import _autograd, _fake  # noqa: E402,F401  (registrations)
 from .anchors import AnchorGenerator  # noqa: E402
 from .boxes import clip_boxes_to_image, decode_boxes, encode_boxes, remove_small_boxes  # noqa: E402
-from .nms import batched_nms, batched_nms_keep, batched_nms_padded, nms  # noqa: E402
+from .nms import batched_nms, batched_nms_keep, batched_nms_padded, image_groups, nms, rank_kept_per_image  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
 from .export import onnx_translation_table  # noqa: E402
@@ -75,6 +75,8 @@ __all__ = [
     "batched_nms",
     "batched_nms_keep",
     "batched_nms_padded",
+    "rank_kept_per_image",
+    "image_groups",
     "decode_boxes",
     "encode_boxes",
     "clip_boxes_to_image",

@@ -11,18 +11,11 @@ import torch
 from torch import Tensor
 
 from .boxes import DEFAULT_CLIP, _weights
-from .nms import batched_nms_keep, rank_kept_per_image
+from .nms import batched_nms_keep, image_groups, rank_kept_per_image
 
 _ops = torch.ops.maskrcnn_ops
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
-
-# At most this many candidate boxes go through one NMS call (unless a single
-# image has more). The CUDA kernel's suppression mask is quadratic in the
-# boxes of a call (N * ceil(N / 64) words: 50 MiB here, 3.2 GB for 160k boxes,
-# a batch of 16 at torchvision's training top-n), and its reduction walks
-# them serially, so a large batch is split into calls over whole images.
-_NMS_BOXES_PER_CALL = 20480
 
 ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
 
@@ -127,13 +120,10 @@ def _top_candidates(
 
 
 def _nms_keep_by_image_groups(boxes: Tensor, scores: Tensor, level_ids: Tensor, nms_thresh: float) -> Tensor:
-    """NMS within each (image, level), in calls over consecutive groups of
-    whole images with at most ``_NMS_BOXES_PER_CALL`` boxes each (one image
-    per call if an image alone has more).
-
-    Exactly one call's result: the segments never cross images. The group
-    sizes are Python ints known from the shapes, so there is no host sync and
-    every device runs this same loop.
+    """NMS within each (image, level), in calls over groups of whole images
+    (``image_groups``: bounded mask memory, exactly one call's result). The
+    group sizes come from the shapes, so there is no host sync and every
+    device runs this same loop.
 
     Args:
         boxes: [N, M, 4] candidates per image (NaN boxes never suppress).
@@ -144,10 +134,8 @@ def _nms_keep_by_image_groups(boxes: Tensor, scores: Tensor, level_ids: Tensor, 
         bool [N, M], True for the boxes NMS keeps.
     """
     n, per_image = scores.shape
-    images_per_call = max(1, _NMS_BOXES_PER_CALL // max(per_image, 1))
     keep = torch.empty(n, per_image, dtype=torch.bool, device=scores.device)
-    for first in range(0, n, images_per_call):
-        last = min(first + images_per_call, n)
+    for first, last in image_groups([per_image] * n):
         image_ids = torch.arange(last - first, device=scores.device).repeat_interleave(per_image)
         keep[first:last] = batched_nms_keep(
             boxes[first:last].reshape(-1, 4), scores[first:last].reshape(-1), level_ids.repeat(last - first),

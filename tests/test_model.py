@@ -11,12 +11,15 @@ that read it; the other tests use a ResNet-18 model on small images.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torchvision
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+import maskrcnn_ops
 import maskrcnn
 from maskrcnn.checkpoint import CheckpointError, check_state_dict, load_model, save_checkpoint
 from maskrcnn.paste import paste_masks_in_image
@@ -455,9 +458,18 @@ def test_paste_picks_the_cheaper_method(monkeypatch):
         torch.testing.assert_close(ours, tv_roi_heads.paste_masks_in_image(masks, boxes, (300, 400)), rtol=0, atol=1e-5)
 
 
-def test_detect_objects_matches_torchvision(device):
+@pytest.mark.parametrize("boxes_per_call", [None, 1], ids=["one-call", "image-per-call"])
+def test_detect_objects_matches_torchvision(device, boxes_per_call, monkeypatch):
     """Batched post-processing = torchvision's postprocess_detections, per
-    image, in the same order (one image has no proposals)."""
+    image, in the same order (one image has no proposals), whether the NMS
+    takes all images in one call or fewer per call (bounded mask memory)."""
+    nms_module = importlib.import_module("maskrcnn_ops.nms")  # maskrcnn_ops.nms is also the function
+
+    calls = []
+    original = maskrcnn_ops.batched_nms_keep
+    monkeypatch.setattr(maskrcnn_ops, "batched_nms_keep", lambda boxes, *args: calls.append(len(boxes)) or original(boxes, *args))
+    if boxes_per_call is not None:
+        monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", boxes_per_call)
     generator = torch.Generator().manual_seed(5)
     sizes = [(200, 300), (150, 120), (90, 90)]
     counts = [300, 0, 120]
@@ -470,6 +482,7 @@ def test_detect_objects_matches_torchvision(device):
     ours = detect_objects(logits.to(device), deltas.to(device), [p.to(device) for p in proposals], sizes,
                           score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
     assert [len(b) for b in boxes][1] == 0 and min(len(boxes[0]), len(boxes[2])) > 0
+    assert len(calls) == (1 if boxes_per_call is None else 2)  # the empty image joins the first
     for i in range(len(sizes)):
         assert torch.equal(ours.labels[i].cpu(), labels[i])
         torch.testing.assert_close(ours.scores[i].cpu(), scores[i])

@@ -19,6 +19,7 @@ with it stay small (N <= 500); the large cases use torchvision.
 
 from __future__ import annotations
 
+import importlib
 import math
 from unittest import mock
 
@@ -349,7 +350,7 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.parametrize("num_classes", [1, 5, 80])
 @pytest.mark.parametrize("dtype", FULL_DTYPES)
 def test_batched_nms_matches_reference_and_torchvision(device, dtype, num_classes, idxs_dtype):
-    """batched_nms equals reference.batched_nms and torchvision's (N <= 4000,
+    """batched_nms equals reference.batched_nms and torchvision's (N <= 1000: 4000 coordinates,
     where torchvision offsets each class's coordinates and runs one stable
     nms). Coordinates are multiples of 1/4 below 500, so torchvision's offsets
     (multiples of max_coordinate + 1) are exact in float32 and its IoUs equal
@@ -369,7 +370,7 @@ def test_batched_nms_matches_reference_and_torchvision(device, dtype, num_classe
 
 @pytest.mark.parametrize("num_classes", [1, 80])
 def test_batched_nms_large_against_unstable_torchvision(device, num_classes):
-    """N = 6000 (> 4000): torchvision's batched_nms then loops over classes
+    """N = 6000 (> 1000 boxes on CPU): torchvision's batched_nms then loops over classes
     and orders the kept boxes with an *unstable* sort, so against it compare
     the set of kept indices and the scores in order (equal up to the order of
     tied scores). The reference is compared exactly (80 classes; for one class
@@ -1109,3 +1110,30 @@ def test_fuzz_against_reference(case):
     expected_indices, expected_counts = padded_oracle(boxes, scores, idxs, t, 5, image_ids, 3)
     assert_same(indices, expected_indices)
     assert_same(counts, expected_counts)
+
+
+@pytest.mark.parametrize(
+    "boxes_per_image, limit, groups",
+    [
+        ([], 10, []),
+        ([4, 4, 4], 10, [(0, 2), (2, 3)]),
+        ([4, 4, 4], 12, [(0, 3)]),
+        ([30, 2, 2], 10, [(0, 1), (1, 3)]),  # too big alone: a group of its own
+        ([2, 30, 2], 10, [(0, 1), (1, 2), (2, 3)]),
+        ([5, 0, 0, 5, 1], 10, [(0, 4), (4, 5)]),  # empty images join the group before
+        ([0, 0], 10, [(0, 2)]),
+        ([3, 3, 3], 1, [(0, 1), (1, 2), (2, 3)]),
+    ],
+)
+def test_image_groups(boxes_per_image, limit, groups):
+    """Consecutive whole images per NMS call, at most `limit` boxes a call
+    unless one image alone has more; every image in exactly one group."""
+    assert maskrcnn_ops.image_groups(boxes_per_image, limit) == groups
+
+
+def test_image_groups_default_bound_keeps_the_mask_small():
+    """The default bound keeps one call's suppression mask (N * ceil(N/64)
+    8-byte words) within 64 MiB."""
+    n = importlib.import_module("maskrcnn_ops.nms").NMS_BOXES_PER_CALL
+    assert n * math.ceil(n / 64) * 8 <= 64 * 2**20
+    assert maskrcnn_ops.image_groups([n // 2] * 4) == [(0, 2), (2, 4)]

@@ -31,6 +31,7 @@ section at the end.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import hypothesis
@@ -46,6 +47,9 @@ import maskrcnn_ops.proposals as proposals_module
 from maskrcnn_ops import reference
 from maskrcnn_ops.anchors import FPN_ASPECT_RATIOS, FPN_SIZES
 from maskrcnn_ops.proposals import _top_candidates
+
+# The submodule (the package attribute `nms` is the function of that name).
+nms_module = importlib.import_module("maskrcnn_ops.nms")
 
 ops = torch.ops.maskrcnn_ops
 
@@ -568,7 +572,7 @@ def assert_whole_image_groups(calls, *, per_image, group_sizes):
     the call; and none held more than the bound, unless one image alone
     does."""
     assert [len(ids) for ids in calls] == [size * per_image for size in group_sizes]
-    bound = proposals_module._NMS_BOXES_PER_CALL
+    bound = nms_module.NMS_BOXES_PER_CALL
     for ids, size in zip(calls, group_sizes):
         assert len(ids) <= max(bound, per_image)
         assert torch.equal(ids, torch.arange(size).repeat_interleave(per_image))
@@ -594,7 +598,7 @@ def test_nms_in_image_groups_equals_one_call(device, monkeypatch, boxes_per_call
     one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
     assert_whole_image_groups(calls, per_image=45, group_sizes=[5])
 
-    monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", boxes_per_call)
+    monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", boxes_per_call)
     calls.clear()
     split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
     assert_whole_image_groups(calls, per_image=45, group_sizes=group_sizes)
@@ -615,7 +619,7 @@ def test_nms_in_image_groups_matches_torchvision(monkeypatch):
     deltas = deltas.clone()
     deltas[2] = math.nan
     batch.set_flat(deltas=deltas)
-    monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", 1000)
+    monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", 1000)
     calls = spy_on_nms_calls(monkeypatch)
     _, scores = compare_with_torchvision(batch, pre_nms_top_n=100, post_nms_top_n=150)
     assert_whole_image_groups(calls, per_image=500, group_sizes=[2, 2, 1])
@@ -627,7 +631,7 @@ def test_default_nms_bound(device, monkeypatch):
     levels, k = 3000) runs NMS in calls of 2, 2 and 1 images, none above
     the bound, whose suppression mask (N * ceil(N / 64) 8-byte words) stays
     within 64 MiB; the result is bitwise that of one unbounded call."""
-    bound = proposals_module._NMS_BOXES_PER_CALL
+    bound = nms_module.NMS_BOXES_PER_CALL
     assert bound * math.ceil(bound / 64) * 8 <= 64 * 2**20
     case = small_case(52, n=5, levels=(3000, 3000, 3000), device=device)
     settings = dict(pre_nms_top_n=3000, post_nms_top_n=1000, nms_thresh=0.7)
@@ -635,7 +639,7 @@ def test_default_nms_bound(device, monkeypatch):
     split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
     assert_whole_image_groups(calls, per_image=9000, group_sizes=[2, 2, 1])
 
-    monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", 10**9)
+    monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", 10**9)
     calls.clear()
     one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
     assert_whole_image_groups(calls, per_image=9000, group_sizes=[5])
@@ -888,7 +892,7 @@ def test_compile_generate_proposals_padded(device, fresh_dynamo, monkeypatch, bo
     the same shapes (the per-level layout cache warm or cold); also with the
     NMS split into one call per image."""
     if boxes_per_call is not None:
-        monkeypatch.setattr(proposals_module, "_NMS_BOXES_PER_CALL", boxes_per_call)
+        monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", boxes_per_call)
 
     def fn(objectness, deltas, anchors, image_sizes):
         return maskrcnn_ops.generate_proposals_padded(
