@@ -102,9 +102,6 @@ inline void check_argmax(const at::Tensor& grad, const at::Tensor& argmax) {
 
 // ------------------------------------------------------------ multi-level --
 
-// Pyramid levels a multi_level_roi_align call may take (FPN uses 4 or 5).
-constexpr int64_t kMaxPyramidLevels = 8;
-
 // FPN level of the finest map, k_min = -log2(spatial_scales[0]), as
 // torchvision's MultiScaleRoIAlign derives it. Call after the checks below.
 inline int64_t fpn_first_level(c10::ArrayRef<double> spatial_scales) {

@@ -20,6 +20,10 @@
 
 namespace maskrcnn_ops {
 
+// Pyramid levels a multi_level_roi_align call may take (FPN uses 4 or 5); the
+// CUDA kernels take this many level pointers by value.
+constexpr int64_t kMaxPyramidLevels = 8;
+
 // The adaptive sampling grid (sampling_ratio <= 0) is ceil(bin size) per
 // axis. It is capped so that an absurdly large (but finite) box cannot
 // overflow an int or spin for hours; 1024 samples per bin axis means a box of
