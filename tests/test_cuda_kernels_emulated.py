@@ -1,4 +1,4 @@
-"""The RoIAlign CUDA kernels, run on the CPU by a serial grid emulator, against
+"""The RoIAlign and NMS CUDA kernels, run on the CPU by an emulator, against
 the CPU kernels.
 
 No GPU is needed: csrc/cuda/roi_align_kernels.cuh (the kernels and the
@@ -11,7 +11,11 @@ channel groups of four for NCHW), the pyramid and the level of each RoI, the
 max mode's argmax, the outside-sample rule, both gradient sinks, the
 fixed-point scale and conversion of the deterministic backward (and its
 float64 fallback for a non-finite grad), and the grid-stride loops (with
-fewer blocks than the work needs).
+fewer blocks than the work needs). The NMS kernels (csrc/cuda/nms_kernels.cuh)
+share a tile in shared memory and meet at __syncthreads, so there the
+emulator runs each block's threads as real threads with a barrier: the
+tile-skipping mask kernel and the one-block reduction (removed-box bitmask in
+shared or in global memory) give the CPU kernel's keep flags.
 
 Not checked here: what only a GPU has (the device math library's exp/log2,
 concurrency of real atomics, launch limits, memory-access patterns). Those
@@ -39,7 +43,7 @@ import maskrcnn_ops  # noqa: F401  (the CPU ops)
 
 ops = torch.ops.maskrcnn_ops
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "tests" / "cuda_emulation" / "roi_align_emulation.cpp"
+EMULATION = ROOT / "tests" / "cuda_emulation"
 LAYOUTS = [pytest.param(torch.contiguous_format, id="nchw"), pytest.param(torch.channels_last, id="channels_last")]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -49,20 +53,33 @@ FPN_SIZES = [(40, 56), (20, 28), (10, 14), (5, 7)]
 FPN_SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    """The emulated kernels as a shared library (compiled in about 2 s)."""
+def _build(name, directory):
+    """Compiles tests/cuda_emulation/<name>.cpp into a shared library (about
+    2 s), with the flags of the CPU kernels' arithmetic (no FP contraction)."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (g++) to build the CUDA kernel emulator")
-    library = tmp_path_factory.mktemp("cuda_emulation") / "roi_align_emulation.so"
+    library = directory / f"{name}.so"
     command = [
-        compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
-        "-Werror", f"-I{ROOT / 'csrc'}", f"-I{SOURCE.parent}", str(SOURCE), "-o", str(library),
+        compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-Wall",
+        "-Wno-unknown-pragmas", "-Werror", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}", str(EMULATION / f"{name}.cpp"),
+        "-o", str(library),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"building the emulator failed:\n{' '.join(command)}\n{result.stderr}"
     return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The emulated RoIAlign kernels."""
+    return _build("roi_align_emulation", tmp_path_factory.mktemp("cuda_emulation"))
+
+
+@pytest.fixture(scope="module")
+def nms_emulator(tmp_path_factory):
+    """The emulated NMS kernels."""
+    return _build("nms_emulation", tmp_path_factory.mktemp("cuda_emulation"))
 
 
 def _pointer(t):
@@ -376,3 +393,97 @@ def test_multi_level_other_canonical_settings_and_first_level(emulator):
                               canonical_level=3)
     expected = ops.multi_level_roi_align(features, rois, scales, 2, 2, 2, True, 112.0, 3)
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+
+
+# -------------------------------------------------------------------- NMS --
+
+
+def emulated_nms_keep(lib, boxes, scores, idxs, iou_threshold, image_ids=None, *, force_global=False):
+    """batched_nms_keep with the CUDA kernels: the host steps of nms.cu (the
+    order by (image, class) then score, each box's segment end) here, the
+    mask and reduction kernels emulated. Returns bool [N] keep flags."""
+    n = boxes.size(0)
+    by_segment = torch.sort(scores, stable=True, descending=True).indices
+    keys = [k for k in (idxs, image_ids) if k is not None]
+    for key in keys:  # stable sorts by the minor key, then the major key
+        by_segment = by_segment[torch.sort(key[by_segment], stable=True).indices]
+    starts = torch.zeros(n, dtype=torch.bool)
+    if n:
+        starts[0] = True
+        for key in keys:
+            k = key[by_segment]
+            starts[1:] |= k[1:] != k[:-1]
+    is_end = torch.ones(n, dtype=torch.bool)
+    is_end[:-1] = starts[1:]
+    ends = torch.where(is_end, torch.arange(n), torch.full((n,), n))
+    seg_last = ends.flip(0).cummin(0).values.flip(0).contiguous()
+    acc = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    sorted_boxes = boxes[by_segment].to(acc).contiguous()
+    keep_sorted = torch.zeros(n, dtype=torch.bool)
+    getattr(lib, f"mro_nms_keep_sorted_{SUFFIX[acc]}")(
+        _pointer(sorted_boxes), _pointer(seg_last), ctypes.c_int64(n), ctypes.c_double(iou_threshold),
+        ctypes.c_int(int(force_global)), _pointer(keep_sorted),
+    )
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[by_segment] = keep_sorted
+    return keep
+
+
+def make_nms_boxes(n, *, seed=0, dtype=torch.float32):
+    """Clustered boxes (many overlaps), a few duplicates with equal scores, a
+    NaN box, a zero-area box and an inverted box."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(max(n // 8, 1), 2, generator=g, dtype=torch.float64) * 200
+    xy = centres[torch.randint(0, len(centres), (n,), generator=g)] + torch.randn(n, 2, generator=g, dtype=torch.float64) * 6
+    wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * 40 + 4
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(n, generator=g, dtype=torch.float64)
+    if n >= 8:
+        boxes[3], scores[3] = boxes[2], scores[2]  # a duplicate of equal score: index order decides
+        boxes[5, 0] = math.nan
+        boxes[6, 2] = boxes[6, 0]  # zero area
+        boxes[7, :2], boxes[7, 2:] = boxes[7, 2:].clone(), boxes[7, :2].clone()  # inverted
+    return boxes.to(dtype), scores.to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 333])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_nms_kernels_equal_the_cpu_kernel(nms_emulator, n, dtype):
+    """Plain, batched over classes and batched over (image, class): the CUDA
+    mask and reduction kernels keep exactly the boxes the CPU kernel keeps,
+    for tile-edge sizes (63, 64, 65 boxes) and several thresholds, including
+    0 (any overlap suppresses) and 1 (nothing is suppressed)."""
+    boxes, scores = make_nms_boxes(n, seed=n, dtype=dtype)
+    g = torch.Generator().manual_seed(n + 1)
+    classes = torch.randint(0, 5, (n,), generator=g)
+    images = torch.randint(0, 3, (n,), generator=g)
+    single = torch.zeros(n, dtype=torch.int64)
+    for iou_threshold in (0.0, 0.5, 1.0):  # (each emulated call starts ~3000 threads)
+        for idxs, image_ids in ((single, None), (classes, None), (classes, images)):
+            ours = emulated_nms_keep(nms_emulator, boxes, scores, idxs, iou_threshold, image_ids)
+            expected = ops.batched_nms_keep(boxes, scores, idxs, image_ids, iou_threshold)
+            assert torch.equal(ours, expected), (iou_threshold, idxs is classes, image_ids is not None)
+    assert n < 64 or not emulated_nms_keep(nms_emulator, boxes, scores, single, 0.3).all()  # it suppresses
+
+
+def test_nms_removed_mask_in_global_memory(nms_emulator):
+    """The reduction's removed-box bitmask in global memory (the path for more
+    than 393,216 boxes, forced here on a small case) gives the same flags."""
+    boxes, scores = make_nms_boxes(300, seed=7)
+    idxs = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(8))
+    for iou_threshold in (0.2, 0.6):
+        expected = ops.batched_nms_keep(boxes, scores, idxs, None, iou_threshold)
+        for force_global in (False, True):
+            ours = emulated_nms_keep(nms_emulator, boxes, scores, idxs, iou_threshold, force_global=force_global)
+            assert torch.equal(ours, expected)
+
+
+def test_nms_one_big_segment_and_many_small_ones(nms_emulator):
+    """One class spanning many tiles (the reduction ORs rows across words)
+    and one box per class (every off-diagonal tile is skipped and its
+    garbage never read): both equal the CPU kernel."""
+    boxes, scores = make_nms_boxes(260, seed=11)
+    for idxs in (torch.zeros(260, dtype=torch.int64), torch.arange(260)):
+        expected = ops.batched_nms_keep(boxes, scores, idxs, None, 0.4)
+        assert torch.equal(emulated_nms_keep(nms_emulator, boxes, scores, idxs, 0.4), expected)
+    assert emulated_nms_keep(nms_emulator, boxes, scores, torch.arange(260), 0.4).all()
