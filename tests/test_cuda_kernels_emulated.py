@@ -1,5 +1,5 @@
-"""The RoIAlign and NMS CUDA kernels, run on the CPU by an emulator, against
-the CPU kernels.
+"""The CUDA kernels (RoIAlign, NMS, box coding), run on the CPU by an
+emulator, against the CPU kernels.
 
 No GPU is needed: csrc/cuda/roi_align_kernels.cuh (the kernels and the
 device-side structures, free of ATen) is compiled as host C++ with
@@ -15,7 +15,10 @@ fewer blocks than the work needs). The NMS kernels (csrc/cuda/nms_kernels.cuh)
 share a tile in shared memory and meet at __syncthreads, so there the
 emulator runs each block's threads as real threads with a barrier: the
 tile-skipping mask kernel and the one-block reduction (removed-box bitmask in
-shared or in global memory) give the CPU kernel's keep flags.
+shared or in global memory) give the CPU kernel's keep flags. The box-coding
+kernels (csrc/cuda/box_coder_kernels.cuh: decode, its backward, encode and
+the RPN's fused decode-and-filter) give the CPU kernels' results bit for bit
+(the same shared math, compiled with the same flags).
 
 Not checked here: what only a GPU has (the device math library's exp/log2,
 concurrency of real atomics, launch limits, memory-access patterns). Those
@@ -74,6 +77,12 @@ def _build(name, directory):
 def emulator(tmp_path_factory):
     """The emulated RoIAlign kernels."""
     return _build("roi_align_emulation", tmp_path_factory.mktemp("cuda_emulation"))
+
+
+@pytest.fixture(scope="module")
+def box_coder_emulator(tmp_path_factory):
+    """The emulated box-coding kernels."""
+    return _build("box_coder_emulation", tmp_path_factory.mktemp("cuda_emulation"))
 
 
 @pytest.fixture(scope="module")
@@ -487,3 +496,83 @@ def test_nms_one_big_segment_and_many_small_ones(nms_emulator):
         expected = ops.batched_nms_keep(boxes, scores, idxs, None, 0.4)
         assert torch.equal(emulated_nms_keep(nms_emulator, boxes, scores, idxs, 0.4), expected)
     assert emulated_nms_keep(nms_emulator, boxes, scores, torch.arange(260), 0.4).all()
+
+
+# ------------------------------------------------------------- box coding --
+
+RPN_WEIGHTS, BOX_HEAD_WEIGHTS = (1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)
+CLIP = math.log(1000.0 / 16)
+
+
+def make_coding_inputs(rows, classes, *, seed=0, dtype=torch.float32):
+    """Boxes [rows, 4] and deltas [rows, 4 * classes], some huge (clamped by
+    the clip), one NaN, one infinite."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(rows, 2, generator=g, dtype=torch.float64) * 800
+    boxes = torch.cat([xy, xy + torch.rand(rows, 2, generator=g, dtype=torch.float64) * 300 + 1], 1)
+    deltas = torch.randn(rows, 4 * classes, generator=g, dtype=torch.float64) * 2
+    deltas[0, 2], deltas[1, 3] = 40.0, -40.0
+    deltas[2, 0], deltas[3, 1] = math.nan, math.inf
+    return boxes.to(dtype), deltas.to(dtype)
+
+
+def _coder_call(lib, name, dtype, *args):
+    return getattr(lib, f"mro_{name}_{SUFFIX[dtype]}")(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize("blocks", [0, 2], ids=["launch", "grid-stride"])
+def test_box_coding_kernels_equal_the_cpu_kernels(box_coder_emulator, dtype, classes, blocks):
+    """decode_boxes (class-specific deltas share their box), its backward and
+    encode_boxes: bit for bit the CPU kernels' results, with the launch of
+    box_coder.cu and with two blocks striding over 600 rows."""
+    lib = box_coder_emulator
+    boxes, deltas = make_coding_inputs(200, classes, dtype=dtype)
+    rows = deltas.numel() // 4
+    for weights in (RPN_WEIGHTS, BOX_HEAD_WEIGHTS):
+        w = _doubles(weights)
+        out = torch.full_like(deltas, math.nan)
+        _coder_call(lib, "decode", dtype, _pointer(deltas), _pointer(boxes), _pointer(out), ctypes.c_int64(rows),
+                    ctypes.c_int64(classes), w, ctypes.c_double(CLIP), ctypes.c_uint(blocks))
+        assert torch.equal(out.nan_to_num(7.0), ops.decode_boxes(deltas, boxes, weights, CLIP).nan_to_num(7.0))
+
+        grad = torch.randn(deltas.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+        out = torch.full_like(deltas, math.nan)
+        _coder_call(lib, "decode_backward", dtype, _pointer(grad), _pointer(deltas), _pointer(boxes), _pointer(out),
+                    ctypes.c_int64(rows), ctypes.c_int64(classes), w, ctypes.c_double(CLIP), ctypes.c_uint(blocks))
+        expected = ops.decode_boxes_backward(grad, deltas, boxes, weights, CLIP)
+        assert torch.equal(out.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+        reference_boxes = boxes + torch.tensor([3.0, -2.0, 5.0, 1.0], dtype=dtype)
+        out = torch.full_like(boxes, math.nan)
+        _coder_call(lib, "encode", dtype, _pointer(reference_boxes), _pointer(boxes), _pointer(out),
+                    ctypes.c_int64(len(boxes)), w, ctypes.c_uint(blocks))
+        assert torch.equal(out, ops.encode_boxes(reference_boxes, boxes, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("blocks", [0, 3], ids=["launch", "grid-stride"])
+def test_rpn_decode_filter_kernel_equals_the_cpu_kernel(box_coder_emulator, dtype, blocks):
+    """The RPN's fused decode, clip (to each image's own size), small-box and
+    score tests: boxes and keep flags bit for bit the CPU kernel's, for 3
+    images of 300 candidates with boxes past the borders, tiny boxes, scores
+    around the threshold and non-finite deltas."""
+    images, per_image = 3, 300
+    anchors, deltas = make_coding_inputs(images * per_image, 1, seed=5, dtype=dtype)
+    anchors = anchors.view(images, per_image, 4) - 100
+    deltas = deltas.view(images, per_image, 4) * torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=dtype)
+    scores = torch.rand(images, per_image, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(dtype)
+    image_hw = torch.tensor([[600.0, 800.0], [480.0, 640.0], [1000.0, 333.0]], dtype=dtype)
+    boxes = torch.full_like(deltas, math.nan)
+    keep = torch.zeros(images, per_image, dtype=torch.bool)
+    _coder_call(box_coder_emulator, "rpn_decode_filter", dtype, _pointer(deltas), _pointer(anchors),
+                _pointer(scores), _pointer(image_hw), _pointer(boxes), _pointer(keep),
+                ctypes.c_int64(images * per_image), ctypes.c_int64(per_image), _doubles(RPN_WEIGHTS),
+                ctypes.c_double(CLIP), ctypes.c_double(12.0), ctypes.c_double(0.3), ctypes.c_uint(blocks))
+    expected_boxes, expected_keep = ops.rpn_decode_filter(deltas, anchors, scores, image_hw, RPN_WEIGHTS, CLIP,
+                                                          12.0, 0.3)
+    assert torch.equal(boxes.nan_to_num(7.0), expected_boxes.nan_to_num(7.0))
+    assert torch.equal(keep, expected_keep)
+    assert keep.any() and not keep.all()
+    assert (boxes[2, :, 2] <= 333.0).all()  # clipped to its own image's width
