@@ -256,8 +256,10 @@ def test_decode_gradcheck(device, weights):
 
 
 def test_decode_gradient_exactly_at_the_clip(device):
-    """At dw / ww == clip exactly, torch.clamp(max=clip) passes no gradient;
-    neither does our backward (as torchvision's decode_single)."""
+    """At dw / ww == clip exactly our backward passes no gradient, as
+    torch.clamp(max=clip) in torchvision's decode_single does with the torch
+    we pin (2.14). Older torch (2.11) passes it at the boundary, so there
+    torchvision is the oracle only for the entries off the clip."""
     c = DEFAULT_CLIP
     deltas = torch.tensor([[0.1, 0.2, c, c], [0.3, -0.2, c - 0.5, c + 0.5]], device=device)
     boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 15.0, 25.0]], device=device)
@@ -265,7 +267,11 @@ def test_decode_gradient_exactly_at_the_clip(device):
     ours = grad_of(lambda d: maskrcnn_ops.decode_boxes(d, boxes), deltas, grad_output)
     theirs = grad_of(lambda d: torchvision_decode(d, boxes, (1.0, 1.0, 1.0, 1.0)), deltas, grad_output)
     assert ours[0, 2] == 0 and ours[0, 3] == 0 and ours[1, 3] == 0 and ours[1, 2] != 0
-    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-5)
+    off_the_clip = deltas != c
+    torch.testing.assert_close(ours[off_the_clip], theirs[off_the_clip], atol=1e-3, rtol=1e-5)
+    clamp_blocks_the_boundary = torch.func.grad(lambda x: x.clamp(max=1.0))(torch.tensor(1.0)) == 0
+    if clamp_blocks_the_boundary:
+        torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-5)
 
 
 def _opcheck_samples(device):
