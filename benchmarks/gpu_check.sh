@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for whoever has a GPU: from a clean tree, build the extension,
 # run the whole test suite with CUDA, run the CUDA op tests under
-# compute-sanitizer (memcheck and racecheck), run the full CUDA benchmark,
-# and leave every log and result in OUTDIR.
+# compute-sanitizer (memcheck and racecheck), run the full CUDA benchmark
+# and the end-to-end model benchmarks (inference at batch 1 and 8, a
+# training step), and leave every log and result in OUTDIR.
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
@@ -52,4 +53,11 @@ step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
 step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
   "$PY" -m pytest -q -x -m "cuda and not slow" -k "not compile" "${CUDA_TESTS[@]}"
 step benchmark "$PY" -m benchmarks --device cuda --out "$OUT/benchmarks"
+# End to end, same weights, ours against torchvision's maskrcnn_resnet50_fpn.
+for batch in 1 8; do
+  step "model_batch$batch" "$PY" -m benchmarks.model --device cuda --batch "$batch" \
+    --json "$OUT/model_batch$batch.json" --markdown "$OUT/model_batch$batch.md"
+done
+step model_train "$PY" -m benchmarks.model --device cuda --train --batch 2 \
+  --json "$OUT/model_train.json" --markdown "$OUT/model_train.md"
 exit $failed
