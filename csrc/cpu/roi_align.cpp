@@ -23,6 +23,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -464,7 +465,10 @@ at::Tensor multi_level_roi_align_forward_cpu(
 
 // Both backward kernels write grad_inputs[level] (accumulation dtype, the
 // layout of grad) and run in parallel over units that own disjoint parts of
-// it, each visiting its RoIs in index order.
+// it, each visiting its RoIs in index order. Units are numbered channel
+// (block) major: parallel_for hands each thread a contiguous range, and RoIs
+// are often all on one level or image (small boxes all map to P2), so
+// map-major numbering would give one thread all the work.
 template <typename scalar_t, typename acc_t>
 void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
                    const Pyramid& pyramid, const scalar_t* grad,
@@ -473,7 +477,7 @@ void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
   const int64_t maps = pyramid.levels() * batch;
   at::parallel_for(0, maps * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t map = unit / channels, c = unit % channels;
+      const int64_t c = unit / maps, map = unit % maps;
       const int64_t level = map / batch, b = map % batch;
       const int64_t width = pyramid.widths[level];
       const int64_t plane = pyramid.plane(level);
@@ -516,17 +520,21 @@ void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
                    int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   // Channel blocks keep the per-tap vector loop long while giving every
   // thread work even for a single image.
-  constexpr int64_t kBlock = 64;
-  const int64_t blocks = (channels + kBlock - 1) / kBlock;
+  // At least two blocks per thread where the channels allow (16 or more
+  // channels a block), so that every thread has work however the RoIs fall.
+  const int64_t threads = at::get_num_threads();
+  const int64_t block_size =
+      std::clamp<int64_t>((channels + 2 * threads - 1) / (2 * threads), 16, 64);
+  const int64_t blocks = (channels + block_size - 1) / block_size;
   const int64_t maps = pyramid.levels() * batch;
   at::parallel_for(0, maps * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gbin(kBlock);
+    std::vector<acc_t> gbin(block_size);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t map = unit / blocks;
+      const int64_t map = unit % maps;
       const int64_t level = map / batch, b = map % batch;
       const int64_t width = pyramid.widths[level];
-      const int64_t c0 = (unit % blocks) * kBlock;
-      const int64_t nc = std::min(kBlock, channels - c0);
+      const int64_t c0 = (unit / maps) * block_size;
+      const int64_t nc = std::min(block_size, channels - c0);
       acc_t* gin_b = grad_inputs[level] + b * pyramid.plane(level) * channels + c0;
       for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
         const int64_t k = groups.order[i];
@@ -707,9 +715,10 @@ void backward_max(const TapTable<acc_t>& table, const RoIGroups& groups,
                   int64_t pooled_w) {
   const int64_t channels = layout.channels;
   const int64_t sy = layout.y_stride(), sx = layout.x_stride();
+  // Channel-major units, as the average-mode backward.
   at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / channels, c = unit % channels;
+      const int64_t c = unit / batch, b = unit % batch;
       acc_t* gin = grad_input + layout.channel_origin(b, c);
       for (int64_t i = groups.begin[b]; i < groups.begin[b + 1]; ++i) {
         const int64_t k = groups.order[i];
