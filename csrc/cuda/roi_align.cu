@@ -105,9 +105,7 @@ at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tenso
   if (output.numel() == 0) return output;
   std::vector<at::Tensor> contiguous;
   for (const auto& f : features) contiguous.push_back(f.contiguous(memory_format));
-  const int64_t groups =
-      spec.channels_last ? channels : (channels + kChannelsPerThread - 1) / kChannelsPerThread;
-  const int64_t work = num_rois * pooled_h * pooled_w * groups;
+  const int64_t work = spec.forward_work(num_rois, pooled_h, pooled_w);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cuda", [&] {
@@ -181,12 +179,9 @@ std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& 
   const int64_t work = grad.numel();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  std::vector<int64_t> sizes;  // elements per level
+  const std::vector<int64_t> sizes = spec.level_sizes(batch);
   int64_t total = 0;
-  for (int64_t l = 0; l < levels; ++l) {
-    sizes.push_back(batch * channels * spec.heights[l] * spec.widths[l]);
-    total += sizes.back();
-  }
+  for (const int64_t size : sizes) total += size;
   auto empty_level = [&](int64_t l, c10::ScalarType dtype) {
     return at::empty({batch, channels, spec.heights[l], spec.widths[l]}, options.dtype(dtype));
   };
@@ -203,10 +198,8 @@ std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& 
     at::Tensor scale = at::empty({}, grad.options().dtype(at::kDouble));
     if (work > 0) {
       const at::Tensor max_abs = grad.abs().max().to(at::kDouble);
-      // Each bin spreads |grad| / count over count samples of total weight 1,
-      // so no element can gather more than K * PH * PW * max|grad|.
-      const double bound = static_cast<double>(std::max<int64_t>(1, rois.size(0) * pooled_h * pooled_w));
-      fixed_point_scale_kernel<<<1, 1, 0, stream>>>(max_abs.const_data_ptr<double>(), bound,
+      fixed_point_scale_kernel<<<1, 1, 0, stream>>>(max_abs.const_data_ptr<double>(),
+                                                    fixed_point_bound(rois.size(0), pooled_h, pooled_w),
                                                     scale.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {

@@ -85,7 +85,29 @@ struct PyramidSpec {
     p.channels_last = channels_last;
     return p;
   }
+
+  // Threads of the forward kernel: one per (RoI, bin, channel) for
+  // channels_last, per (RoI, channel group, bin) for NCHW.
+  int64_t forward_work(int64_t num_rois, int64_t pooled_h, int64_t pooled_w) const {
+    const int64_t groups =
+        channels_last ? channels : (channels + kChannelsPerThread - 1) / kChannelsPerThread;
+    return num_rois * pooled_h * pooled_w * groups;
+  }
+
+  // Elements of each level's gradient [batch, channels, H_l, W_l].
+  std::vector<int64_t> level_sizes(int64_t batch) const {
+    std::vector<int64_t> sizes;
+    for (int64_t l = 0; l < levels(); ++l) sizes.push_back(batch * channels * heights[l] * widths[l]);
+    return sizes;
+  }
 };
+
+// The deterministic backward's bound on any accumulated magnitude, in units
+// of max|grad|: each bin spreads |grad| / count over count samples of total
+// weight 1, so no element can gather more than K * PH * PW * max|grad|.
+inline double fixed_point_bound(int64_t num_rois, int64_t pooled_h, int64_t pooled_w) {
+  return static_cast<double>(std::max<int64_t>(1, num_rois * pooled_h * pooled_w));
+}
 
 struct Bin {
   int64_t k, c, ph, pw;

@@ -38,10 +38,7 @@ template <typename T>
 void forward(const PyramidSpec& spec, const T* const* data, const T* rois, int64_t num_rois,
              T* output, int32_t* argmax, int64_t batch, int64_t pooled_h, int64_t pooled_w,
              int64_t sampling_ratio, int aligned, unsigned int blocks) {
-  const int64_t groups = spec.channels_last
-                             ? spec.channels
-                             : (spec.channels + kChannelsPerThread - 1) / kChannelsPerThread;
-  const int64_t work = num_rois * pooled_h * pooled_w * groups;
+  const int64_t work = spec.forward_work(num_rois, pooled_h, pooled_w);
   if (work == 0) return;
   const auto maps = spec.on_device<const T, T>(std::vector<const T*>(data, data + spec.levels()));
   if (argmax != nullptr) {
@@ -71,19 +68,16 @@ void backward(const PyramidSpec& spec, const T* grad, const T* rois, int64_t num
                    sampling_ratio, aligned != 0);
     return;
   }
-  std::vector<int64_t> sizes;
+  const std::vector<int64_t> sizes = spec.level_sizes(batch);
   int64_t total = 0;
-  for (int64_t l = 0; l < spec.levels(); ++l) {
-    sizes.push_back(batch * spec.channels * spec.heights[l] * spec.widths[l]);
-    total += sizes.back();
-  }
+  for (const int64_t size : sizes) total += size;
   std::vector<unsigned long long> fixed(static_cast<size_t>(total), 0);
   std::vector<unsigned long long*> level_data;
   for (int64_t l = 0, offset = 0; l < spec.levels(); offset += sizes[l], ++l)
     level_data.push_back(fixed.data() + offset);
   double scale = 0.0;
-  const double bound = static_cast<double>(std::max<int64_t>(1, num_rois * pooled_h * pooled_w));
-  emulate_launch(1, 1, fixed_point_scale_kernel, static_cast<const double*>(&max_abs_grad), bound, &scale);
+  emulate_launch(1, 1, fixed_point_scale_kernel, static_cast<const double*>(&max_abs_grad),
+                 fixed_point_bound(num_rois, pooled_h, pooled_w), &scale);
   const FixedPointSink<T> sink{&scale};
   emulate_launch(blocks_for(work, blocks), kThreads, roi_align_backward_kernel<T, T, FixedPointSink<T>>,
                  grad, rois, argmax, sink, spec.on_device<unsigned long long, T>(level_data), work, batch,
