@@ -24,7 +24,7 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -87,18 +87,6 @@ def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, int]
     return {"depth": depth, "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])}
 
 
-def read_weights(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
-    """Reads a weights file: returns (model_kwargs, state_dict).
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: not loadable with weights_only=True, or neither our
-            checkpoint format nor a torchvision Mask R-CNN state dict.
-    """
-    checkpoint = read_checkpoint(path)
-    return checkpoint.model_kwargs, checkpoint.state_dict
-
-
 class Checkpoint(NamedTuple):
     """The contents of a weights file (see the module docstring): training
     None and class_names empty unless the file is our checkpoint with them."""
@@ -110,7 +98,14 @@ class Checkpoint(NamedTuple):
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Reads a weights file, raising as ``read_weights``."""
+    """Reads a weights file: our checkpoint or a torchvision Mask R-CNN state
+    dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not loadable with weights_only=True, or neither our
+            checkpoint format nor a torchvision Mask R-CNN state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -175,18 +170,20 @@ def check_state_dict(model: MaskRCNN, state_dict: Mapping[str, Tensor], *, sourc
         raise CheckpointError(f"{source} does not fit the model: " + ". ".join(problems))
 
 
-def build_model(kwargs: Mapping[str, Any], state_dict: Mapping[str, Tensor], *, source: str,
-                **overrides: Any) -> MaskRCNN:
-    """The model that ``kwargs`` (builder arguments, with ``overrides``)
-    describe, with ``state_dict`` loaded (strict; CheckpointError naming
-    ``source`` if it does not fit). In training mode, as built."""
+def build_model(checkpoint: Checkpoint, *, source: str, **overrides: Any) -> MaskRCNN:
+    """The model that the checkpoint's builder arguments (with ``overrides``)
+    describe, with its weights loaded (strict; CheckpointError naming
+    ``source`` if they do not fit) and its class names. In training mode, as
+    built."""
+    kwargs = checkpoint.model_kwargs
     accepted = set(inspect.signature(maskrcnn_resnet_fpn).parameters)
     unknown = sorted(set(kwargs) - accepted) + sorted(set(overrides) - accepted)
     if unknown:
         raise CheckpointError(f"{source}: unknown model arguments {unknown}; maskrcnn_resnet_fpn takes {sorted(accepted)}")
     model = maskrcnn_resnet_fpn(**{**kwargs, **overrides})
-    check_state_dict(model, state_dict, source=source)
-    model.load_state_dict(state_dict, strict=True)
+    check_state_dict(model, checkpoint.state_dict, source=source)
+    model.load_state_dict(checkpoint.state_dict, strict=True)
+    model.class_names = checkpoint.class_names
     return model
 
 
@@ -203,10 +200,9 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
         The model in eval mode.
     """
     checkpoint = read_checkpoint(path)
-    model = build_model(checkpoint.model_kwargs, checkpoint.state_dict, source=str(path), **overrides)
-    model.class_names = checkpoint.class_names
+    model = build_model(checkpoint, source=str(path), **overrides)
     return model.to(device).eval()
 
 
 __all__ = ["FORMAT", "Checkpoint", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
-           "read_weights", "save_checkpoint", "torchvision_model_kwargs"]
+           "save_checkpoint", "torchvision_model_kwargs"]

@@ -23,13 +23,9 @@ from typing import List, Optional
 import torch
 
 # Errors of bad input (files, arguments, data) that the commands report in
-# one line instead of a traceback.
-def _input_errors() -> tuple:
-    from .checkpoint import CheckpointError
-    from .data import CocoFormatError
-    from .predict import ImageReadError
-
-    return (FileNotFoundError, CheckpointError, CocoFormatError, ImageReadError, ValueError)
+# one line instead of a traceback: CheckpointError, CocoFormatError and
+# ImageReadError are ValueErrors.
+INPUT_ERRORS = (FileNotFoundError, ValueError)
 
 
 def default_device() -> str:
@@ -47,9 +43,14 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
+def add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--device", type=parse_device, default=default_device(),
+                        help=f"cpu, cuda or cuda:N (default: cuda when available{note})")
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, load_model
-    from .predict import ImageReadError, predict_files
+    from .checkpoint import load_model
+    from .predict import predict_files
 
     given = dict(box_score_thresh=args.score_threshold, min_size=args.min_size, max_size=args.max_size)
     overrides = {key: value for key, value in given.items() if value is not None}
@@ -57,7 +58,7 @@ def run_predict(args: argparse.Namespace) -> int:
         model = load_model(args.weights, device=args.device, **overrides)
         coco = predict_files(model, args.images, args.out, device=args.device, batch_size=args.batch_size,
                              mask_threshold=args.mask_threshold)
-    except (FileNotFoundError, CheckpointError, ImageReadError) as error:
+    except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{len(coco['annotations'])} detections in {len(coco['images'])} images; "
@@ -84,8 +85,7 @@ def add_predict_parser(commands) -> None:
                         "torchvision weights); smaller is faster and finds fewer small objects")
     parser.add_argument("--max-size", type=int, default=None, help="upper bound of the long side after resizing "
                         "(default: the model's, 1333 for torchvision weights)")
-    parser.add_argument("--device", type=parse_device, default=default_device(),
-                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.set_defaults(run=run_predict)
 
@@ -144,8 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
         dataset = build_dataset(args)
         if args.resume is not None:
             checkpoint = read_checkpoint(args.resume)
-            model = build_model(checkpoint.model_kwargs, checkpoint.state_dict, source=str(args.resume))
-            model.class_names = checkpoint.class_names
+            model = build_model(checkpoint, source=str(args.resume))
         else:
             model = build_config(args.config, num_classes=dataset.num_classes, image_size=args.image_size)
         model.to(context.device)
@@ -161,11 +160,11 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(
             model, dataset, schedule=schedule, batch_size=args.batch_size,
             optimizer=args.optimizer or (None if args.resume is not None else OPTIMIZER),
-            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, amp=args.amp,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=args.amp,
             num_workers=args.workers, seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, context=context, adapt_threads=args.adapt_threads,
         )
-    except _input_errors() as error:
+    except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
@@ -212,8 +211,7 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
     parser.add_argument("--resume", type=Path, help=f"continue the run of a checkpoint (OUT/{CHECKPOINT_NAME})")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    parser.add_argument("--device", type=parse_device, default=default_device(),
-                        help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    add_device_argument(parser, "; under torchrun cuda:LOCAL_RANK")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
     parser.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
     parser.add_argument("--adapt-threads", action="store_true",
@@ -230,7 +228,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         dataset = build_dataset(args)
         metrics, _ = evaluate_model(model, dataset, device=args.device, batch_size=args.batch_size,
                                     num_workers=args.workers, progress=True)
-    except _input_errors() as error:
+    except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"COCO AP of {args.weights} on {len(dataset)} images:")
@@ -257,8 +255,7 @@ def add_evaluate_parser(commands) -> None:
     parser.add_argument("--out", type=Path, help="write the metrics to this JSON file")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    parser.add_argument("--device", type=parse_device, default=default_device(),
-                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_argument(parser)
     parser.set_defaults(run=run_evaluate)
 
 
@@ -280,8 +277,7 @@ def add_demo_parser(commands) -> None:
         "OUT/predictions.png, OUT/metrics.json and OUT/model.pt.",
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    parser.add_argument("--device", type=parse_device, default=default_device(),
-                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--iterations", type=int, default=None, help=f"training iterations (default {ITERATIONS})")
     parser.set_defaults(run=run_demo_command)
 
@@ -303,8 +299,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         value = getattr(args, option, None)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
-    if getattr(args, "max_grad_norm", None) == 0:
-        args.max_grad_norm = None
     return args.run(args)
 
 

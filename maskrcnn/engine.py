@@ -218,22 +218,25 @@ def training_step(
     """One optimizer step on a batch: the losses (under float16 autocast
     if ``amp``), backward of their sum (scaled), optional clipping of the
     gradient norm, the step. Returns the loss values (LOSS_NAMES and
-    "loss", their sum); FloatingPointError if the sum is not finite (before
-    any update, so the weights stay as they were)."""
+    "loss", their sum); FloatingPointError if the sum is not finite (after
+    the backward, before any update, so the weights stay as they were)."""
     device_type = images[0].device.type
     with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=amp):
         losses = network(images, targets)
     total = sum(losses.values())
-    values = {name: float(value.detach()) for name, value in losses.items()}
-    values["loss"] = float(total.detach())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    # One device-to-host copy, after the backward is queued (reading each
+    # loss before it would make the host wait for the forward six times).
+    # The check still comes before any update.
+    numbers = torch.stack([value.detach().float() for value in (*losses.values(), total)]).tolist()
+    values = dict(zip([*losses, "loss"], numbers))
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(
             f"the loss became {values['loss']} at iteration {iteration}: "
             + ", ".join(f"{name} {value:.4g}" for name, value in values.items())
             + " (a smaller learning rate, a longer warm-up or --max-grad-norm may help)"
         )
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
     if max_grad_norm is not None:
         scaler.unscale_(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]

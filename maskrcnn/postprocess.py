@@ -6,12 +6,18 @@ and one top-k for the batch."""
 
 from __future__ import annotations
 
+import importlib
+import itertools
 from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 import maskrcnn_ops
+
+# The submodule (the package attribute `nms` is the function); its bound is
+# read at call time.
+nms_module = importlib.import_module("maskrcnn_ops.nms")
 
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -89,17 +95,19 @@ def detect_objects(
     candidates = torch.nonzero((scores > score_thresh) & (widths >= min_size) & (heights >= min_size)).squeeze(1)
     boxes, scores, labels, images = boxes[candidates], scores[candidates], labels[candidates], images[candidates]
 
-    # Candidates are grouped by image (rows are), so whole images go through
-    # NMS together in bounded calls; counting them per image costs one more
-    # sync in a function that syncs anyway (nonzero, the counts below).
-    keep = torch.empty(candidates.numel(), dtype=torch.bool, device=device)
-    boxes_per_image = torch.bincount(images, minlength=num_images).tolist()
-    offsets = [0]
-    for count in boxes_per_image:
-        offsets.append(offsets[-1] + count)
-    for first, last in maskrcnn_ops.image_groups(boxes_per_image):
-        rows = slice(offsets[first], offsets[last])
-        keep[rows] = maskrcnn_ops.batched_nms_keep(boxes[rows], scores[rows], labels[rows], nms_thresh, images[rows])
+    if candidates.numel() <= nms_module.NMS_BOXES_PER_CALL:  # the usual case: one call
+        keep = maskrcnn_ops.batched_nms_keep(boxes, scores, labels, nms_thresh, images)
+    else:
+        # Candidates are grouped by image (rows are), so whole images go
+        # through NMS together in bounded calls (image_groups); counting them
+        # per image costs one more sync in a function that syncs anyway.
+        keep = torch.empty(candidates.numel(), dtype=torch.bool, device=device)
+        boxes_per_image = torch.bincount(images, minlength=num_images).tolist()
+        offsets = list(itertools.accumulate(boxes_per_image, initial=0))
+        for first, last in maskrcnn_ops.image_groups(boxes_per_image):
+            rows = slice(offsets[first], offsets[last])
+            keep[rows] = maskrcnn_ops.batched_nms_keep(boxes[rows], scores[rows], labels[rows], nms_thresh,
+                                                       images[rows])
     kept, kept_counts = maskrcnn_ops.rank_kept_per_image(keep, scores, images, num_images, detections_per_img)
     per_image = [kept[i, :n] for i, n in enumerate(kept_counts.tolist())]
     return Detections([boxes[k] for k in per_image], [scores[k] for k in per_image], [labels[k] for k in per_image])

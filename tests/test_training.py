@@ -110,6 +110,22 @@ def test_gradients_reach_every_trainable_parameter():
     assert all(torch.isfinite(p.grad).all() for _, p in trainable)
 
 
+def test_group_norm_backbone_trains():
+    """norm="group": GroupNorm in every ResNet block (32 groups, fewer where
+    the channels do not divide), finite losses and gradients into them."""
+    torch.manual_seed(0)
+    model = maskrcnn.maskrcnn_resnet_fpn(depth=18, num_classes=4, norm="group", trainable_layers=5,
+                                         min_size=64, max_size=64).train()
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(m.num_channels % m.num_groups == 0 for m in norms) and norms[0].num_groups == 32
+    images, targets = shapes_batch(1, size=64)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert norms[0].weight.grad is not None and torch.isfinite(norms[0].weight.grad).all()
+
+
 def test_frozen_layers_get_no_gradient():
     torch.manual_seed(0)
     model = maskrcnn.maskrcnn_resnet_fpn(depth=18, num_classes=4, trainable_layers=2, min_size=64,
