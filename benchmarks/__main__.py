@@ -6,9 +6,10 @@
 Prints a table (op, workload, dtype, layout, ours ms, torchvision ms,
 speed-up, agreement) and writes DIR/results.json (device, versions, commit,
 every figure), DIR/results.md and DIR/speedup.png (speed-up against size for
-the scaling sweeps). The default DIR is benchmarks/results/<device>-<date>.
-``--quick`` (a smoke test, under 2 minutes on a 2-core CPU) runs small
-workloads only. Refresh the README section from a results folder with
+the scaling sweeps). The default DIR is a new temporary folder (its path is
+printed), so that runs leave nothing in the source tree; to record a run
+give ``--out benchmarks/results/<device>-<date>``. ``--quick`` (a smoke
+test, under 2 minutes on a 2-core CPU) runs small workloads only. Refresh the README section from a results folder with
 ``python -m benchmarks.readme DIR``.
 """
 
@@ -19,6 +20,7 @@ import datetime
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,12 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.suite import FAMILIES, run_case  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-
 
 def default_out(env: dict) -> Path:
+    """A new temporary folder named after the device and the date (outside
+    the source tree: recorded runs go to benchmarks/results/ by --out)."""
     name = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-").lower()
-    return ROOT / "results" / f"{name}-{datetime.date.today().isoformat()}"
+    return Path(tempfile.mkdtemp(prefix=f"maskrcnn-ops-benchmarks-{name}-{datetime.date.today().isoformat()}-"))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
 
 
 def fmt(value, spec):
@@ -91,14 +103,18 @@ def plot(rows: list, path: Path, env: dict) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="small workloads only (CI smoke test)")
-    parser.add_argument("--ops", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
-    parser.add_argument("--out", type=Path, help="results folder")
+    parser.add_argument("--ops", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                        help="op families to run (default: all)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per case (default 5, quick 2)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: a new temporary folder, printed at the end)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     from tqdm import tqdm
 
     repeats = args.repeats or (2 if args.quick else 5)

@@ -42,6 +42,10 @@ _RESNET_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101
 _TORCHVISION_MARKERS = ("backbone.body.conv1.weight", "roi_heads.box_predictor.cls_score.weight")
 
 
+# What a run folder's weights are called (engine.CHECKPOINT_NAME, demo.WEIGHTS_NAME).
+WEIGHTS_NAMES = ("last.pt", "model.pt")
+
+
 class CheckpointError(ValueError):
     """A weights file that cannot be used: not a checkpoint, or not this model's."""
 
@@ -74,6 +78,19 @@ def _describe(obj: Any) -> str:
     return f"an object of type {type(obj).__name__}"
 
 
+def _load_failure(path: Path, error: Exception) -> str:
+    """One line saying why ``torch.load(path, weights_only=True)`` failed:
+    torch's own message is several lines of advice (kept as the chained
+    cause for debugging)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch's message has terminal colours
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe or "Weights only load failed" in text:
+        what = f" (such as {unsafe.group(1)})" if unsafe else ""
+        return (f"{path} holds Python objects{what} besides tensors and plain containers, which "
+                "torch.load(weights_only=True) refuses to load (they could run code)")
+    return f"{path} is damaged: torch.load cannot read it ({type(error).__name__})"
+
+
 def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, int]:
     """ResNet depth and number of classes of a torchvision Mask R-CNN state dict."""
     blocks_in_layer3 = {int(k.split(".")[3]) for k in state_dict if k.startswith("backbone.body.layer3.")}
@@ -103,10 +120,16 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: not loadable with weights_only=True, or neither our
-            checkpoint format nor a torchvision Mask R-CNN state dict.
+        CheckpointError: a directory, a damaged file, one not loadable with
+            weights_only=True, or neither our checkpoint format nor a
+            torchvision Mask R-CNN state dict (one line each; torch's error
+            chained as the cause).
     """
     path = Path(path)
+    if path.is_dir():
+        candidates = [path / name for name in WEIGHTS_NAMES if (path / name).is_file()]
+        hint = f" (did you mean {candidates[0]}?)" if candidates else ""
+        raise CheckpointError(f"{path} is a directory, not a weights file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as file:
@@ -117,12 +140,7 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for bad or unsafe files
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's message has terminal colours
-        first_line = text.splitlines()[0] if text else ""
-        raise CheckpointError(
-            f"{path} could not be loaded with torch.load(weights_only=True) (a damaged file, or one holding "
-            f"objects other than tensors and plain containers): {type(error).__name__}: {first_line}"
-        ) from error
+        raise CheckpointError(_load_failure(path, error)) from error
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         if obj.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')!r} is not "

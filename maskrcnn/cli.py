@@ -5,27 +5,121 @@
              [--iterations N | --epochs N] [--batch-size N] [--lr LR] [--warmup N] [--out DIR]
              [--resume FILE] [--amp] [--device D] ...   (torchrun: one process per GPU or CPU share)
     evaluate --weights FILE [--dataset shapes | coco --images DIR --annotations FILE] [--out FILE]
-    predict  IMAGE... --weights FILE --out DIR [--score-threshold T] [--device D]
+    predict  IMAGE|FOLDER... --weights FILE --out DIR [--score-threshold T] [--device D]
              [--mask-threshold T] [--min-size N] [--max-size N] [--batch-size N]
 
 Each command is a subparser with its own ``run`` function, so a command is
-added by writing one ``add_<command>_parser`` function.
+added by writing one ``add_<command>_parser`` function. Numeric options are
+range-checked when parsed (an argparse error naming the option), every
+option's help states its default, and bad files are one-line errors
+(``report``), never tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-# Errors of bad input (files, arguments, data) that the commands report in
-# one line instead of a traceback: CheckpointError, CocoFormatError and
-# ImageReadError are ValueErrors.
-INPUT_ERRORS = (FileNotFoundError, ValueError)
+# Errors of bad input (files, arguments, data) and of the file system that
+# the commands report in one line instead of a traceback: CheckpointError,
+# CocoFormatError and ImageReadError are ValueErrors; FileNotFoundError,
+# PermissionError, IsADirectoryError etc. are OSErrors.
+INPUT_ERRORS = (OSError, ValueError)
+
+# Seeds go to torch and numpy generators (DistributedSampler adds the epoch).
+MAX_SEED = 2**32 - 1
+
+
+def report(error: Exception) -> int:
+    """Prints an input error as one line on stderr; returns the exit status 1."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        text = f"{error.filename}: {error.strerror}"  # without the "[Errno N]" of str(error)
+    else:
+        text = str(error)
+    print(f"error: {text}", file=sys.stderr)
+    return 1
+
+
+def int_at_least(minimum: int, maximum: Optional[int] = None):
+    """An argparse ``type``: an integer >= ``minimum`` (and <= ``maximum``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            wanted = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be an integer {wanted}, got {text}")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    """An argparse ``type``: a finite float in [low, high] (or (low, high]
+    with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            if high == math.inf:
+                wanted = f"> {low:g}" if low_open else f">= {low:g}"
+            else:
+                wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a number {wanted}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = int_at_least(1)
+COUNT = int_at_least(0)
+SEED = int_at_least(0, MAX_SEED)
+PROBABILITY = number_in(0.0, 1.0)
+# Images smaller than the backbone's stride of 32 have no P5 cell.
+IMAGE_SIDE = int_at_least(32)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the text already
+    says its default or there is none to state (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def check_output_folder(path: Path) -> None:
+    """A ValueError (before any work is done) if ``path`` or one of its
+    parents exists as something other than a folder."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == path else f": {folder}"
+                raise ValueError(f"--out {path}{where} is a file, not a folder")
+            return
+
+
+def check_output_file(path: Path) -> None:
+    """A ValueError if the output file ``path`` is a folder or cannot be
+    created because a parent is a file."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name (such as {path / 'metrics.json'})")
+    check_output_folder(path.parent)
 
 
 def default_device() -> str:
@@ -45,63 +139,72 @@ def parse_device(text: str) -> torch.device:
 
 def add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
     parser.add_argument("--device", type=parse_device, default=default_device(),
-                        help=f"cpu, cuda or cuda:N (default: cuda when available{note})")
+                        help=f"cpu, cuda or cuda:N (default: cuda when available, else cpu{note})")
+
+
+def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    return commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .predict import predict_files
+    from .predict import find_images, predict_files
 
     given = dict(box_score_thresh=args.score_threshold, min_size=args.min_size, max_size=args.max_size)
     overrides = {key: value for key, value in given.items() if value is not None}
     try:
+        check_output_folder(args.out)
+        images = find_images(args.images)
         model = load_model(args.weights, device=args.device, **overrides)
-        coco = predict_files(model, args.images, args.out, device=args.device, batch_size=args.batch_size,
+        coco = predict_files(model, images, args.out, device=args.device, batch_size=args.batch_size,
                              mask_threshold=args.mask_threshold)
     except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report(error)
     print(f"{len(coco['annotations'])} detections in {len(coco['images'])} images; "
           f"images and detections.json written to {args.out}")
     return 0
 
 
 def add_predict_parser(commands) -> None:
-    parser = commands.add_parser(
-        "predict",
+    parser = add_command(
+        commands, "predict",
         help="detect objects in images, write annotated PNGs and COCO-format JSON",
         description="Detects objects in images; writes OUT/<name>.png (masks, boxes, labels drawn) per image and "
         "OUT/detections.json (COCO format: images, annotations with scores and RLE masks, categories).",
     )
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format Pillow reads)")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="image files (any format Pillow reads) or folders of them (their image files, "
+                        "sorted by name; subfolders are not searched)")
     parser.add_argument("--weights", required=True, type=Path,
-                        help="our checkpoint, or a torchvision Mask R-CNN state dict (e.g. maskrcnn_resnet50_fpn_coco-*.pth)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
-    parser.add_argument("--score-threshold", type=float, default=None,
-                        help="minimum detection score (default: the model's, 0.05 for torchvision weights)")
-    parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability counted as inside")
-    parser.add_argument("--min-size", type=int, default=None,
-                        help="resize images so that their short side is this (default: the model's, 800 for "
-                        "torchvision weights); smaller is faster and finds fewer small objects")
-    parser.add_argument("--max-size", type=int, default=None, help="upper bound of the long side after resizing "
-                        "(default: the model's, 1333 for torchvision weights)")
+                        help="our checkpoint, or a torchvision Mask R-CNN state dict (e.g. "
+                        "maskrcnn_resnet50_fpn_coco-*.pth); required")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing); required")
+    parser.add_argument("--score-threshold", type=PROBABILITY, default=None,
+                        help="minimum detection score, in [0, 1] (default: the model's, 0.05 for torchvision "
+                        "weights)")
+    parser.add_argument("--mask-threshold", type=PROBABILITY, default=0.5,
+                        help="mask probability above which a pixel is inside, in [0, 1]")
+    parser.add_argument("--min-size", type=IMAGE_SIDE, default=None,
+                        help="resize images so that their short side is this, >= 32 (default: the model's, 800 "
+                        "for torchvision weights); smaller is faster and finds fewer small objects")
+    parser.add_argument("--max-size", type=IMAGE_SIDE, default=None,
+                        help="upper bound of the long side after resizing, >= 32 (default: the model's, 1333 "
+                        "for torchvision weights)")
     add_device_argument(parser)
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="images per forward pass")
     parser.set_defaults(run=run_predict)
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, *, shapes_images: int, shapes_seed: int) -> None:
     parser.add_argument("--dataset", choices=["shapes", "coco"], default="shapes",
-                        help="generated shapes (default) or a COCO-format folder (--images, --annotations)")
-    parser.add_argument("--images", type=Path, help="coco: the images folder")
-    parser.add_argument("--annotations", type=Path, help="coco: the instances JSON")
-    parser.add_argument("--shapes-images", type=int, default=shapes_images,
-                        help=f"shapes: number of images (default {shapes_images})")
-    parser.add_argument("--shapes-seed", type=int, default=shapes_seed,
-                        help=f"shapes: the generator's seed (default {shapes_seed}; the demo trains on 0, "
-                        "validates on 1)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="shapes: image side (default: the small config's, 128)")
+                        help="generated shapes, or a COCO-format folder (--images, --annotations)")
+    parser.add_argument("--images", type=Path, help="coco: the images folder (no default; needed with coco)")
+    parser.add_argument("--annotations", type=Path, help="coco: the instances JSON (no default; needed with coco)")
+    parser.add_argument("--shapes-images", type=POSITIVE_INT, default=shapes_images, help="shapes: number of images")
+    parser.add_argument("--shapes-seed", type=SEED, default=shapes_seed,
+                        help="shapes: the generator's seed (the demo trains on 0, validates on 1)")
+    parser.add_argument("--image-size", type=IMAGE_SIDE, default=None,
+                        help="shapes: image side, >= 32 (default: the small config's, 128)")
 
 
 def build_dataset(args: argparse.Namespace):
@@ -128,6 +231,17 @@ def build_config(name: str, *, num_classes: int, image_size: Optional[int]):
     return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, norm="batch", trainable_layers=5, **sizes)
 
 
+DEFAULT_TRAIN_OUT = Path("train_out")
+
+
+def train_output_folder(args: argparse.Namespace) -> Path:
+    """--out, else the resumed checkpoint's folder (so the run goes on where
+    it was), else train_out."""
+    if args.out is not None:
+        return args.out
+    return args.resume.parent if args.resume is not None else DEFAULT_TRAIN_OUT
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .checkpoint import build_model, read_checkpoint
     from .data import EpochBatchSampler
@@ -139,8 +253,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.amp and args.device.type != "cuda":
         print(f"error: --amp (mixed precision) needs a CUDA device, got --device {args.device}", file=sys.stderr)
         return 1
+    out = train_output_folder(args)
     context = init_distributed(args.device)
     try:
+        check_output_folder(out)
         dataset = build_dataset(args)
         if args.resume is not None:
             checkpoint = read_checkpoint(args.resume)
@@ -161,12 +277,11 @@ def run_train(args: argparse.Namespace) -> int:
             model, dataset, schedule=schedule, batch_size=args.batch_size,
             optimizer=args.optimizer or (None if args.resume is not None else OPTIMIZER),
             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=args.amp,
-            num_workers=args.workers, seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+            num_workers=args.workers, seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, context=context, adapt_threads=args.adapt_threads,
         )
     except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report(error)
     finally:
         shutdown_distributed(context)
     if context.is_main:
@@ -182,8 +297,8 @@ def add_train_parser(commands) -> None:
     from .engine import CHECKPOINT_NAME, OPTIMIZERS
     from .schedule import SCHEDULE_KINDS
 
-    parser = commands.add_parser(
-        "train",
+    parser = add_command(
+        commands, "train",
         help="train a Mask R-CNN on shapes or a COCO-format dataset (torchrun for several processes)",
         description="Trains a Mask R-CNN from scratch, writing OUT/" + CHECKPOINT_NAME + " (weights and training "
         "state) every --checkpoint-every iterations and at the end. Under torchrun (e.g. torchrun "
@@ -196,24 +311,31 @@ def add_train_parser(commands) -> None:
                         help="small: ResNet-18-FPN for 128-px images (the demo's); resnet50: torchvision's "
                         "R50-FPN design with trainable BatchNorm (from scratch)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--iterations", type=int, help="optimizer steps (default: one epoch)")
-    length.add_argument("--epochs", type=int, help="passes over the dataset (rounded down to full batches)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step and process")
+    length.add_argument("--iterations", type=POSITIVE_INT,
+                        help="optimizer steps (default: one epoch; on --resume: the checkpoint's schedule)")
+    length.add_argument("--epochs", type=POSITIVE_INT,
+                        help="passes over the dataset, rounded down to full batches (default: one)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=BATCH_SIZE, help="images per step and process")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                        help=f"default {OPTIMIZER} (on --resume: the checkpoint's)")
-    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="learning rate after the warm-up")
-    parser.add_argument("--warmup", type=int, default=WARMUP_ITERATIONS, help="linear warm-up iterations")
+                        help=f"default: {OPTIMIZER} (on --resume: the checkpoint's)")
+    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=LEARNING_RATE,
+                        help="learning rate after the warm-up, > 0")
+    parser.add_argument("--warmup", type=COUNT, default=WARMUP_ITERATIONS,
+                        help="linear warm-up iterations (capped at the run's length)")
     parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="cosine", help="decay after the warm-up")
-    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    parser.add_argument("--max-grad-norm", type=float, default=MAX_GRAD_NORM,
+    parser.add_argument("--weight-decay", type=number_in(0.0), default=WEIGHT_DECAY,
+                        help="weight decay of convolution and linear weights (not of biases and norms), >= 0")
+    parser.add_argument("--max-grad-norm", type=number_in(0.0), default=MAX_GRAD_NORM,
                         help="clip the gradient norm to this (0: no clipping)")
-    parser.add_argument("--out", type=Path, default=Path("train_out"), help="output folder")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
-    parser.add_argument("--resume", type=Path, help=f"continue the run of a checkpoint (OUT/{CHECKPOINT_NAME})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {DEFAULT_TRAIN_OUT}, or with --resume the checkpoint's folder)")
+    parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=500, help="iterations between checkpoints")
+    parser.add_argument("--resume", type=Path,
+                        help=f"continue the run of a checkpoint (OUT/{CHECKPOINT_NAME}); default: a new run")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     add_device_argument(parser, "; under torchrun cuda:LOCAL_RANK")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    parser.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
+    parser.add_argument("--workers", type=COUNT, default=0, help="data-loading processes (0: in this process)")
+    parser.add_argument("--seed", type=SEED, default=0, help="data order and sampling seed")
     parser.add_argument("--adapt-threads", action="store_true",
                         help="CPU: choose the number of threads by timing now and then (faster on a shared machine)")
     parser.set_defaults(run=run_train)
@@ -221,22 +343,27 @@ def add_train_parser(commands) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .evaluation import evaluate_model, format_metrics, metrics_for_json
+    from .demo import format_metrics_explained
+    from .evaluation import evaluate_model, metrics_for_json
 
     try:
+        if args.out is not None:
+            check_output_file(args.out)
         model = load_model(args.weights, device=args.device)
         dataset = build_dataset(args)
         metrics, _ = evaluate_model(model, dataset, device=args.device, batch_size=args.batch_size,
                                     num_workers=args.workers, progress=True)
     except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report(error)
     print(f"COCO AP of {args.weights} on {len(dataset)} images:")
-    print(format_metrics(metrics))
+    print(format_metrics_explained(metrics))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"weights": str(args.weights), "images": len(dataset),
-                                        "metrics": metrics_for_json(metrics)}, indent=2))
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"weights": str(args.weights), "images": len(dataset),
+                                            "metrics": metrics_for_json(metrics)}, indent=2))
+        except OSError as error:
+            return report(error)
         print(f"wrote {args.out}")
     return 0
 
@@ -244,17 +371,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_evaluate_parser(commands) -> None:
     from .demo import VALIDATION_IMAGES, VALIDATION_SEED
 
-    parser = commands.add_parser(
-        "evaluate",
+    parser = add_command(
+        commands, "evaluate",
         help="COCO box and mask AP of a model on a dataset (pycocotools)",
         description="Runs the model over a dataset and prints COCO box and mask AP (AP, AP50, AP75, APs, APm, "
         "APl) through pycocotools. Default dataset: the demo's held-out shapes.",
     )
-    parser.add_argument("--weights", required=True, type=Path, help="our checkpoint (e.g. demo_out/model.pt)")
+    parser.add_argument("--weights", required=True, type=Path,
+                        help="our checkpoint (e.g. demo_out/model.pt) or a torchvision state dict; required")
     add_dataset_arguments(parser, shapes_images=VALIDATION_IMAGES, shapes_seed=VALIDATION_SEED)
-    parser.add_argument("--out", type=Path, help="write the metrics to this JSON file")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--out", type=Path, help="write the metrics to this JSON file (default: print only)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="images per forward pass")
+    parser.add_argument("--workers", type=COUNT, default=0, help="data-loading processes (0: in this process)")
     add_device_argument(parser)
     parser.set_defaults(run=run_evaluate)
 
@@ -262,23 +390,27 @@ def add_evaluate_parser(commands) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, device=args.device, iterations=args.iterations)
+    try:
+        check_output_folder(args.out)
+        run_demo(out_dir=args.out, device=args.device, iterations=args.iterations)
+    except INPUT_ERRORS as error:
+        return report(error)
     return 0
 
 
 def add_demo_parser(commands) -> None:
     from .demo import ITERATIONS
 
-    parser = commands.add_parser(
-        "demo",
+    parser = add_command(
+        commands, "demo",
         help="train the small model on generated shapes, evaluate it, draw its masks (no arguments needed)",
         description="Trains the small Mask R-CNN (ResNet-18-FPN) from scratch on generated shapes, evaluates "
         "it with pycocotools on held-out images, prints box and mask AP and the wall time, and writes "
         "OUT/predictions.png, OUT/metrics.json and OUT/model.pt.",
     )
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     add_device_argument(parser)
-    parser.add_argument("--iterations", type=int, default=None, help=f"training iterations (default {ITERATIONS})")
+    parser.add_argument("--iterations", type=POSITIVE_INT, default=ITERATIONS, help="training iterations")
     parser.set_defaults(run=run_demo_command)
 
 
@@ -293,12 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for option in ("batch_size", "min_size", "max_size", "iterations", "epochs", "shapes_images", "image_size"):
-        value = getattr(args, option, None)
-        if value is not None and value < 1:
-            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 

@@ -15,17 +15,19 @@ less on a GPU.
 from __future__ import annotations
 
 import json
+import math
 import platform
+import re
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
 from .checkpoint import save_checkpoint
 from .data import ShapesDataset
 from .engine import train
-from .evaluation import evaluate_model, format_metrics, metrics_for_json
+from .evaluation import METRIC_NAMES, evaluate_model, format_metrics, metrics_for_json
 from .model import maskrcnn_small
 from .schedule import LRSchedule
 from .visualize import detection_grid
@@ -48,6 +50,25 @@ WEIGHTS_NAME = "model.pt"
 # The picture: detections scoring 0.5 or more, on images enlarged twice.
 PICTURE_SCORE_THRESHOLD = 0.5
 PICTURE_SCALE = 2
+
+
+# COCO's object sizes (mask or box area in pixels) of the size-specific APs.
+SIZE_RANGES = {"APs": "small (area below 32x32 pixels)", "APm": "medium (area 32x32 to 96x96 pixels)",
+               "APl": "large (area above 96x96 pixels)"}
+
+
+def format_metrics_explained(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """``format_metrics``'s table with "n/a" instead of "nan", and a line
+    per such figure saying why there is none: pycocotools measures nothing
+    when no ground-truth object falls in a size range (the demo's 128-px
+    images have no large objects, so APl is n/a)."""
+    table = format_metrics(metrics)
+    missing = [name for name in METRIC_NAMES if any(math.isnan(values[name]) for values in metrics.values())]
+    if not missing:
+        return table
+    notes = [f"{name} n/a: no ground-truth object is {SIZE_RANGES[name]}" if name in SIZE_RANGES
+             else f"{name} n/a: no ground-truth objects to measure" for name in missing]
+    return re.sub(r"\bnan\b", "n/a", table) + "\n" + "\n".join(notes)
 
 
 def shapes_datasets(*, image_size: int = IMAGE_SIZE, validation_images: int = VALIDATION_IMAGES):
@@ -118,7 +139,7 @@ def run_demo(
     }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(f"\nCOCO AP on {len(validation_set)} held-out validation images (pycocotools):")
-    print(format_metrics(metrics))
+    print(format_metrics_explained(metrics))
     print(f"\nbox AP {metrics['bbox']['AP']:.3f}  box AP50 {metrics['bbox']['AP50']:.3f}  "
           f"mask AP {metrics['segm']['AP']:.3f}  mask AP50 {metrics['segm']['AP50']:.3f}")
     print(f"wall time {summary['wall_seconds']:.0f} s (training {summary['train_seconds']:.0f} s, "
@@ -127,4 +148,4 @@ def run_demo(
     return summary
 
 
-__all__ = ["run_demo", "shapes_datasets"]
+__all__ = ["format_metrics_explained", "run_demo", "shapes_datasets"]

@@ -45,6 +45,36 @@ def read_image(path: Path) -> Tensor:
     return pixels.view(height, width, 3).permute(2, 0, 1).float() / 255
 
 
+def image_suffixes() -> List[str]:
+    """File name endings of the formats Pillow can open (".png", ".jpg", ...)."""
+    Image.init()
+    return sorted(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+
+
+def find_images(paths: Sequence[Path]) -> List[Path]:
+    """The image files that ``paths`` name: a file as given (checked later
+    when opened), a folder as the files in it whose names end in an image
+    format's suffix (any case; hidden files and subfolders left out), sorted
+    by name.
+
+    Raises:
+        ImageReadError: a folder holding no image file.
+    """
+    suffixes = set(image_suffixes())
+    found: List[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        inside = sorted(entry for entry in path.iterdir()
+                        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in suffixes)
+        if not inside:
+            raise ImageReadError(f"no image files in folder {path} (none of its files ends in a suffix that "
+                                 "Pillow reads, such as .png or .jpg)")
+        found.extend(inside)
+    return found
+
+
 def output_names(paths: Sequence[Path]) -> List[str]:
     """A distinct PNG name per input (``stem.png``, ``stem-2.png`` on clashes)."""
     names, seen = [], set()
@@ -103,15 +133,23 @@ def predict_files(
     ``out_dir/<json_name>`` (COCO format, all images).
 
     Every image is opened once before the model runs, so an unreadable file
-    fails fast (ImageReadError naming it). Returns the COCO dict written.
+    fails fast (ImageReadError naming it), and nothing is written if
+    ``out_dir`` is a file or an output would overwrite an input image
+    (ValueError). Returns the COCO dict written.
     """
     paths = [Path(p) for p in paths]
     for path in paths:  # headers only: cheap, and nothing is written if one is bad
         with open_image(path):
             pass
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output folder {out_dir} is a file")
+    names = output_names(paths)
+    inputs = {path.resolve() for path in paths}
+    for name in (*names, json_name):
+        if (out_dir / name).resolve() in inputs:
+            raise ValueError(f"writing {out_dir / name} would overwrite an input image; choose another output folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     class_names = model.class_names or label_names(model.num_classes)
-    names = output_names(paths)
     infos, results = [], []
     model.eval()
     with tqdm(total=len(paths), unit="image", disable=len(paths) < 2) as progress, torch.inference_mode():
@@ -131,4 +169,5 @@ def predict_files(
     return coco
 
 
-__all__ = ["ImageReadError", "detections_to_coco", "open_image", "output_names", "predict_files", "read_image"]
+__all__ = ["ImageReadError", "detections_to_coco", "find_images", "image_suffixes", "open_image", "output_names",
+           "predict_files", "read_image"]

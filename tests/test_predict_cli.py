@@ -1,5 +1,6 @@
 """Tests of ``python -m maskrcnn predict``: annotated PNGs and COCO-format
-JSON for generated images, both weights formats, and clear errors.
+JSON for generated images and folders of them, both weights formats, and
+one-line errors for bad images, weights files and output folders.
 
 A small ResNet-18 model (random weights, 91 COCO classes, images resized
 to 96 px) keeps each run to a few seconds.
@@ -19,6 +20,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import maskrcnn
+from maskrcnn.checkpoint import CheckpointError
 from maskrcnn.cli import main
 from maskrcnn.data.coco_format import decode_segmentation
 
@@ -136,4 +138,85 @@ def test_predict_errors(checkpoint, small_model, tmp_path, capsys):
     assert "--weights" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", str(image), "--weights", str(checkpoint), "--out", str(out), "--min-size", "0"])
-    assert "--min-size must be >= 1" in capsys.readouterr().err
+    assert "argument --min-size: must be an integer >= 32, got 0" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    """The command's stderr, checked to be one line starting with "error: "."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_predict_takes_folders_of_images(checkpoint, tmp_path, capsys):
+    """A folder stands for its image files (any case of suffix, sorted by
+    name; other files, hidden files and subfolders left out), mixed with
+    files; a folder without images is a one-line error."""
+    photos = tmp_path / "photos"
+    write_image(photos / "b.png", 50, 60, seed=5)
+    write_image(photos / "a.JPG", 40, 30, seed=6)
+    write_image(photos / "nested" / "c.png", 40, 40, seed=7)
+    write_image(photos / ".hidden.png", 40, 40, seed=8)
+    (photos / "notes.txt").write_text("not an image")
+    single = write_image(tmp_path / "single.png", 32, 48, seed=9)
+    out = tmp_path / "out"
+    assert main(["predict", str(photos), str(single), "--weights", str(checkpoint), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "in 3 images" in capsys.readouterr().out
+    data = json.loads((out / "detections.json").read_text())
+    assert [image["file_name"] for image in data["images"]] == [str(photos / "a.JPG"), str(photos / "b.png"),
+                                                                 str(single)]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "detections.json", "single.png"]
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("no pictures here")
+    assert main(["predict", str(tmp_path / "empty"), "--weights", str(checkpoint), "--out", str(out)]) == 1
+    assert "no image files in folder" in one_line_error(capsys)
+
+
+def test_predict_output_errors(checkpoint, tmp_path, capsys):
+    image = write_image(tmp_path / "photos" / "a.png", 40, 40, seed=4)
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file, not a folder")
+    assert main(["predict", str(image), "--weights", str(checkpoint), "--out", str(taken)]) == 1
+    assert "taken.txt is a file, not a folder" in one_line_error(capsys)
+    assert main(["predict", str(image), "--weights", str(checkpoint), "--out", str(taken / "sub")]) == 1
+    assert "taken.txt is a file, not a folder" in one_line_error(capsys)
+    assert taken.read_text() == "a file, not a folder"
+
+    # Writing the annotated a.png next to the input would replace the photo.
+    before = image.read_bytes()
+    assert main(["predict", str(image.parent), "--weights", str(checkpoint), "--out", str(image.parent),
+                 "--device", "cpu"]) == 1
+    assert "would overwrite an input image" in one_line_error(capsys)
+    assert image.read_bytes() == before
+
+
+def test_weights_errors_are_one_clear_line(checkpoint, tmp_path, capsys):
+    image = write_image(tmp_path / "a.png", 40, 40, seed=4)
+    out = str(tmp_path / "out")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["predict", str(image), "--weights", str(run), "--out", out]) == 1
+    assert one_line_error(capsys) == f"error: {run} is a directory, not a weights file\n"
+    (run / "last.pt").write_bytes(checkpoint.read_bytes())
+    assert main(["predict", str(image), "--weights", str(run), "--out", out]) == 1
+    assert f"is a directory, not a weights file (did you mean {run / 'last.pt'}?)" in one_line_error(capsys)
+
+    # A download or copy cut short: torch's several lines become one, its error the cause.
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    assert main(["predict", str(image), "--weights", str(damaged), "--out", out]) == 1
+    error = one_line_error(capsys)
+    assert error.startswith(f"error: {damaged} is damaged: torch.load cannot read it (")
+    assert len(error) < len(str(damaged)) + 80
+    with pytest.raises(CheckpointError) as raised:
+        maskrcnn.load_model(damaged)
+    assert raised.value.__cause__ is not None  # torch's full message, for debugging
+
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
+    assert main(["predict", str(image), "--weights", str(tmp_path / "pickled.pt"), "--out", out]) == 1
+    error = one_line_error(capsys)
+    assert "torch.nn.modules.linear.Linear" in error and "refuses to load" in error
+    assert not (tmp_path / "out").exists()
