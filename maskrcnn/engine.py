@@ -50,8 +50,8 @@ def make_optimizer(
         {"params": [p for p in trainable if p.dim() > 1], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
     ]
-    # The fused implementations update all parameters in one kernel (on the
-    # 2-core CPU a step of the small model took 35 ms less with AdamW).
+    # The fused implementations update all parameters in one kernel instead
+    # of a few small operations per tensor.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
@@ -77,54 +77,155 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 class ThreadTuner:
     """Chooses the number of intra-op threads on a CPU shared with other jobs.
 
-    On an idle 2-core machine a step of the small model took 0.35 s with 2
-    threads and 0.55 s with 1; with another process busy on one core it
-    took 1.14 s with 2 (the threads wait for each other at every operation)
-    and 0.51 s with 1. So now and then the tuner runs ``probe`` steps with
-    each candidate count (1 and the maximum) and keeps the one whose median
-    step was shorter until the next probe. Probing the slow count costs
-    time, so the interval between probes doubles (up to ``max_interval``)
-    each time a probe confirms the current choice, and falls back to
-    ``min_interval`` when it changes. The results do not depend on the
-    choice beyond float rounding.
+    With every core free, the most threads are fastest. When another process
+    keeps a core busy, a step with as many threads as cores can take many
+    times longer than with one thread: the threads meet at the end of every
+    parallel operation, and each time the thread that shares the busy core
+    must wait for its turn on it while the others spin. One thread waits
+    for no one. The results do not depend on the count beyond float
+    rounding, so the tuner times steps and keeps the faster count.
+
+    A probe times ``probe`` steps with each candidate, 1 first and then the
+    maximum, and keeps the count whose median step was shorter. The larger
+    count is dropped after its first step when that step alone took more
+    than ``slow_factor`` times the 1-thread median: on a busy machine a
+    probe costs one slow step, not ``probe`` of them. Probes come
+
+    - on a schedule, ``min_interval`` steps after a decision, then twice as
+      long after each probe that confirms the choice (up to
+      ``max_interval``), and ``min_interval`` again after one that changes
+      it. Only these bring the maximum back once the load goes away: one
+      thread does not get faster when the other cores free up, so there is
+      nothing to notice.
+    - at once when steps at the chosen count slow down. Each step longer
+      than ``slow_factor`` times the count's median at the last probe adds
+      its excess to a tally of lost time; each other step halves the
+      tally. When the tally exceeds ``probe`` of those medians (about what
+      a probe costs), the next step starts a probe. So one very slow step
+      is enough, a few moderately slow ones too, one a little slow never.
+      A probe that keeps the count (the slowdown was noise, or slowed every
+      count alike: its times are then the new reference) doubles the tally
+      needed for the next one, up to ``max_patience`` times, so noise cannot
+      make it probe over and over; a change of count resets it.
+
+    Decisions that change the count, and probes started by a slowdown, are
+    described by the message that ``record`` returns (and ``messages``
+    keeps) for the progress bar.
 
     Args:
         max_threads: the largest count (torch's default: the cores).
         probe: steps timed per candidate.
-        min_interval, max_interval: steps from one decision to the next probe.
+        min_interval, max_interval: steps from one decision to the next
+            scheduled probe.
+        slow_factor: a step is slow when it takes this many times the
+            reference median.
+        max_patience: the largest multiple of the lost time that starts a
+            probe after false alarms.
     """
 
-    def __init__(self, *, max_threads: int, probe: int = 3, min_interval: int = 50, max_interval: int = 400) -> None:
+    def __init__(self, *, max_threads: int, probe: int = 3, min_interval: int = 50, max_interval: int = 400,
+                 slow_factor: float = 2.0, max_patience: int = 8) -> None:
         self.candidates = sorted({1, max_threads})
         self.probe = probe
         self.min_interval = min_interval
         self.max_interval = max_interval
+        self.slow_factor = slow_factor
+        self.max_patience = max_patience
         self.interval = min_interval
         self.chosen = max_threads
         self.next_probe = 0
+        self.step = 0
+        # The probe under way: the counts of its remaining steps, in order,
+        # the step times so far, and whether a slowdown started it.
+        self.queue: List[int] = []
         self.timings: Dict[int, List[float]] = {}
+        self.after_slowdown = False
+        # Median step time of each count at the last probe that timed it.
+        self.reference: Dict[int, float] = {}
+        self.lost_seconds = 0.0
+        self.patience = 1
         self.iterations_at: Dict[int, int] = {}
+        self.messages: List[str] = []
 
     def threads(self, step: int) -> int:
         """The count for step ``step`` of this run (0-based; called for
-        every step in order)."""
-        offset = step - self.next_probe
-        probing = len(self.candidates) * self.probe
-        if 0 <= offset < probing:
-            if offset == 0:
-                self.timings = {count: [] for count in self.candidates}
-            return self.candidates[offset // self.probe]
-        if offset == probing:
-            best = min(self.candidates, key=lambda count: statistics.median(self.timings[count]))
-            self.interval = min(2 * self.interval, self.max_interval) if best == self.chosen else self.min_interval
-            self.chosen = best
-            self.next_probe = step + self.interval
-        return self.chosen
+        every step in order, each followed by ``record``)."""
+        self.step = step
+        if not self.queue and len(self.candidates) > 1 and step >= self.next_probe:
+            self._start_probe(after_slowdown=False)
+        return self.queue[0] if self.queue else self.chosen
 
-    def record(self, threads: int, seconds: float) -> None:
-        if threads in self.timings:
-            self.timings[threads].append(seconds)
+    def record(self, threads: int, seconds: float) -> Optional[str]:
+        """Notes that the step took ``seconds`` with ``threads`` threads.
+        Returns a message for the user when the tuner changed its count or
+        starts a probe because steps slowed down, else None."""
         self.iterations_at[threads] = self.iterations_at.get(threads, 0) + 1
+        if self.queue:
+            message = self._record_probe_step(threads, seconds)
+        elif threads == self.chosen and threads in self.reference:
+            message = self._watch(seconds)
+        else:
+            message = None
+        if message is not None:
+            self.messages.append(message)
+        return message
+
+    def _start_probe(self, *, after_slowdown: bool) -> None:
+        self.queue = [count for count in self.candidates for _ in range(self.probe)]
+        self.timings = {}
+        self.after_slowdown = after_slowdown
+
+    def _watch(self, seconds: float) -> Optional[str]:
+        reference = self.reference[self.chosen]
+        if seconds > self.slow_factor * reference:
+            self.lost_seconds += seconds - reference
+        else:
+            self.lost_seconds /= 2
+        if self.lost_seconds <= self.patience * self.probe * reference:
+            return None
+        self._start_probe(after_slowdown=True)
+        return (f"thread tuner: a step took {seconds:.2f} s with {_threads_text(self.chosen)} "
+                f"({reference:.2f} s when last timed); timing {' and '.join(map(str, self.candidates))} threads now")
+
+    def _record_probe_step(self, threads: int, seconds: float) -> Optional[str]:
+        self.queue.pop(0)
+        times = self.timings.setdefault(threads, [])
+        times.append(seconds)
+        if len(times) == 1 and self.queue and self.queue[0] == threads:
+            others = [statistics.median(t) for count, t in self.timings.items() if count != threads]
+            if others and seconds > self.slow_factor * min(others):
+                self.queue = [count for count in self.queue if count != threads]
+        return None if self.queue else self._decide()
+
+    def _decide(self) -> Optional[str]:
+        medians = {count: statistics.median(times) for count, times in self.timings.items()}
+        best = min(medians, key=medians.__getitem__)
+        previous, self.chosen = self.chosen, best
+        self.reference.update(medians)
+        self.lost_seconds = 0.0
+        if best != previous:
+            self.interval = self.min_interval
+            self.patience = 1
+        elif self.after_slowdown:
+            self.patience = min(2 * self.patience, self.max_patience)
+        else:
+            self.interval = min(2 * self.interval, self.max_interval)
+        self.next_probe = self.step + 1 + self.interval
+        if best == previous and not self.after_slowdown:
+            return None
+        timed = ", ".join(f"{_threads_text(count)} {median:.2f} s ({_steps_text(len(self.timings[count]))})"
+                          for count, median in sorted(medians.items()))
+        if best != previous:
+            return f"thread tuner: {previous} -> {_threads_text(best)}; median step {timed}"
+        return f"thread tuner: staying at {_threads_text(best)}; median step {timed}"
+
+
+def _threads_text(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
+
+
+def _steps_text(count: int) -> str:
+    return "1 step" if count == 1 else f"{count} steps"
 
 
 @dataclass
@@ -301,6 +402,8 @@ def train(
             share of every epoch, and only rank 0 shows progress and writes.
         adapt_threads: on the CPU, pick the number of intra-op threads by
             timing (``ThreadTuner``): for machines shared with other jobs.
+            The progress bar then shows the count in use, and a line
+            above it says when and why the count changes.
         progress: show a tqdm bar with the running losses (rank 0).
 
     Returns:
@@ -392,12 +495,17 @@ def train(
                 network, opt, scaler, [image.to(device, non_blocking=True) for image in images], targets,
                 amp=amp, max_grad_norm=max_grad_norm, iteration=iteration,
             )
+            step_seconds = time.perf_counter() - step_began
             values["lr"] = learning_rate
-            if tuner is not None:
-                tuner.record(threads, time.perf_counter() - step_began)
             result.history.append(values)
             running.add(values)
-            bar.set_postfix_str(running.summary(), refresh=False)
+            summary = running.summary()
+            if tuner is not None:
+                message = tuner.record(threads, step_seconds)
+                if message is not None and not bar.disable:
+                    bar.write(f"iteration {iteration}: {message}")
+                summary += f" threads {threads}"
+            bar.set_postfix_str(summary, refresh=False)
             bar.update(1)
             done = iteration + 1
             if checkpoint_every > 0 and done % checkpoint_every == 0 and done < schedule.total_iterations:

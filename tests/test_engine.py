@@ -1,5 +1,6 @@
 """Tests of the training engine and its command line: learning-rate
-schedule, epoch batches (shuffle, shards, resume), checkpoint and resume
+schedule, the thread tuner (on made-up step times: load coming and going,
+noise), epoch batches (shuffle, shards, resume), checkpoint and resume
 (the resumed run equals the uninterrupted one), two-process
 DistributedDataParallel on gloo (replicas stay identical), the train,
 evaluate and demo commands on a tiny shapes run, and their errors.
@@ -67,27 +68,109 @@ def test_schedule_steps_constant_and_state():
             LRSchedule(**{**dict(base_lr=0.1, total_iterations=10), **bad})
 
 
-def test_thread_tuner_probes_and_keeps_the_faster_count():
-    """A probe (2 steps at 1 thread, 2 at 2) starts the run; its winner is
-    kept; the next probe comes after min_interval steps, then twice as long
-    after each probe that confirms the choice, and min_interval again
-    after one that changes it."""
-    tuner = ThreadTuner(max_threads=2, probe=2, min_interval=4, max_interval=16)
-    chosen, probes = [], []
-    for step in range(40):
-        busy = step < 22  # another job holds a core for the first 22 steps
+IDLE = {1: 0.55, 2: 0.35}  # seconds per step with 1 and 2 threads, every core free
+BUSY = {1: 0.51, 2: 7.0}  # another process holds a core: two threads spin-wait on it
+LOADED = {1: 0.51, 2: 1.14}  # a milder case of the same
+
+
+def drive(tuner: ThreadTuner, seconds, steps: range):
+    """Runs ``steps`` through the tuner; ``seconds(step, threads)`` is a
+    step's time. Returns the count of each step and the messages by step."""
+    counts, messages = [], {}
+    for step in steps:
         threads = tuner.threads(step)
-        chosen.append(threads)
-        if tuner.timings and not any(tuner.timings.values()):
-            probes.append(step)
-        tuner.record(threads, {1: 0.5, 2: 1.1}[threads] if busy else {1: 0.55, 2: 0.35}[threads])
-    assert probes == [0, 8, 20, 28]
-    assert chosen[:4] == [1, 1, 2, 2] and set(chosen[4:8]) == {1}  # busy: one thread
-    assert set(chosen[12:20]) == {1}  # confirmed: the next probe 8 steps after the decision
-    assert set(chosen[24:28]) == {2}  # the machine is free again: a change, so soon another probe
-    assert chosen[28:32] == [1, 1, 2, 2] and set(chosen[32:]) == {2}
-    assert tuner.iterations_at[1] + tuner.iterations_at[2] == 40
+        counts.append(threads)
+        message = tuner.record(threads, seconds(step, threads))
+        if message is not None:
+            messages[step] = message
+    return counts, messages
+
+
+def test_thread_tuner_probes_on_a_schedule():
+    """A probe (2 steps at 1 thread, then 2 at 2) starts the run; the next
+    comes twice as long after each decision that confirms the choice (up to
+    max_interval), min_interval after one that changes it. Under load, a
+    probe drops the 2-thread count after its first step."""
+    tuner = ThreadTuner(max_threads=2, probe=2, min_interval=4, max_interval=16)
+    counts, messages = drive(tuner, lambda step, threads: IDLE[threads], range(56))
+    probes = [step for step in range(56) if counts[step:step + 4] == [1, 1, 2, 2]]
+    assert probes == [0, 12, 32, 52]  # 8 steps after the first decision (it kept 2 threads), 16, 16
+    assert counts.count(1) == 8 and not messages  # nothing changed, nothing to say
+    assert tuner.iterations_at == {1: 8, 2: 48}
+
+    tuner = ThreadTuner(max_threads=2, probe=3, min_interval=4, max_interval=16)
+    counts, messages = drive(tuner, lambda step, threads: BUSY[threads], range(30))
+    assert counts[:4] == [1, 1, 1, 2] and set(counts[4:8]) == {1}  # 2 threads timed once only
+    assert counts[8:12] == [1, 1, 1, 2] and set(counts[12:20]) == {1}
+    assert counts[20:24] == [1, 1, 1, 2] and counts.count(2) == 3
+    assert list(messages) == [3] and messages[3].startswith("thread tuner: 2 -> 1 thread;")
+    assert "2 threads 7.00 s (1 step)" in messages[3]
     assert ThreadTuner(max_threads=1).threads(0) == 1  # nothing to choose from
+
+
+def test_thread_tuner_reacts_to_a_slowdown_at_once_and_recovers():
+    """A neighbour takes a core at step 40 and leaves at step 200: one slow
+    step starts a probe, which switches to 1 thread after one more slow
+    step at 2; the scheduled probes bring 2 threads back once the core is
+    free, and every change is explained."""
+    busy = range(40, 200)
+    tuner = ThreadTuner(max_threads=2, probe=3, min_interval=50, max_interval=400)
+    counts, messages = drive(tuner, lambda step, threads: (BUSY if step in busy else IDLE)[threads], range(400))
+    assert set(counts[6:40]) == {2}
+    assert counts[40:45] == [2, 1, 1, 1, 2] and set(counts[45:95]) == {1}
+    assert sum(counts[step] == 2 for step in busy) <= 5  # a slow step per probe: 2 at once, then the scheduled ones
+    assert messages[40] == ("thread tuner: a step took 7.00 s with 2 threads (0.35 s when last timed); "
+                            "timing 1 and 2 threads now")
+    assert messages[44] == "thread tuner: 2 -> 1 thread; median step 1 thread 0.51 s (3 steps), 2 threads 7.00 s (1 step)"
+    recovered = min(step for step, message in messages.items() if "1 -> 2 threads" in message)
+    assert 200 <= recovered < 200 + 2 * 50 + 6 and set(counts[recovered + 1:recovered + 51]) == {2}
+    assert len(messages) == 3
+
+
+def test_thread_tuner_moderate_slowdown_needs_two_slow_steps():
+    tuner = ThreadTuner(max_threads=2, probe=3)
+    counts, messages = drive(tuner, lambda step, threads: (LOADED if step >= 20 else IDLE)[threads], range(40))
+    assert counts[20:26] == [2, 2, 1, 1, 1, 2] and set(counts[26:]) == {1}
+    assert list(messages) == [21, 25] and "1.14 s with 2 threads" in messages[21]
+
+
+def test_thread_tuner_noise_does_not_cause_probe_storms():
+    """A step a little slow never starts a probe; a very slow one starts
+    one, which keeps 2 threads; each such false alarm doubles the lost time
+    the next needs, so spikes every 15 steps bring few probes; a slowdown
+    of every count alike starts one probe, whose times become the new
+    reference."""
+    tuner = ThreadTuner(max_threads=2, probe=3)
+    counts, messages = drive(tuner, lambda step, threads: IDLE[threads] * (1.9 if step % 3 == 0 else 1), range(300))
+    assert not messages and set(counts[6:50]) == {2}
+
+    tuner = ThreadTuner(max_threads=2, probe=3)
+    counts, messages = drive(tuner, lambda step, threads: IDLE[threads] * (10 if step % 15 == 14 else 1), range(400))
+    alarms = [step for step, message in messages.items() if "a step took" in message]
+    assert alarms[0] == 14 and len(alarms) <= 3
+    assert all("staying at 2 threads" in messages[step + 6] for step in alarms)
+    assert counts.count(1) <= 3 * (len(alarms) + 4)  # the probes' 1-thread steps only
+
+    tuner = ThreadTuner(max_threads=2, probe=3)
+    counts, messages = drive(tuner, lambda step, threads: IDLE[threads] * (3 if step >= 20 else 1), range(100))
+    assert list(messages) == [21, 27] and "staying at 2 threads" in messages[27]  # two steps 3 times slower
+    assert tuner.reference[2] == pytest.approx(3 * IDLE[2]) and set(counts[28:]) == {2}
+
+
+def test_train_shows_the_thread_count_and_the_tuners_messages(monkeypatch, capsys):
+    import maskrcnn.engine as engine
+
+    class SpeakingTuner(ThreadTuner):
+        def record(self, threads, seconds):
+            super().record(threads, seconds)
+            return "thread tuner: a test message" if self.step == 1 else None
+
+    monkeypatch.setattr(engine, "ThreadTuner", SpeakingTuner)
+    train(tiny_model(), tiny_dataset(), schedule=LRSchedule(base_lr=1e-3, total_iterations=3), batch_size=2,
+          adapt_threads=True, progress=True)
+    captured = capsys.readouterr()
+    assert "iteration 1: thread tuner: a test message" in captured.out + captured.err
+    assert "threads 1" in captured.err  # a run starts by timing 1 thread
 
 
 # ---------------------------------------------------------------- batches
