@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# A window element (a 2 x (M+2)-long dot product inside a BLAS call) costs
-# about a tenth of a ragged pixel (some fifteen gather/arithmetic passes) on
-# CPU; measured with benchmarks/model.py's detections and compact boxes.
+# How many window elements (each a 2 x (M+2)-long dot product inside a BLAS
+# call) cost as much as one ragged pixel (some fifteen gather/arithmetic
+# passes): the exchange rate paste_masks_in_image decides by. Tuned with
+# benchmarks/model.py; the measurements belong in benchmarks/results.
 RAGGED_PIXEL_COST = 8
 
 

@@ -13,26 +13,13 @@ import torch
 
 import maskrcnn_ops
 
-OPS = [
-    "roi_align",
-    "roi_align_backward",
-    "nms",
-    "batched_nms",
-    "batched_nms_keep",
-    "decode_boxes",
-    "decode_boxes_backward",
-    "encode_boxes",
-    "rpn_decode_filter",
-]
+# Every op the extension defined (TORCH_LIBRARY in csrc/ops.cpp), as the
+# dispatcher knows them: a new op is checked without being listed here.
+OPS = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("maskrcnn_ops::"))
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
-
-
-def test_build_info_matches_torch():
-    info = maskrcnn_ops.build_info()
-    assert info["built_with_torch"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
 
 
 @pytest.mark.skipif(os.environ.get("MASKRCNN_OPS_EXPECT_CUDA") != "1", reason="set by CI, which builds the CUDA kernels")
@@ -40,9 +27,15 @@ def test_cuda_kernels_compiled_in():
     assert maskrcnn_ops.build_info()["with_cuda"], "CI expected a build with the CUDA kernels"
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_kernels_registered_per_backend(op):
-    name = f"maskrcnn_ops::{op}"
+def test_the_dispatcher_lists_the_ops():
+    assert "maskrcnn_ops::roi_align" in OPS and "maskrcnn_ops::multi_level_roi_align_backward" in OPS
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_kernels_registered_per_backend(name):
+    """A CPU kernel for every op, and a CUDA kernel exactly when the build has
+    the CUDA kernels (so a missing CUDA registration fails on any machine
+    with a CUDA build, with or without a GPU)."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
     assert has_cuda == maskrcnn_ops.build_info()["with_cuda"]
