@@ -5,7 +5,8 @@ before the final per-image split."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+import itertools
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -52,23 +53,17 @@ def _ordered_keys(x: Tensor) -> Tensor:
     return keys.masked_fill(torch.isnan(x), _INT64_MAX)
 
 
-_LEVEL_LAYOUT_CACHE: Dict[tuple, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-
-
-def _level_layout(num_anchors_per_level: Sequence[int], device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For the padded [L, max_level] view of the levels: gather index
-    [L * max_level] into the flat anchors (0 at pads), pad mask, level offsets
-    [L] and sizes [L], on `device` (cached, so no copy per call)."""
-    key = (tuple(num_anchors_per_level), torch.device(device))
-    if key not in _LEVEL_LAYOUT_CACHE:
-        sizes = torch.tensor(num_anchors_per_level, dtype=torch.int64)
-        offsets = torch.cumsum(sizes, 0) - sizes
-        width = max(int(sizes.max()), 1)
-        position = torch.arange(width)[None, :]
-        pad = position >= sizes[:, None]
-        index = (offsets[:, None] + position).masked_fill(pad, 0)
-        _LEVEL_LAYOUT_CACHE[key] = tuple(t.to(device) for t in (index.reshape(-1), pad.reshape(-1), offsets, sizes))
-    return _LEVEL_LAYOUT_CACHE[key]
+def _level_layout(num_anchors_per_level: Sequence[int], width: int, device) -> Tuple[Tensor, Tensor]:
+    """For the padded [L, width] view of the levels (width >= the largest
+    level): gather index [L * width] into the flat anchors (0 at pads) and
+    pad mask [L * width], on `device`. Made from Python ints by device
+    kernels alone (no host-to-device copy, which would synchronize), so
+    nothing needs caching."""
+    offsets = list(itertools.accumulate(num_anchors_per_level, initial=0))[:-1]
+    position = torch.arange(width, device=device)
+    pad = torch.stack([position >= size for size in num_anchors_per_level])
+    index = torch.stack([torch.arange(offset, offset + width, device=device) for offset in offsets])
+    return index.masked_fill(pad, 0).reshape(-1), pad.reshape(-1)
 
 
 def _image_sizes_tensor(image_sizes: ImageSizes, n: int, device) -> Tensor:
@@ -97,15 +92,15 @@ def _top_candidates(
     """
     n = objectness.size(0)
     device = objectness.device
-    index, pad, offsets, level_sizes = _level_layout(num_anchors_per_level, device)
     levels = len(num_anchors_per_level)
-    width = index.numel() // max(levels, 1)
+    width = max(max(num_anchors_per_level, default=0), 1)
     k = min(pre_nms_top_n, width)
     if batched:
+        index, pad = _level_layout(num_anchors_per_level, width, device)
         keys = _ordered_keys(objectness).index_select(1, index).masked_fill(pad, _INT64_MIN)
         top = keys.view(n, levels, width).topk(k, dim=2).indices  # [N, L, k]
-        valid = top < level_sizes[None, :, None]
-        candidates = (offsets[None, :, None] + top).masked_fill(~valid, 0)
+        valid = ~pad.view(1, levels, width).expand(n, levels, width).gather(2, top)
+        candidates = index.view(1, levels, width).expand(n, levels, width).gather(2, top)  # 0 at pads
         return candidates.view(n, levels * k), valid.view(n, levels * k)
     candidates = torch.zeros(n, levels, k, dtype=torch.int64, device=device)
     valid = torch.zeros(n, levels, k, dtype=torch.bool, device=device)
@@ -176,8 +171,7 @@ def generate_proposals_padded(
         num_anchors_per_level: A_total split by level.
         image_sizes: [N, 2] or N pairs (height, width) of the unpadded images
             (give a tensor on the device for a call with no host sync at all:
-            a Python list is copied to the device; the per-level layout is
-            copied once per shape and cached).
+            a Python list is copied to the device).
 
     Returns:
         boxes [N, post_nms_top_n, 4] and scores [N, post_nms_top_n] (zeros

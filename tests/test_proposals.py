@@ -1038,3 +1038,62 @@ def test_cuda_padded_form_does_not_sync():
         torch.cuda.set_sync_debug_mode(previous)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
+
+
+def test_proposals_keep_no_module_state():
+    """generate_proposals_padded caches nothing at module level (a cache keyed
+    by the level layout would grow with every new image shape): the module's
+    globals are the same objects, of the same sizes, after calls with new
+    layouts, on both top-k paths."""
+
+    def snapshot():
+        return {name: (id(value), len(value) if isinstance(value, (dict, list, set)) else None)
+                for name, value in vars(proposals_module).items()}
+
+    before = snapshot()
+    for name in ("small", "tiny"):
+        batch = Batch(name, seed=44)
+        objectness, deltas, counts = batch.flat()
+        for batched in (True, False):
+            _top_candidates(objectness, counts, 50, batched=batched)
+        maskrcnn_ops.generate_proposals_padded(objectness, deltas, batch.anchors(), counts, batch.image_sizes,
+                                               pre_nms_top_n=50, post_nms_top_n=20, nms_thresh=0.7)
+    assert snapshot() == before
+
+
+class SyncErrors:
+    """Within the block a host synchronization raises (CUDA sync debug mode
+    "error"); the previous mode is restored after it."""
+
+    def __enter__(self):
+        self.previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.previous)
+
+
+@cuda_only
+def test_cuda_padded_form_does_not_sync_on_a_new_layout():
+    """The first call with a level layout never seen before is sync-free too
+    (the padded layout is built on the device from the level sizes, not
+    copied from the host)."""
+    warm = Batch("medium", seed=45, device="cuda")
+    objectness, deltas, counts = warm.flat()
+    settings = dict(pre_nms_top_n=300, post_nms_top_n=200, nms_thresh=0.7)
+    maskrcnn_ops.generate_proposals_padded(objectness, deltas, warm.anchors(), counts,
+                                           torch.tensor(warm.image_sizes, device="cuda"), **settings)
+    batch = Batch("five", seed=46, device="cuda")
+    objectness, deltas, counts = batch.flat()
+    anchors, sizes = batch.anchors(), torch.tensor(batch.image_sizes, device="cuda")
+    torch.cuda.synchronize()
+    with SyncErrors():
+        actual = maskrcnn_ops.generate_proposals_padded(objectness, deltas, anchors, counts, sizes, **settings)
+    expected = maskrcnn_ops.generate_proposals_padded(objectness.cpu(), deltas.cpu(), anchors.cpu(), counts,
+                                                      batch.image_sizes, **settings)
+    assert torch.equal(actual[2].cpu(), expected[2])
+    counts_list = expected[2].tolist()
+    assert_same_up_to_rounding(
+        ([b[:c] for b, c in zip(actual[0], counts_list)], [s[:c] for s, c in zip(actual[1], counts_list)]),
+        ([b[:c] for b, c in zip(expected[0], counts_list)], [s[:c] for s, c in zip(expected[1], counts_list)]),
+        "new layout")
