@@ -19,8 +19,6 @@ import maskrcnn_ops
 # read at call time.
 nms_module = importlib.import_module("maskrcnn_ops.nms")
 
-BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-
 
 class Detections(NamedTuple):
     """Per image: boxes [D_i, 4] (x1, y1, x2, y2) float32, scores [D_i]
@@ -31,28 +29,17 @@ class Detections(NamedTuple):
     labels: List[Tensor]
 
 
-def clip_boxes_per_row(boxes: Tensor, limits: Tensor) -> Tensor:
-    """Clips boxes [K, ..., 4] to [0, width] x [0, height], with one
-    (height, width) row of ``limits`` [K, 2] per leading index."""
-    shape = (boxes.size(0),) + (1,) * (boxes.dim() - 2)
-    height = limits[:, 0].view(shape)
-    width = limits[:, 1].view(shape)
-    x1, y1, x2, y2 = boxes.clamp(min=0).unbind(-1)
-    return torch.stack([torch.minimum(x1, width), torch.minimum(y1, height),
-                        torch.minimum(x2, width), torch.minimum(y2, height)], dim=-1)
-
-
 def detect_objects(
     class_logits: Tensor,
     box_deltas: Tensor,
     proposals: Sequence[Tensor],
     image_sizes: Sequence[Tuple[int, int]],
     *,
+    box_coder: maskrcnn_ops.BoxCoder,
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
     min_size: float = 1e-2,
-    weights: Sequence[float] = BOX_CODER_WEIGHTS,
 ) -> Detections:
     """Final detections from the box predictor's outputs.
 
@@ -61,11 +48,12 @@ def detect_objects(
         box_deltas: [K, C * 4] class-specific deltas.
         proposals: per image [K_i, 4] boxes the deltas refer to.
         image_sizes: per image (height, width) to clip to.
+        box_coder: the coder the box deltas were trained with (the RoI
+            heads' ``box_coder``).
         score_thresh: class probabilities at or below this are dropped.
         nms_thresh: IoU threshold of the NMS within each (image, class).
         detections_per_img: best detections kept per image.
         min_size: boxes with a side below this (pixels) are dropped.
-        weights: box coder weights (wx, wy, ww, wh).
 
     Returns:
         Detections, in torchvision's order: by decreasing score, ties by
@@ -84,15 +72,14 @@ def detect_objects(
     image_of_row = torch.repeat_interleave(torch.arange(num_images, device=device), torch.tensor(counts, device=device))
     limits = torch.tensor(image_sizes, dtype=torch.float32, device=device).view(num_images, 2)[image_of_row]
 
-    boxes = maskrcnn_ops.decode_boxes(box_deltas.float(), torch.cat(list(proposals)).float(), weights)
-    boxes = clip_boxes_per_row(boxes.view(total, num_classes, 4), limits)[:, 1:]  # background dropped
+    boxes = box_coder.decode(box_deltas.float(), torch.cat(list(proposals)).float())
+    boxes = maskrcnn_ops.clip_boxes_to_image(boxes.view(total, num_classes, 4), limits[:, None])[:, 1:]  # no background
     scores = torch.softmax(class_logits.float(), dim=-1)[:, 1:]
     labels = torch.arange(1, num_classes, device=device).expand(total, num_classes - 1)
     images = image_of_row[:, None].expand(total, num_classes - 1)
 
     boxes, scores, labels, images = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1), images.reshape(-1)
-    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    candidates = torch.nonzero((scores > score_thresh) & (widths >= min_size) & (heights >= min_size)).squeeze(1)
+    candidates = torch.nonzero((scores > score_thresh) & maskrcnn_ops.boxes_large_enough(boxes, min_size)).squeeze(1)
     boxes, scores, labels, images = boxes[candidates], scores[candidates], labels[candidates], images[candidates]
 
     if candidates.numel() <= nms_module.NMS_BOXES_PER_CALL:  # the usual case: one call
@@ -120,4 +107,4 @@ def select_class_masks(mask_logits: Tensor, labels: Tensor) -> Tensor:
     return torch.sigmoid(mask_logits[rows, labels].float())[:, None]
 
 
-__all__ = ["BOX_CODER_WEIGHTS", "Detections", "clip_boxes_per_row", "detect_objects", "select_class_masks"]
+__all__ = ["Detections", "detect_objects", "select_class_masks"]

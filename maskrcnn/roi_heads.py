@@ -12,8 +12,8 @@ from torch import Tensor, nn
 import maskrcnn_ops
 
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
-from .postprocess import BOX_CODER_WEIGHTS, detect_objects, select_class_masks
-from .training import box_head_loss, mask_loss, mask_targets, sample_proposals
+from .postprocess import detect_objects, select_class_masks
+from .training import ROI_BOX_WEIGHTS, box_head_loss, mask_loss, mask_targets, sample_proposals
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")
 
@@ -46,9 +46,9 @@ class RoIHeads(nn.Module):
         mask_head, mask_predictor: features -> per-class mask logits.
         score_thresh, nms_thresh, detections_per_img: see
             ``postprocess.detect_objects``.
-        box_weights: box coder weights of the box deltas (the regression
-            targets in training use ``maskrcnn.training.ROI_BOX_WEIGHTS``,
-            the same (10, 10, 5, 5)).
+        box_weights: the (wx, wy, ww, wh) of ``box_coder``, the one coder
+            of the box deltas: training encodes its regression targets with
+            it and inference decodes with it (default (10, 10, 5, 5)).
         fg_iou_thresh, bg_iou_thresh: in training, a proposal with IoU >= fg
             with a ground-truth box takes its class, below bg it is
             background (0.5, 0.5).
@@ -68,7 +68,7 @@ class RoIHeads(nn.Module):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
-        box_weights: Sequence[float] = BOX_CODER_WEIGHTS,
+        box_weights: Sequence[float] = ROI_BOX_WEIGHTS,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -84,7 +84,7 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
-        self.box_weights = tuple(box_weights)
+        self.box_coder = maskrcnn_ops.BoxCoder(tuple(box_weights))
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
         self.batch_size_per_image = batch_size_per_image
@@ -140,6 +140,7 @@ class RoIHeads(nn.Module):
             proposals,
             [t["boxes"] for t in targets],
             [t["labels"] for t in targets],
+            box_coder=self.box_coder,
             foreground_iou=self.fg_iou_thresh,
             background_iou=self.bg_iou_thresh,
             batch_size_per_image=self.batch_size_per_image,
@@ -175,10 +176,10 @@ class RoIHeads(nn.Module):
             box_deltas,
             proposals,
             image_sizes,
+            box_coder=self.box_coder,
             score_thresh=self.score_thresh,
             nms_thresh=self.nms_thresh,
             detections_per_img=self.detections_per_img,
-            weights=self.box_weights,
         )
         masks = self.mask_probabilities(features, detections.boxes, detections.labels, image_sizes)
         return RoIHeadOutputs(detections.boxes, detections.scores, detections.labels, masks)

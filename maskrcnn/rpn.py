@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 import maskrcnn_ops
 
-from .training import assign_anchor_targets, rpn_loss, sample_anchor_labels
+from .training import RPN_BOX_WEIGHTS, assign_anchor_targets, rpn_loss, sample_anchor_labels
 from .transform import ImageBatch
 
 
@@ -56,7 +56,7 @@ class RPNPredictions(NamedTuple):
 
     Attributes:
         objectness: [N, A] logits (A anchors per image, all levels).
-        deltas: [N, A, 4] box deltas (dx, dy, dw, dh), weights (1, 1, 1, 1).
+        deltas: [N, A, 4] box deltas (dx, dy, dw, dh) of the RPN's box coder.
         anchors: [A, 4] anchors (the same for every image of the padded batch).
         num_anchors_per_level: A split by level.
     """
@@ -89,6 +89,9 @@ class RegionProposalNetwork(nn.Module):
             ignored (0.7, 0.3).
         batch_size_per_image, positive_fraction: anchors sampled per image
             for the losses, at most this fraction positive (256, 0.5).
+        box_weights: the (wx, wy, ww, wh) of ``box_coder``, the one coder of
+            the deltas: training encodes the anchors' targets with it and
+            proposal generation decodes with it (default (1, 1, 1, 1)).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class RegionProposalNetwork(nn.Module):
         bg_iou_thresh: float = 0.3,
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
+        box_weights: Sequence[float] = RPN_BOX_WEIGHTS,
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -122,6 +126,7 @@ class RegionProposalNetwork(nn.Module):
         self.bg_iou_thresh = bg_iou_thresh
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
+        self.box_coder = maskrcnn_ops.BoxCoder(tuple(box_weights))
 
     def anchors(self, images: ImageBatch, features: List[Tensor]) -> Tensor:
         """All anchors of the padded batch, [sum_l H_l * W_l * A, 4], float32
@@ -159,6 +164,8 @@ class RegionProposalNetwork(nn.Module):
             nms_thresh=self.nms_thresh,
             score_thresh=self.score_thresh,
             min_size=self.min_size,
+            weights=self.box_coder.weights,
+            clip=self.box_coder.clip,
         )
 
     def losses(self, predictions: RPNPredictions, gt_boxes: Sequence[Tensor]) -> Dict[str, Tensor]:
@@ -178,6 +185,7 @@ class RegionProposalNetwork(nn.Module):
         labels, regression_targets = assign_anchor_targets(
             [predictions.anchors] * num_images,
             gt_boxes,
+            box_coder=self.box_coder,
             high_threshold=self.fg_iou_thresh,
             low_threshold=self.bg_iou_thresh,
         )

@@ -47,7 +47,14 @@ _C = _load_extension()
 
 from . import _autograd, _fake  # noqa: E402,F401  (registrations)
 from .anchors import AnchorGenerator  # noqa: E402
-from .boxes import clip_boxes_to_image, decode_boxes, encode_boxes, remove_small_boxes  # noqa: E402
+from .boxes import (  # noqa: E402
+    BoxCoder,
+    boxes_large_enough,
+    clip_boxes_to_image,
+    decode_boxes,
+    encode_boxes,
+    remove_small_boxes,
+)
 from .nms import batched_nms, batched_nms_keep, batched_nms_padded, image_groups, nms, rank_kept_per_image  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
@@ -77,9 +84,11 @@ __all__ = [
     "batched_nms_padded",
     "rank_kept_per_image",
     "image_groups",
+    "BoxCoder",
     "decode_boxes",
     "encode_boxes",
     "clip_boxes_to_image",
+    "boxes_large_enough",
     "remove_small_boxes",
     "AnchorGenerator",
     "flatten_rpn_outputs",

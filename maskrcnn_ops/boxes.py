@@ -1,11 +1,13 @@
 """Box coding and box utilities with torchvision's semantics
 (``BoxCoder.decode_single`` / ``encode_single``, ``clip_boxes_to_image``,
-``remove_small_boxes``)."""
+``remove_small_boxes``). The Python clipping and size test here are the only
+ones outside the kernels (``csrc/common/box_coder.h`` has the kernels')."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from dataclasses import dataclass
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -61,15 +63,61 @@ def encode_boxes(
     return _ops.encode_boxes(reference_boxes, proposals, _weights(weights))
 
 
-def clip_boxes_to_image(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Clips boxes [..., 4] to an image of ``size`` (height, width), as torchvision."""
-    height, width = size
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
-    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)
+@dataclass(frozen=True)
+class BoxCoder:
+    """A box coder, as torchvision's ``BoxCoder`` (detectron2's
+    ``Box2BoxTransform``): the (wx, wy, ww, wh) weights and the clip of
+    dw, dh. A model builds one per stage and uses it both for the training
+    targets (``encode``) and for decoding its predictions (``decode``), so
+    the two cannot disagree.
+
+    Attributes:
+        weights: (wx, wy, ww, wh) dividing the deltas (4 numbers).
+        clip: upper bound of dw / ww and dh / wh before exp.
+    """
+
+    weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    clip: float = DEFAULT_CLIP
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(_weights(self.weights)))
+        object.__setattr__(self, "clip", float(self.clip))
+
+    def encode(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        """:func:`encode_boxes` with these weights: [K, 4] targets."""
+        return encode_boxes(reference_boxes, proposals, self.weights)
+
+    def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        """:func:`decode_boxes` with these weights and clip: [K, 4 * C] boxes."""
+        return decode_boxes(deltas, boxes, self.weights, self.clip)
+
+
+def clip_boxes_to_image(boxes: Tensor, size: Union[Tuple[int, int], Tensor]) -> Tensor:
+    """Clips boxes [..., 4] (x1, y1, x2, y2) to [0, width] x [0, height], as
+    torchvision's ``clip_boxes_to_image`` (NaN stays NaN).
+
+    Args:
+        boxes: [..., 4].
+        size: (height, width) of the image, or a tensor [..., 2] of one
+            (height, width) per box that broadcasts against ``boxes[..., 0]``
+            (e.g. [K, 1, 2] for the [K, C, 4] boxes of K proposals in
+            different images).
+    """
+    if isinstance(size, Tensor):
+        height, width = size.to(boxes.dtype).unbind(-1)
+    else:
+        height, width = size
+    x1, y1, x2, y2 = boxes.clamp(min=0).unbind(-1)
+    return torch.stack([x1.clamp(max=width), y1.clamp(max=height), x2.clamp(max=width), y2.clamp(max=height)], dim=-1)
+
+
+def boxes_large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """bool [...]: whether each box [..., 4] has both sides >= min_size
+    (False for NaN), torchvision's ``remove_small_boxes`` test as a mask."""
+    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """Indices of boxes [K, 4] whose sides are both >= min_size, as torchvision."""
-    ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return torch.where((ws >= min_size) & (hs >= min_size))[0]
+    """Indices of boxes [K, 4] whose sides are both >= min_size, as torchvision
+    (a data-dependent size: traced code should use :func:`boxes_large_enough`)."""
+    return torch.where(boxes_large_enough(boxes, min_size))[0]

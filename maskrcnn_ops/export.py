@@ -63,10 +63,11 @@ Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Sequence
 
 import torch
+
+from .multiscale import LEVEL_EPS, first_pyramid_level
 
 # ONNX RoiAlign-16 computes in the features' type, which must be one of
 # these; other dtypes are computed in float32 and cast back.
@@ -128,11 +129,11 @@ def _roi_align_to_onnx(
 
 
 def _fpn_level_index(corners, *, first_level: int, num_levels: int, canonical_scale: float, canonical_level: int):
-    """Index into the pyramid (0 = finest) of each box [K, 4], int64 [K]: the
-    kernel's formula floor(canonical_level + log2(sqrt(area) / canonical_scale)
-    + 1e-6), clamped to the levels, NaN -> 0, in the boxes' precision. ONNX has
-    no Log2: log(x) / log(2) is within an ulp or two of it, far inside the
-    1e-6 margin for boxes whose log2 is an integer."""
+    """Index into the pyramid (0 = finest) of each box [K, 4], int64 [K]:
+    ``multiscale.fpn_levels`` (the kernel's formula) written in ONNX
+    operators, in the boxes' precision; tests/test_export.py checks the two
+    agree. ONNX has no Log2: log(x) / log(2) is within an ulp or two of it,
+    far inside the LEVEL_EPS margin for boxes whose log2 is an integer."""
     from onnxscript import ir
     from onnxscript import opset18 as op
 
@@ -143,7 +144,7 @@ def _fpn_level_index(corners, *, first_level: int, num_levels: int, canonical_sc
         return op.CastLike(op.Constant(value_float=value), size)
 
     log2_ratio = op.Div(op.Log(op.Div(size, constant(canonical_scale))), op.Log(constant(2.0)))
-    level = op.Floor(op.Add(op.Add(constant(float(canonical_level)), log2_ratio), constant(1e-6)))
+    level = op.Floor(op.Add(op.Add(constant(float(canonical_level)), log2_ratio), constant(LEVEL_EPS)))
     level = op.Clip(level, constant(float(first_level)), constant(float(first_level + num_levels - 1)))
     level = op.Sub(level, constant(float(first_level)))
     level = op.Where(op.IsNaN(level), constant(0.0), level)
@@ -170,7 +171,7 @@ def _multi_level_roi_align_to_onnx(
 
     first = features[0]
     corners, batch_indices, compute_type = _onnx_roi_align_inputs(first, rois)
-    first_level = int(round(-math.log2(spatial_scales[0])))
+    first_level = first_pyramid_level(spatial_scales)
     level = _fpn_level_index(  # in the corners' float32 (float64 for float64 features), as the kernel
         corners,
         first_level=first_level,

@@ -22,6 +22,15 @@ from .roi_align import BoxesArg, _pair, boxes_to_rois
 
 ImageShapes = Sequence[Tuple[int, int]]
 
+# The FPN paper's level mapping (eq. 1): a box of side CANONICAL_SCALE (the
+# ImageNet pre-training size) maps to level CANONICAL_LEVEL (P4); LEVEL_EPS is
+# torchvision's LevelMapper margin, which keeps exact powers of two (a 224 x
+# 224 box) on their level. The kernel (csrc/common/roi_align_math.h:
+# fpn_level_index) applies the same formula to the values it is given.
+CANONICAL_SCALE = 224
+CANONICAL_LEVEL = 4
+LEVEL_EPS = 1e-6
+
 
 def infer_scale(feature_size: Sequence[int], image_size: Sequence[int]) -> float:
     """Scale of a feature map relative to the (padded) image, as torchvision
@@ -48,6 +57,36 @@ def infer_scales(features: Sequence[Tensor], image_shapes: ImageShapes) -> List[
     return [infer_scale(f.shape[-2:], largest) for f in features]
 
 
+def first_pyramid_level(spatial_scales: Sequence[float]) -> int:
+    """k of the finest feature map, whose scale is 2**-k (2 for P2 at 1/4)."""
+    return int(round(-math.log2(spatial_scales[0])))
+
+
+def fpn_levels(
+    boxes: Tensor,
+    spatial_scales: Sequence[float],
+    *,
+    canonical_scale: float = CANONICAL_SCALE,
+    canonical_level: int = CANONICAL_LEVEL,
+) -> Tensor:
+    """Index into the pyramid (0 = finest map) of each box [K, 4] (x1, y1, x2,
+    y2): ``floor(canonical_level + log2(sqrt(area) / canonical_scale) +
+    LEVEL_EPS)`` clamped to the levels given, in the boxes' dtype and
+    torchvision's order of operations. A box whose formula is NaN (negative
+    area, NaN coordinates) gets level 0, as in the kernel; a zero-area box
+    the finest level. The mapping the kernel applies (it reads the RoIs in
+    the features' accumulation dtype: float32, float64 for float64), for
+    inspection, tests and the reference. Returns int64 [K]."""
+    first_level = first_pyramid_level(spatial_scales)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    size = torch.sqrt((x2 - x1) * (y2 - y1))
+    eps = torch.tensor(LEVEL_EPS, dtype=boxes.dtype)
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + eps)
+    level = torch.where(torch.isnan(level), first_level, level)
+    level = torch.clamp(level, min=first_level, max=first_level + len(spatial_scales) - 1)
+    return level.to(torch.int64) - first_level
+
+
 def multi_scale_roi_align(
     features: Sequence[Tensor],
     boxes: BoxesArg,
@@ -56,15 +95,14 @@ def multi_scale_roi_align(
     *,
     image_shapes: Optional[ImageShapes] = None,
     spatial_scales: Optional[Sequence[float]] = None,
-    canonical_scale: float = 224,
-    canonical_level: int = 4,
+    canonical_scale: float = CANONICAL_SCALE,
+    canonical_level: int = CANONICAL_LEVEL,
     aligned: bool = False,
 ) -> Tensor:
     """RoIAlign over a feature pyramid, each RoI pooled from its FPN level.
 
-    The level of a box of area A is ``floor(canonical_level + log2(sqrt(A) /
-    canonical_scale) + 1e-6)`` clamped to the levels given, as in the FPN
-    paper (eq. 1) and torchvision's ``LevelMapper``.
+    The level of each box is :func:`fpn_levels`' (the FPN paper's eq. 1 and
+    torchvision's ``LevelMapper``), computed inside the kernel.
 
     Args:
         features: feature maps [N, C, H_l, W_l], finest first (e.g. P2..P5),
@@ -78,8 +116,9 @@ def multi_scale_roi_align(
             or ``spatial_scales``.
         spatial_scales: one power of two per level, halving from each level
             to the next (e.g. [1/4, 1/8, 1/16, 1/32]).
-        canonical_scale, canonical_level: the box size that maps to the
-            canonical level (224 -> P4 in the paper).
+        canonical_scale, canonical_level: the box side that maps to the
+            canonical level (by default the paper's, ``CANONICAL_SCALE`` and
+            ``CANONICAL_LEVEL``).
         aligned: pixel-centre alignment as in :func:`maskrcnn_ops.roi_align`
             (torchvision's MultiScaleRoIAlign uses False).
 
@@ -114,20 +153,6 @@ def multi_scale_roi_align(
     )
 
 
-def fpn_levels(
-    boxes: Tensor, spatial_scales: Sequence[float], *, canonical_scale: float = 224, canonical_level: int = 4
-) -> Tensor:
-    """Index into the pyramid (0 = finest map) of each box [K, 4] (x1, y1, x2,
-    y2): the mapping the kernel applies, in torchvision's arithmetic, for
-    inspection and tests. Returns int64 [K]."""
-    first_level = int(round(-math.log2(spatial_scales[0])))
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    eps = torch.tensor(1e-6, dtype=boxes.dtype)
-    level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_scale) + eps)
-    level = torch.clamp(level, min=first_level, max=first_level + len(spatial_scales) - 1)
-    return level.to(torch.int64) - first_level
-
-
 class MultiScaleRoIAlign(nn.Module):
     """Drop-in for ``torchvision.ops.MultiScaleRoIAlign`` on the fused kernel.
 
@@ -143,8 +168,9 @@ class MultiScaleRoIAlign(nn.Module):
     each image, and returns Tensor[sum L_i, C, *output_size].
 
     Unlike torchvision, which infers the scales on its first call and keeps
-    them, the scales are inferred on every call (it costs nothing), so one
-    module serves batches of any image size; ``scales`` holds the last ones.
+    them (``scales``), the scales are inferred on every call (it costs
+    nothing, see :func:`infer_scales`) and not stored, so one module serves
+    batches of any image size and a forward changes no state.
     """
 
     def __init__(
@@ -153,8 +179,8 @@ class MultiScaleRoIAlign(nn.Module):
         output_size: Union[int, Tuple[int, int], List[int]],
         sampling_ratio: int,
         *,
-        canonical_scale: int = 224,
-        canonical_level: int = 4,
+        canonical_scale: int = CANONICAL_SCALE,
+        canonical_level: int = CANONICAL_LEVEL,
     ) -> None:
         super().__init__()
         self.featmap_names = list(featmap_names)
@@ -162,19 +188,17 @@ class MultiScaleRoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
-        self.scales: Optional[List[float]] = None
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
         features = [value for name, value in x.items() if name in self.featmap_names]
         if len(features) == 0:
             raise ValueError(f"none of the feature maps {self.featmap_names} is in the input (it has {list(x)})")
-        self.scales = infer_scales(features, image_shapes)
         return multi_scale_roi_align(
             features,
             boxes,
             self.output_size,
             self.sampling_ratio,
-            spatial_scales=self.scales,
+            spatial_scales=infer_scales(features, image_shapes),
             canonical_scale=self.canonical_scale,
             canonical_level=self.canonical_level,
         )

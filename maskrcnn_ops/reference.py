@@ -5,6 +5,14 @@ RoIs), and are differentiable through autograd. Geometry is computed in the
 kernels' accumulation precision (float32, float64 for float64 features), with
 the same operation order, so sample positions agree bit for bit and results
 differ only by summation order.
+
+What has a single pure-PyTorch definition elsewhere in the package is used
+from there rather than written again: the FPN level mapping
+(``multiscale.fpn_levels``, checked against torchvision's LevelMapper and
+against the kernel) and box clipping and the size test
+(``boxes.clip_boxes_to_image`` / ``boxes_large_enough``, checked against
+torchvision). The references here are independent formulations of what the
+kernels compute.
 """
 
 from __future__ import annotations
@@ -14,6 +22,9 @@ from typing import Tuple, Union
 
 import torch
 from torch import Tensor
+
+from .boxes import DEFAULT_CLIP, boxes_large_enough, clip_boxes_to_image
+from .multiscale import CANONICAL_LEVEL, CANONICAL_SCALE, fpn_levels
 
 MAX_ADAPTIVE_GRID = 1024  # csrc/common/roi_align_math.h: kMaxAdaptiveGrid
 
@@ -130,18 +141,6 @@ def roi_align(
     return torch.stack(outputs).to(input.dtype)
 
 
-def fpn_levels(rois: Tensor, spatial_scales, canonical_scale: float = 224, canonical_level: int = 4) -> Tensor:
-    """Pyramid index (0 = finest) of each RoI [K, 5], by the FPN formula in
-    torchvision's float arithmetic (the RoIs' dtype, as the kernel reads them)."""
-    first_level = int(round(-math.log2(spatial_scales[0])))
-    x1, y1, x2, y2 = rois[:, 1:].unbind(1)
-    size = torch.sqrt((x2 - x1) * (y2 - y1))
-    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + torch.tensor(1e-6, dtype=rois.dtype))
-    level = torch.where(torch.isnan(level), torch.full_like(level, first_level), level)
-    level = level.clamp(first_level, first_level + len(spatial_scales) - 1)
-    return level.to(torch.int64) - first_level
-
-
 def multi_level_roi_align(
     features,
     rois: Tensor,
@@ -149,17 +148,16 @@ def multi_level_roi_align(
     spatial_scales,
     sampling_ratio: int = -1,
     aligned: bool = False,
-    canonical_scale: float = 224,
-    canonical_level: int = 4,
+    canonical_scale: float = CANONICAL_SCALE,
+    canonical_level: int = CANONICAL_LEVEL,
 ) -> Tensor:
     """Reference multi-level RoIAlign: each RoI through the reference
     roi_align on the level the FPN formula picks. features: list of [N, C,
     H_l, W_l]; rois [K, 5]. Returns [K, C, PH, PW]."""
     pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     acc = _accumulate_dtype(features[0].dtype)
-    levels = fpn_levels(rois.to(acc), spatial_scales, canonical_scale, canonical_level)
-    if len(features) == 1:
-        levels.zero_()
+    levels = fpn_levels(rois[:, 1:].to(acc), spatial_scales, canonical_scale=canonical_scale,
+                        canonical_level=canonical_level)
     out = features[0].new_zeros(rois.size(0), features[0].size(1), pooled_h, pooled_w)
     for k in range(rois.size(0)):
         level = int(levels[k])
@@ -210,7 +208,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return order[keep[order]].to(scores.device)
 
 
-def decode_boxes(deltas: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clip: float = math.log(1000.0 / 16)) -> Tensor:
+def decode_boxes(deltas: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clip: float = DEFAULT_CLIP) -> Tensor:
     """Reference decode: deltas [K, 4C] against boxes [K, 4] -> [K, 4C], in
     the accumulation dtype, returned in deltas' dtype."""
     acc = _accumulate_dtype(deltas.dtype)
@@ -257,7 +255,7 @@ def generate_proposals(
     score_thresh: float = 0.0,
     min_size: float = 1e-3,
     weights=(1.0, 1.0, 1.0, 1.0),
-    clip: float = math.log(1000.0 / 16),
+    clip: float = DEFAULT_CLIP,
 ):
     """Reference RPN post-processing, the textbook loop: per image, per level
     top-k; decode; clip; drop small boxes and low scores; NMS per level; the
@@ -272,16 +270,12 @@ def generate_proposals(
             logits = objectness[image, offset : offset + size]
             top = logits.topk(min(pre_nms_top_n, size)).indices + offset
             boxes = decode_boxes(deltas[image, top], image_anchors[top], weights, clip)
-            boxes = torch.stack(
-                [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height), boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)],
-                dim=1,
-            )
-            cand_boxes.append(boxes)
+            cand_boxes.append(clip_boxes_to_image(boxes, (height, width)))
             cand_scores.append(torch.sigmoid(objectness[image, top]))
             cand_levels.append(torch.full((len(top),), level, dtype=torch.int64))
             offset += size
         boxes, scores, levels = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_levels)
-        keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size) & (scores >= score_thresh)
+        keep = boxes_large_enough(boxes, min_size) & (scores >= score_thresh)
         boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
         kept = batched_nms(boxes, scores, levels.to(boxes.device), nms_thresh)[:post_nms_top_n]
         all_boxes.append(boxes[kept])

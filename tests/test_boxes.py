@@ -315,7 +315,77 @@ def test_opcheck_not_differentiable_ops_with_grad_inputs(device):
         assert set(result) == set(utils) and all(v == "SUCCESS" for v in result.values()), result
 
 
+# ------------------------------------------- BoxCoder, clipping, min size --
+
+
+def test_box_coder_is_the_functions_with_its_settings(device):
+    """BoxCoder(weights, clip) encodes and decodes as the functions (and so as
+    torchvision's BoxCoder) with those settings; bad weights fail when it is
+    built, not when it is first used."""
+    coder = maskrcnn_ops.BoxCoder([10, 10, 5, 5], clip=2.0)
+    assert coder.weights == (10.0, 10.0, 5.0, 5.0) and coder.clip == 2.0
+    assert maskrcnn_ops.BoxCoder() == maskrcnn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0), DEFAULT_CLIP)
+    boxes, gt = make_boxes(30, device=device, seed=60), make_boxes(30, device=device, seed=61)
+    deltas = make_deltas(30, 2, std=3.0, device=device, seed=60)
+    torch.testing.assert_close(coder.decode(deltas, boxes), torchvision_decode(deltas, boxes, coder.weights, 2.0),
+                               **TOLERANCES[torch.float32])
+    assert torch.equal(coder.encode(gt, boxes), maskrcnn_ops.encode_boxes(gt, boxes, (10.0, 10.0, 5.0, 5.0)))
+    with pytest.raises(ValueError, match="weights must be 4 numbers"):
+        maskrcnn_ops.BoxCoder((1.0, 1.0))
+
+
+@pytest.mark.parametrize("dtype", FULL_DTYPES + [pytest.param(torch.float16, id="f16")])
+def test_clip_boxes_to_image_matches_torchvision(device, dtype):
+    """One image size, or one (height, width) per box (a tensor that
+    broadcasts, as detection post-processing clips K x C boxes of K
+    proposals from different images): torchvision's values, NaN kept."""
+    boxes = (make_boxes(40, scale=300.0, device=device, seed=62) - 40).to(dtype)
+    boxes[3, 1] = math.nan
+    expected = torchvision.ops.clip_boxes_to_image(boxes, (150, 120))
+    torch.testing.assert_close(maskrcnn_ops.clip_boxes_to_image(boxes, (150, 120)), expected, rtol=0, atol=0,
+                               equal_nan=True)
+    sizes = torch.tensor([[150, 120], [90, 200]], device=device)[torch.arange(40, device=device) % 2]
+    per_box = maskrcnn_ops.clip_boxes_to_image(boxes.view(40, 1, 4).expand(40, 3, 4), sizes[:, None].float())
+    for row in range(40):
+        expected = torchvision.ops.clip_boxes_to_image(boxes[row], tuple(sizes[row].tolist()))
+        torch.testing.assert_close(per_box[row], expected.expand(3, 4), rtol=0, atol=0, equal_nan=True)
+
+
+def test_small_boxes_match_torchvision(device):
+    """boxes_large_enough is remove_small_boxes as a mask (NaN and inverted
+    boxes are not large enough), on any leading shape."""
+    boxes = make_boxes(60, scale=20.0, min_side=0.0, device=device, seed=63)
+    boxes[0, 0] = math.nan
+    boxes[1, [0, 2]] = boxes[1, [2, 0]]
+    kept = torchvision.ops.remove_small_boxes(boxes, 3.0)
+    assert torch.equal(maskrcnn_ops.remove_small_boxes(boxes, 3.0), kept)
+    mask = maskrcnn_ops.boxes_large_enough(boxes.view(6, 10, 4), 3.0)
+    assert mask.shape == (6, 10) and torch.equal(torch.where(mask.flatten())[0], kept)
+    assert not mask[0, 0] and not mask[0, 1]
+
+
 # ------------------------------------------------------------ torch.compile --
+
+
+def test_compile_box_coder_and_clipping(device, fresh_dynamo):
+    """A BoxCoder held by a module, clipping to per-box sizes and the size
+    mask trace with fullgraph=True, equal to eager."""
+
+    class Decode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.box_coder = maskrcnn_ops.BoxCoder((10.0, 10.0, 5.0, 5.0))
+
+        def forward(self, deltas, boxes, sizes):
+            decoded = maskrcnn_ops.clip_boxes_to_image(self.box_coder.decode(deltas, boxes).view(-1, 2, 4), sizes)
+            return decoded, maskrcnn_ops.boxes_large_enough(decoded, 1.0)
+
+    module = Decode()
+    boxes, deltas = make_boxes(20, device=device, seed=64), make_deltas(20, 2, std=3.0, device=device, seed=64)
+    sizes = torch.tensor([[100.0, 80.0]], device=device).expand(20, 2)[:, None]
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for a, e in zip(compiled(deltas, boxes, sizes), module(deltas, boxes, sizes)):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
 
 
 def test_encode_keeps_the_precision_of_float32_proposals(device):

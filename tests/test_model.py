@@ -20,6 +20,7 @@ from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import maskrcnn_ops
+from maskrcnn_ops import reference
 import maskrcnn
 from maskrcnn.checkpoint import CheckpointError, check_state_dict, load_model, save_checkpoint
 from maskrcnn.paste import paste_masks_in_image
@@ -479,14 +480,120 @@ def test_detect_objects_matches_torchvision(device, boxes_per_call, monkeypatch)
     deltas = torch.randn(sum(counts), num_classes * 4, generator=generator)
     heads = tv_roi_heads.RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100)
     boxes, scores, labels = heads.postprocess_detections(logits, deltas, proposals, sizes)
+    box_coder = maskrcnn_ops.BoxCoder(heads.box_coder.weights, heads.box_coder.bbox_xform_clip)
     ours = detect_objects(logits.to(device), deltas.to(device), [p.to(device) for p in proposals], sizes,
-                          score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+                          box_coder=box_coder, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
     assert [len(b) for b in boxes][1] == 0 and min(len(boxes[0]), len(boxes[2])) > 0
     assert len(calls) == (1 if boxes_per_call is None else 2)  # the empty image joins the first
     for i in range(len(sizes)):
         assert torch.equal(ours.labels[i].cpu(), labels[i])
         torch.testing.assert_close(ours.scores[i].cpu(), scores[i])
         torch.testing.assert_close(ours.boxes[i].cpu(), boxes[i], rtol=1e-5, atol=1e-4)
+
+
+def recorder(function, results: list):
+    """``function``, appending each of its results to ``results``."""
+
+    def record(*args, **kwargs):
+        results.append(function(*args, **kwargs))
+        return results[-1]
+
+    return record
+
+
+class FixedPredictor(torch.nn.Module):
+    """A box predictor that returns given class logits and box deltas."""
+
+    def __init__(self, class_logits: torch.Tensor, box_deltas: torch.Tensor) -> None:
+        super().__init__()
+        self.class_logits, self.box_deltas = class_logits, box_deltas
+
+    def forward(self, features):
+        return self.class_logits, self.box_deltas
+
+
+def test_non_default_box_weights_train_and_decode_with_one_coder(monkeypatch):
+    """RoIHeads(box_weights=W) owns one coder: the regression targets of its
+    losses are encoded with W and its detections decoded with W, so deltas
+    equal to the training targets of the positive samples decode back to
+    their ground-truth boxes (with the default weights on one side they
+    would not)."""
+    weights = (2.0, 3.0, 4.0, 0.5)
+    built = maskrcnn.maskrcnn_small(num_classes=3, image_size=64)
+    parts = {name: getattr(built.roi_heads, name) for name in
+             ("box_roi_pool", "box_head", "box_predictor", "mask_roi_pool", "mask_head", "mask_predictor")}
+    heads = maskrcnn.roi_heads.RoIHeads(**parts, box_weights=weights, score_thresh=0.0, detections_per_img=50)
+    assert heads.box_coder.weights == weights
+
+    generator = torch.Generator().manual_seed(3)
+    features = {name: torch.randn(1, 64, 16 >> level, 16 >> level, generator=generator)
+                for level, name in enumerate(["0", "1", "2", "3", "pool"])}
+    gt_boxes = torch.tensor([[6.0, 8.0, 30.0, 40.0], [34.0, 20.0, 60.0, 44.0]])
+    jitter = 3 * torch.randn(20, 4, generator=generator)
+    proposals = torch.cat([gt_boxes.repeat(10, 1) + jitter, torch.tensor([[0.0, 0.0, 4.0, 4.0]])])
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    targets = [{"boxes": gt_boxes, "labels": torch.tensor([1, 2]), "masks": masks}]
+
+    drawn = []
+    monkeypatch.setattr(maskrcnn.roi_heads, "sample_proposals", recorder(maskrcnn.roi_heads.sample_proposals, drawn))
+    heads.train()
+    heads.losses(features, [proposals], [(64, 64)], targets)
+    positives = drawn[0].labels[0] > 0
+    boxes, labels = drawn[0].proposals[0][positives], drawn[0].labels[0][positives]
+    regression = drawn[0].regression_targets[0][positives]
+    matched = gt_boxes[drawn[0].matched_gt_indices[0][positives]]
+    assert len(boxes) > 2 and set(labels.tolist()) == {1, 2}
+    torch.testing.assert_close(regression, reference.encode_boxes(matched, boxes, weights))
+
+    # Each positive sample's class gets a high score and its training target.
+    num_classes = 3
+    class_logits = torch.full((len(boxes), num_classes), -20.0)
+    class_logits[torch.arange(len(boxes)), labels] = 20.0
+    box_deltas = torch.zeros(len(boxes), num_classes, 4)
+    box_deltas[torch.arange(len(boxes)), labels] = regression
+    heads.box_predictor = FixedPredictor(class_logits, box_deltas.view(len(boxes), -1))
+    heads.eval()
+    with torch.inference_mode():
+        detected = heads(features, [boxes], [(64, 64)])
+    confident = detected.scores[0] > 0.5
+    assert sorted(detected.labels[0][confident].tolist()) == [1, 2]  # NMS merges each object's copies
+    for box, label in zip(detected.boxes[0][confident], detected.labels[0][confident]):
+        torch.testing.assert_close(box, gt_boxes[int(label) - 1], rtol=0, atol=1e-4)
+
+
+def test_rpn_box_weights_train_and_decode_with_one_coder(monkeypatch):
+    """RegionProposalNetwork(box_weights=W) likewise: anchors' regression
+    targets are encoded with W and proposals decoded with W, so predicting
+    the targets turns the positive anchors into the ground-truth boxes."""
+    weights = (0.5, 2.0, 3.0, 1.5)
+    built = maskrcnn.maskrcnn_small(num_classes=3, image_size=64)
+    rpn = maskrcnn.rpn.RegionProposalNetwork(anchor_generator=built.rpn.anchor_generator, head=built.rpn.head,
+                                             box_weights=weights)
+    assert rpn.box_coder.weights == weights
+    generator = torch.Generator().manual_seed(4)
+    batch = built.transform([torch.rand(3, 64, 64, generator=generator)])
+    features = {name: torch.randn(1, 64, 16 >> level, 16 >> level, generator=generator)
+                for level, name in enumerate("01234")}
+    gt_boxes = torch.tensor([[6.0, 8.0, 30.0, 40.0], [34.0, 20.0, 60.0, 44.0]])
+    predictions = rpn.predict(batch, features)
+
+    assigned = []
+    monkeypatch.setattr(maskrcnn.rpn, "assign_anchor_targets", recorder(maskrcnn.rpn.assign_anchor_targets, assigned))
+    rpn.train()
+    rpn.losses(predictions, [gt_boxes])
+    (labels,), (regression,) = assigned[0]
+    positive = labels == 1
+    matched = reference.decode_boxes(regression[positive], predictions.anchors[positive], weights)
+    assert positive.sum() >= 2
+    assert all(torch.isclose(box, gt_boxes, atol=1e-4).all(1).any() for box in matched)  # encoded with W
+
+    objectness = torch.where(positive, 20.0, -20.0)[None]
+    rpn.eval()
+    proposals, scores = rpn.proposals(batch, predictions._replace(objectness=objectness, deltas=regression[None]))
+    confident = proposals[0][scores[0] > 0.5]
+    assert len(confident) >= 2
+    for box in confident:  # decoded with W: every confident proposal is a ground-truth box
+        assert torch.isclose(box, gt_boxes, atol=1e-4).all(1).any(), box
 
 
 @pytest.mark.parametrize("hw", [(480, 640), (600, 500), (1000, 3000), (799, 801), (37, 45)])

@@ -8,6 +8,7 @@ dtype), and our single-level roi_align (a pyramid of one map must be it).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import pytest
@@ -202,8 +203,9 @@ def test_level_mapping_matches_torchvision_level_mapper(device):
     mapper = torchvision.ops.poolers.LevelMapper(2, 5)
     expected = mapper([boxes])
     torch.testing.assert_close(fpn_levels(boxes, FPN_SCALES), expected, rtol=0, atol=0)
-    rois = torch.cat([torch.zeros(len(boxes), 1), boxes], 1)
-    torch.testing.assert_close(reference.fpn_levels(rois, FPN_SCALES), expected, rtol=0, atol=0)
+    # In float64 too (the precision the reference and the kernel use for
+    # float64 features).
+    torch.testing.assert_close(fpn_levels(boxes.double(), FPN_SCALES), mapper([boxes.double()]), rtol=0, atol=0)
     # The kernel's choice, observed through which level receives gradient:
     # pool one channel with a distinct constant per level.
     maps = [torch.full((1, 1, h, w), float(level + 1), device=device) for level, (h, w) in enumerate(FPN_SIZES)]
@@ -226,13 +228,56 @@ def test_scales_follow_the_images_of_each_call(device):
     pool = maskrcnn_ops.MultiScaleRoIAlign(["p2", "p3"], 7, 2)
     small = make_pyramid([(50, 68), (25, 34)], device=device)
     boxes = make_boxes([10, 10], image=(200, 272), device=device)
-    pool(small, boxes, [(200, 272)] * 2)
-    assert pool.scales == [1 / 4, 1 / 8]
+    out = pool(small, boxes, [(200, 272)] * 2)
+    assert infer_scales(list(small.values()), [(200, 272)] * 2) == [1 / 4, 1 / 8]
+    expected = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 7, 2)(small, boxes, [(200, 272)] * 2)
+    torch.testing.assert_close(out, expected)
     large = make_pyramid([(100, 136), (50, 68)], device=device)
+    state = dict(vars(pool))
     out = pool(large, boxes, [(800, 1088)] * 2)
-    assert pool.scales == [1 / 8, 1 / 16]
+    assert infer_scales(list(large.values()), [(800, 1088)] * 2) == [1 / 8, 1 / 16]
     expected = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 7, 2)(large, boxes, [(800, 1088)] * 2)
     torch.testing.assert_close(out, expected)
+    assert vars(pool) == state and not hasattr(pool, "scales")  # a forward changes no attribute
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_python_level_mapping_equals_the_kernels(device, dtype):
+    """fpn_levels, the one Python definition of the mapping (the reference
+    uses it), equals the kernel's choice box for box: random boxes from far
+    below the finest to far above the coarsest level, exact powers of two,
+    zero-area boxes (log2(0) = -inf: the finest level), negative areas (NaN:
+    level 0) and boxes inverted in both x and y (a positive area). The
+    kernel's choice is observed by pooling, at each box's centre, maps that
+    hold a distinct constant per level."""
+    g = torch.Generator().manual_seed(7)
+    centre = torch.rand(3000, 2, generator=g, dtype=torch.float64) * 100
+    half = torch.rand(3000, 2, generator=g, dtype=torch.float64) ** 3 * 700
+    sides = torch.tensor([56.0, 112.0, 224.0, 448.0, 896.0, 111.99999, 112.00001, 1e-20, 1e6], dtype=torch.float64)
+    special = [
+        [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 30.0], [0.0, 0.0, 30.0, 0.0],  # zero area
+        [30.0, 0.0, 0.0, 30.0], [0.0, 30.0, 30.0, 0.0], [20.0, 0.0, 19.0, 500.0],  # negative area
+        [30.0, 30.0, 0.0, 0.0], [900.0, 900.0, 0.0, 0.0],  # both inverted: positive area
+    ]
+    boxes = torch.cat([
+        torch.cat([centre - half, centre + half], 1),
+        torch.stack([-sides / 2, -sides / 2, sides / 2, sides / 2], 1),
+        torch.tensor(special, dtype=torch.float64),
+    ]).to(device=device, dtype=dtype)
+    levels = fpn_levels(boxes, FPN_SCALES)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert (levels[area < 0] == 0).all() and (levels[area == 0] == 0).all()
+    assert levels.bincount(minlength=4).min() > 0
+
+    maps = [torch.full((1, 1, 64, 64), float(level + 1), dtype=dtype, device=device) for level in range(4)]
+    pooled = maskrcnn_ops.multi_scale_roi_align(maps, [boxes], 1, 1, spatial_scales=FPN_SCALES)
+    torch.testing.assert_close(pooled.flatten().round().long() - 1, levels, rtol=0, atol=0)
+
+    # NaN coordinates: level 0 in both (the kernel then pools zeros, so its
+    # choice cannot be seen, only that it stays in bounds).
+    nan = torch.tensor([[math.nan, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, math.nan]], dtype=dtype, device=device)
+    assert fpn_levels(nan, FPN_SCALES).tolist() == [0, 0]
+    assert torch.count_nonzero(maskrcnn_ops.multi_scale_roi_align(maps, [nan], 1, 1, spatial_scales=FPN_SCALES)) == 0
 
 
 # ------------------------------------------------- gradcheck / opcheck / compile --

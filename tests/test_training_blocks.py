@@ -25,9 +25,12 @@ from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
+import maskrcnn_ops
 from maskrcnn.training import (
     BELOW_LOW_THRESHOLD,
     BETWEEN_THRESHOLDS,
+    ROI_BOX_WEIGHTS,
+    RPN_BOX_WEIGHTS,
     assign_anchor_targets,
     box_head_loss,
     box_iou,
@@ -39,6 +42,9 @@ from maskrcnn.training import (
     sample_balanced,
     sample_proposals,
 )
+
+RPN_CODER = maskrcnn_ops.BoxCoder(RPN_BOX_WEIGHTS)
+ROI_CODER = maskrcnn_ops.BoxCoder(ROI_BOX_WEIGHTS)
 
 
 def random_boxes(count: int, image_size: int, generator: torch.Generator, *, integer: bool = False) -> torch.Tensor:
@@ -260,13 +266,25 @@ def test_anchor_targets_equal_torchvision():
     rpn = tv_rpn()
     expected_labels, matched = rpn.assign_targets_to_anchors(anchors, [{"boxes": b} for b in gt_boxes])
     expected_targets = rpn.box_coder.encode(matched, anchors)
-    labels, targets = assign_anchor_targets(anchors, gt_boxes)
+    labels, targets = assign_anchor_targets(anchors, gt_boxes, box_coder=RPN_CODER)
     for image, (ours, expected) in enumerate(zip(labels, expected_labels)):
         assert_close(ours, expected, rtol=0, atol=0)
     assert (labels[0] == 1).any() and (labels[0] == -1).any()
     assert_close(targets[0], expected_targets[0])
     assert_close(targets[2], expected_targets[2])
     assert_close(targets[1], torch.zeros(1500, 4))  # no ground truth: unused zeros
+
+
+def test_box_coder_weights_are_torchvision_defaults():
+    """The default coders of the two stages are torchvision's (weights and
+    clip), and the model's modules are built with them."""
+    from maskrcnn.model import maskrcnn_small
+
+    heads = tv_roi_heads_for_training()
+    assert RPN_CODER == maskrcnn_ops.BoxCoder(tv_rpn().box_coder.weights, tv_rpn().box_coder.bbox_xform_clip)
+    assert ROI_CODER == maskrcnn_ops.BoxCoder(heads.box_coder.weights, heads.box_coder.bbox_xform_clip)
+    model = maskrcnn_small(num_classes=3)
+    assert model.rpn.box_coder == RPN_CODER and model.roi_heads.box_coder == ROI_CODER
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -279,7 +297,7 @@ def test_rpn_loss_equals_torchvision_compute_loss(seed, device):
     expected = rpn.compute_loss(objectness, pred_deltas, tv_labels, list(tv_targets))
     expected_grads = torch.autograd.grad(sum(expected), [objectness, pred_deltas])
 
-    labels, targets = assign_anchor_targets(anchors, gt_boxes)
+    labels, targets = assign_anchor_targets(anchors, gt_boxes, box_coder=RPN_CODER)
     torch.manual_seed(seed)
     sampled = sample_anchor_labels(labels)
     ours = rpn_loss(objectness, pred_deltas, sampled, targets)
@@ -338,7 +356,7 @@ def test_proposal_samples_equal_torchvision_select_training_samples(degenerate, 
     torch.manual_seed(5)
     expected = tv_roi_heads_for_training().select_training_samples(list(proposals), targets)
     torch.manual_seed(5)
-    samples = sample_proposals(proposals, gt_boxes, gt_labels)
+    samples = sample_proposals(proposals, gt_boxes, gt_labels, box_coder=ROI_CODER)
     exp_proposals, exp_matched, exp_labels, exp_targets = expected
     for image in range(3):
         assert_close(samples.proposals[image], exp_proposals[image], rtol=0, atol=0)
@@ -359,7 +377,7 @@ def test_proposal_samples_equal_torchvision_select_training_samples(degenerate, 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_box_head_loss_equals_torchvision_fastrcnn_loss(seed):
     proposals, gt_boxes, gt_labels = roi_case(seed)
-    samples = sample_proposals(proposals, gt_boxes, gt_labels)
+    samples = sample_proposals(proposals, gt_boxes, gt_labels, box_coder=ROI_CODER)
     g = torch.Generator().manual_seed(seed)
     num_samples = sum(len(p) for p in samples.proposals)
     class_logits = torch.randn(num_samples, 5, generator=g, requires_grad=True)
@@ -401,7 +419,7 @@ def random_masks(boxes: torch.Tensor, height: int, width: int, generator: torch.
 def test_mask_targets_equal_torchvision_project_masks_on_boxes():
     proposals, gt_boxes, gt_labels = roi_case(2)
     g = torch.Generator().manual_seed(2)
-    samples = sample_proposals(proposals, gt_boxes, gt_labels, generator=g)
+    samples = sample_proposals(proposals, gt_boxes, gt_labels, box_coder=ROI_CODER, generator=g)
     boxes, _, matched = samples.positives()
     masks = random_masks(gt_boxes[0], 200, 200, g)
     ours = mask_targets(masks, boxes[0], matched[0], size=28)
@@ -422,7 +440,7 @@ def test_mask_targets_reject_bad_input():
 
 def test_mask_loss_equals_torchvision_maskrcnn_loss(device):
     proposals, gt_boxes, gt_labels = roi_case(3, device=device)
-    samples = sample_proposals(proposals, gt_boxes, gt_labels)
+    samples = sample_proposals(proposals, gt_boxes, gt_labels, box_coder=ROI_CODER)
     boxes, labels, matched = samples.positives()
     g = torch.Generator().manual_seed(3)
     gt_masks = [random_masks(b.cpu(), 200, 200, g).to(device) for b in gt_boxes]
@@ -484,13 +502,15 @@ def our_losses_with_torchvision_modules(model, images, targets):
 
     gt_boxes = [t["boxes"] for t in targets]
     gt_labels = [t["labels"] for t in targets]
-    anchor_labels, anchor_targets = assign_anchor_targets(anchors, gt_boxes)
+    rpn_coder = maskrcnn_ops.BoxCoder(rpn.box_coder.weights, rpn.box_coder.bbox_xform_clip)
+    anchor_labels, anchor_targets = assign_anchor_targets(anchors, gt_boxes, box_coder=rpn_coder)
     loss_objectness, loss_rpn_box_reg = rpn_loss(
         objectness, pred_deltas, sample_anchor_labels(anchor_labels), anchor_targets
     )
 
     heads = model.roi_heads
-    samples = sample_proposals(proposals, gt_boxes, gt_labels)
+    roi_coder = maskrcnn_ops.BoxCoder(heads.box_coder.weights, heads.box_coder.bbox_xform_clip)
+    samples = sample_proposals(proposals, gt_boxes, gt_labels, box_coder=roi_coder)
     box_features = heads.box_head(heads.box_roi_pool(features, samples.proposals, image_list.image_sizes))
     class_logits, box_regression = heads.box_predictor(box_features)
     loss_classifier, loss_box_reg = box_head_loss(

@@ -17,6 +17,10 @@ import maskrcnn_ops
 from .matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, box_iou, match_boxes
 from .sampling import sample_balanced
 
+# The box coder weights (wx, wy, ww, wh) of the paper and torchvision: the
+# defaults of the RPN's and the RoI heads' ``box_weights``. Each of those
+# modules builds one ``maskrcnn_ops.BoxCoder`` from its weights and passes it
+# both to its training targets here and to its decoding.
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -31,6 +35,7 @@ def assign_anchor_targets(
     anchors: Sequence[Tensor],
     gt_boxes: Sequence[Tensor],
     *,
+    box_coder: maskrcnn_ops.BoxCoder,
     high_threshold: float = 0.7,
     low_threshold: float = 0.3,
 ) -> Tuple[List[Tensor], List[Tensor]]:
@@ -39,6 +44,7 @@ def assign_anchor_targets(
     Args:
         anchors: per image, [A_i, 4] anchors (x1, y1, x2, y2).
         gt_boxes: per image, [K_i, 4] ground-truth boxes; K_i may be 0.
+        box_coder: the RPN's coder (the one that decodes its proposals).
         high_threshold, low_threshold: IoU >= high is positive, < low negative,
             in between ignored; each ground truth's best anchors are positive
             too (low-quality matches), as in the paper and torchvision.
@@ -46,7 +52,7 @@ def assign_anchor_targets(
     Returns:
         (labels, regression_targets): per image, float32 [A_i] of 1 (object),
         0 (background), -1 (ignored), and [A_i, 4] deltas (dx, dy, dw, dh) of
-        each anchor's matched box, ``encode_boxes`` with weights (1, 1, 1, 1).
+        each anchor's matched box, ``box_coder.encode``.
         Anchors that are not positive get the deltas towards ground truth 0
         (as torchvision; the loss uses positives only). An image without
         ground truth has all anchors at 0 and zero targets (torchvision's
@@ -71,7 +77,7 @@ def assign_anchor_targets(
         image_labels[matches == BETWEEN_THRESHOLDS] = -1.0
         matched_boxes = image_gt_boxes[matches.clamp(min=0)]
         labels.append(image_labels)
-        regression_targets.append(maskrcnn_ops.encode_boxes(matched_boxes, image_anchors, RPN_BOX_WEIGHTS))
+        regression_targets.append(box_coder.encode(matched_boxes, image_anchors))
     return labels, regression_targets
 
 
@@ -116,8 +122,8 @@ class ProposalSamples:
         matched_gt_indices: [S_i] int64 index of the matched ground truth
             (0 for background samples, as torchvision; meaningful only where
             labels > 0).
-        regression_targets: [S_i, 4] deltas towards the matched ground truth,
-            weights (10, 10, 5, 5); zeros in images without ground truth.
+        regression_targets: [S_i, 4] deltas towards the matched ground truth
+            (``box_coder.encode``); zeros in images without ground truth.
     """
 
     proposals: List[Tensor]
@@ -162,6 +168,7 @@ def sample_proposals(
     gt_boxes: Sequence[Tensor],
     gt_labels: Sequence[Tensor],
     *,
+    box_coder: maskrcnn_ops.BoxCoder,
     foreground_iou: float = 0.5,
     background_iou: float = 0.5,
     batch_size_per_image: int = 512,
@@ -180,6 +187,8 @@ def sample_proposals(
         proposals: per image, [N_i, 4] RPN proposals (x1, y1, x2, y2).
         gt_boxes: per image, [K_i, 4]; K_i may be 0 (all samples background).
         gt_labels: per image, [K_i] int64 classes (>= 1).
+        box_coder: the RoI heads' coder (the one that decodes their box
+            deltas), for the regression targets.
         foreground_iou, background_iou: paper and torchvision: 0.5, 0.5.
         batch_size_per_image, positive_fraction: paper and torchvision: 512, 0.25.
         generator: see ``sample_balanced`` (None: torchvision's draws).
@@ -221,7 +230,7 @@ def sample_proposals(
         if image_gt_boxes.size(0) == 0:
             targets = torch.zeros_like(sampled_boxes)
         else:
-            targets = maskrcnn_ops.encode_boxes(image_gt_boxes[sampled_matched], sampled_boxes, ROI_BOX_WEIGHTS)
+            targets = box_coder.encode(image_gt_boxes[sampled_matched], sampled_boxes)
         samples.proposals.append(sampled_boxes)
         samples.labels.append(labels[image_index][sampled])
         samples.matched_gt_indices.append(sampled_matched)
