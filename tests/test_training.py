@@ -12,6 +12,8 @@ images.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -57,14 +59,35 @@ def small_model(**overrides) -> maskrcnn.MaskRCNN:
     return maskrcnn.maskrcnn_small(num_classes=4, image_size=64, **overrides).train()
 
 
+def assert_as_accurate(name: str, ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:
+    """Our float32 result is no further from the float64 one than twice
+    torchvision's float32 result is, plus 2e-5 of its norm: equality to
+    float32 rounding, on whatever CPU and thread count, since torchvision's
+    own error measures how much rounding this computation amplifies."""
+    ours, theirs, exact = (t.double() for t in (ours, theirs, exact))
+    our_error, their_error = float((ours - exact).norm()), float((theirs - exact).norm())
+    allowed = 2 * their_error + 2e-5 * float(exact.norm())
+    assert our_error <= allowed, (
+        f"{name}: |ours - float64| = {our_error:.3g} > allowed {allowed:.3g} "
+        f"(|torchvision - float64| = {their_error:.3g}, |float64| = {float(exact.norm()):.3g})")
+
+
 def test_losses_and_gradients_equal_torchvision_maskrcnn_resnet50_fpn():
     """Same weights, same batch (an image with three shapes, one without
     objects), the global RNG seeded alike before each forward: the five
-    losses agree to float32 rounding and so do the gradients."""
+    losses agree to float32 rounding and so do the gradients.
+
+    "float32 rounding" is measured, not assumed: at random initialization
+    with batch statistics, loss_classifier and the box head's gradients move
+    by up to 1e-3 relative in float32 with the thread count or the CPU's
+    vector width (the GEMMs sum in another order), for torchvision's model
+    as for ours. So both are compared with torchvision's model in float64
+    (see assert_as_accurate)."""
     torch.manual_seed(0)
     theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=4, min_size=320, max_size=400
     ).train()
+    exact = copy.deepcopy(theirs).double()
     # weights=None builds trainable BatchNorm and an all-trainable ResNet: the same here.
     ours = maskrcnn.maskrcnn_resnet_fpn(depth=50, num_classes=4, norm="batch", trainable_layers=5,
                                         min_size=320, max_size=400).train()
@@ -77,20 +100,19 @@ def test_losses_and_gradients_equal_torchvision_maskrcnn_resnet50_fpn():
     expected = theirs(images, [dict(t) for t in targets])
     torch.manual_seed(7)
     losses = ours(images, targets)
-    assert list(losses) == list(expected) == list(LOSS_NAMES)
+    torch.manual_seed(7)
+    truth = exact([image.double() for image in images], [dict(t) for t in targets])
+    assert list(losses) == list(expected) == list(truth) == list(LOSS_NAMES)
     for name in LOSS_NAMES:
         assert float(losses[name].detach()) > 0, name
-        assert_close(losses[name], expected[name], rtol=2e-5, atol=1e-7, msg=name)
+        assert_as_accurate(name, losses[name].detach(), expected[name].detach(), truth[name].detach())
 
-    sum(expected.values()).backward()
-    sum(losses.values()).backward()
-    their_parameters = dict(theirs.named_parameters())
+    for model, model_losses in ((theirs, expected), (ours, losses), (exact, truth)):
+        sum(model_losses.values()).backward()
+    gradients = [{name: p.grad for name, p in model.named_parameters()} for model in (ours, theirs, exact)]
     for name in PARITY_GRADIENTS:
-        ours_grad, their_grad = dict(ours.named_parameters())[name].grad, their_parameters[name].grad
-        assert ours_grad is not None, name
-        # RoIAlign sums a bin's samples in another order than torchvision's
-        # kernel: the gradients differ by float32 rounding, relative to their scale.
-        assert_close(ours_grad, their_grad, rtol=0, atol=2e-3 * float(their_grad.abs().max()), msg=name)
+        assert gradients[0][name] is not None, name
+        assert_as_accurate(name, *(g[name] for g in gradients))
     # BatchNorm saw the same batch statistics.
     assert_close(ours.backbone.body.bn1.running_mean, theirs.backbone.body.bn1.running_mean)
 
