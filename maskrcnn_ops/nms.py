@@ -62,7 +62,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         never suppresses another and is never suppressed (its IoU is never
         above a threshold >= 0). On CUDA this syncs once, for K.
     """
-    return _ops.nms(boxes, scores, float(iou_threshold))
+    # torch.ops spelled out (not _ops): TorchScript resolves only that path,
+    # and nms / batched_nms script as torchvision's do.
+    return torch.ops.maskrcnn_ops.nms(boxes, scores, float(iou_threshold))
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -75,7 +77,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         int64 [K] indices of kept boxes by decreasing score (ties by index).
     """
-    return _ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    return torch.ops.maskrcnn_ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 
 def batched_nms_keep(

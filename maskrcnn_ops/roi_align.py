@@ -1,22 +1,36 @@
 """RoIAlign with torchvision's interface (``torchvision.ops.roi_align`` /
-``RoIAlign``), on maskrcnn_ops kernels."""
+``RoIAlign``), on maskrcnn_ops kernels.
+
+``roi_align`` and ``RoIAlign`` compile with ``torch.jit.script`` as
+torchvision's do (TorchScript types in the signatures; a tuple of box tensors
+is taken in eager mode only, as in torchvision).
+"""
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-BoxesArg = Union[Tensor, Sequence[Tensor]]
+# A Tensor[K, 5], or one Tensor[L_i, 4] per image (a list; a tuple in eager mode).
+BoxesArg = Union[Tensor, List[Tensor]]
 
 
-def _pair(output_size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
+class BoxesShapeError(ValueError, AssertionError):
+    """Boxes of the wrong shape. A ValueError, and an AssertionError too:
+    torchvision raises that (``torch._assert``) for the same boxes, so code
+    written against torchvision that catches it keeps working on ours."""
+
+
+def _pair(output_size: BroadcastingList2[int]) -> Tuple[int, int]:
+    # TorchScript hands a List[int] of two (an int argument is broadcast at the call).
     if isinstance(output_size, int):
         return output_size, output_size
     if isinstance(output_size, (tuple, list)) and len(output_size) == 2:
         return int(output_size[0]), int(output_size[1])
-    raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
+    raise TypeError(f"output_size must be an int or a pair of ints, got {output_size}")
 
 
 def boxes_to_rois(boxes: BoxesArg) -> Tensor:
@@ -26,23 +40,28 @@ def boxes_to_rois(boxes: BoxesArg) -> Tensor:
         boxes: a Tensor[K, 5] (returned unchanged) or a list/tuple with one
             Tensor[L_i, 4] of (x1, y1, x2, y2) per image; the batch index of a
             box is the position of its tensor in the list.
+
+    Raises:
+        BoxesShapeError (a ValueError and an AssertionError) for boxes of the
+        wrong shape; ValueError for an empty list; TypeError for anything else.
     """
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
-            raise ValueError(
+            raise BoxesShapeError(
                 "boxes given as one Tensor must have shape [K, 5] with rows "
-                f"(batch_index, x1, y1, x2, y2); got {tuple(boxes.shape)}. "
+                f"(batch_index, x1, y1, x2, y2); got {list(boxes.shape)}. "
                 "Pass a list of Tensor[L, 4] (one per image) for per-image boxes."
             )
         return boxes
-    if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
-        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    if not torch.jit.is_scripting():  # TorchScript has checked the types already
+        if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
+            raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if len(boxes) == 0:
         raise ValueError("boxes is an empty list: give one Tensor[L, 4] per image (L may be 0)")
     for i, b in enumerate(boxes):
         if b.dim() != 2 or b.size(1) != 4:
-            raise ValueError(f"boxes[{i}] must have shape [L, 4], got {tuple(b.shape)}")
-    flat = torch.cat(list(boxes), dim=0)
+            raise BoxesShapeError(f"boxes[{i}] must have shape [L, 4], got {list(b.shape)}")
+    flat = torch.cat(boxes, dim=0)
     batch_index = torch.cat(
         [torch.full((b.size(0), 1), float(i), dtype=flat.dtype, device=flat.device) for i, b in enumerate(boxes)]
     )
@@ -52,7 +71,7 @@ def boxes_to_rois(boxes: BoxesArg) -> Tensor:
 def roi_align(
     input: Tensor,
     boxes: BoxesArg,
-    output_size: Union[int, Tuple[int, int]],
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -95,7 +114,7 @@ class RoIAlign(nn.Module):
 
     def __init__(
         self,
-        output_size: Union[int, Tuple[int, int]],
+        output_size: BroadcastingList2[int],
         spatial_scale: float,
         sampling_ratio: int,
         aligned: bool = False,
