@@ -28,7 +28,13 @@ checks for poolers built on the other side of the patch.
 
 Inputs our kernels do not take (quantized tensors) go to torchvision's
 original functions, so the patched names accept exactly what torchvision's
-accept.
+accept, and answer as they do where torchvision answers before reaching a
+kernel: ``batched_nms`` of no boxes returns an empty int64 tensor whatever
+the other arguments are, and boxes of the wrong shape for ``roi_align``
+raise an AssertionError (our ``BoxesShapeError``, also a ValueError). The
+adapters carry torchvision's type annotations and compile with
+``torch.jit.script``, so TorchScript code that calls these functions
+(torchvision's tests, scripted detection models) compiles while patched.
 
 Usage::
 
@@ -47,12 +53,25 @@ import sys
 import threading
 import types
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from .multiscale import multi_scale_roi_align as _our_multi_scale_roi_align
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.jit.annotations import BroadcastingList2
+
 from .nms import batched_nms as _our_batched_nms
 from .nms import nms as _our_nms
+from .roi_align import boxes_to_rois
 from .roi_align import roi_align as _our_roi_align
+
+# The adapters below are written in TorchScript's subset, with torchvision's
+# annotations: torch.jit.script compiles them (and torchvision's functions
+# they fall back to) wherever it meets them while the patch is active
+# (torch.jit.script(torchvision.ops.roi_align), a scripted RoIAlign or
+# detection model). A module scripted while patched keeps our kernels after
+# the patch is undone. Blocks under ``if not torch.jit.is_scripting()`` are
+# left out of the compiled code.
 
 
 def _stands_in_for(original: Callable) -> Callable:
@@ -72,74 +91,110 @@ def _stands_in_for(original: Callable) -> Callable:
 
 def _adapt_roi_align(original: Callable) -> Callable:
     @_stands_in_for(original)
-    def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    def roi_align(
+        input: Tensor,
+        boxes: Union[Tensor, List[Tensor]],
+        output_size: BroadcastingList2[int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = -1,
+        aligned: bool = False,
+    ) -> Tensor:
         # Quantized features run on torchvision's quantized kernel (we have none).
         if input.is_quantized:
             return original(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-        return _our_roi_align(
-            input,
-            boxes,
-            output_size=output_size,
-            spatial_scale=spatial_scale,
-            sampling_ratio=sampling_ratio,
-            aligned=aligned,
-        )
+        # Boxes of the wrong shape raise BoxesShapeError: an AssertionError, as torchvision's.
+        return _our_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
 
     return roi_align
 
 
 def _adapt_nms(original: Callable) -> Callable:
     @_stands_in_for(original)
-    def nms(boxes, scores, iou_threshold):
+    def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         if boxes.is_quantized:
             return original(boxes, scores, iou_threshold)
-        return _our_nms(boxes, scores, iou_threshold=iou_threshold)
+        return _our_nms(boxes, scores, iou_threshold)
 
     return nms
 
 
+def _has_no_elements(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is empty. Under torch.compile or torch.export a size
+    known only at run time (boxes selected by a mask) is taken as nonempty
+    rather than guarded on, so the graph does not break there; the op returns
+    no indices for no boxes anyway."""
+    if not torch.jit.is_scripting():
+        return guard_or_false(tensor.numel() == 0)
+    return tensor.numel() == 0
+
+
 def _adapt_batched_nms(original: Callable) -> Callable:
     @_stands_in_for(original)
-    def batched_nms(boxes, scores, idxs, iou_threshold):
+    def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+        # Like torchvision: no boxes (of any shape, [0] included) keep no
+        # indices, whatever the other arguments are (None included, eagerly).
+        if _has_no_elements(boxes):
+            return torch.empty((0,), dtype=torch.int64, device=boxes.device)
         if boxes.is_quantized:
             return original(boxes, scores, idxs, iou_threshold)
-        return _our_batched_nms(boxes, scores, idxs, iou_threshold=iou_threshold)
+        return _our_batched_nms(boxes, scores, idxs, iou_threshold)
 
     return batched_nms
 
 
-def _fused_kernel_takes(features, scales, mapper) -> bool:
+def _pyramid_fits(features: List[Tensor], scales: List[float], k_min: int, k_max: int, eps: float) -> bool:
     """Whether the fused multi-level kernel computes what torchvision's
-    per-level loop would: its built-in level formula is torchvision's
-    ``LevelMapper`` (eps 1e-6) over a pyramid whose scales halve from level to
-    level, starting at level ``mapper.k_min``; and one feature dtype."""
-    from torchvision.ops.poolers import LevelMapper
-
-    if type(mapper) is not LevelMapper or mapper.eps != 1e-6 or scales is None:
+    per-level loop would for a ``LevelMapper(k_min, k_max, eps=eps)``: the
+    kernel's level formula is LevelMapper's with eps 1e-6, over a pyramid
+    whose scales halve from level to level, starting at level ``k_min``; and
+    one feature dtype."""
+    if eps != 1e-6 or len(features) == 0:
         return False
-    if len(scales) != len(features) or mapper.k_max - mapper.k_min + 1 != len(features):
+    if len(scales) != len(features) or k_max - k_min + 1 != len(features):
         return False
-    if any(scale != 2.0 ** -(mapper.k_min + level) for level, scale in enumerate(scales)):
-        return False
-    return all(f.dtype == features[0].dtype and not f.is_quantized for f in features)
+    for level, scale in enumerate(scales):
+        if scale != 2.0 ** -(k_min + level):
+            return False
+    for feature in features:
+        if feature.dtype != features[0].dtype or feature.is_quantized:
+            return False
+    return True
 
 
 def _adapt_multiscale_roi_align(original: Callable) -> Callable:
+    from torchvision.ops.poolers import LevelMapper
+
     @_stands_in_for(original)
-    def _multiscale_roi_align(x_filtered, boxes, output_size, sampling_ratio, scales, mapper):
+    def _multiscale_roi_align(
+        x_filtered: List[Tensor],
+        boxes: List[Tensor],
+        output_size: List[int],
+        sampling_ratio: int,
+        scales: Optional[List[float]],
+        mapper: Optional[LevelMapper],
+    ) -> Tensor:
+        if scales is not None and mapper is not None:
+            fused = True
+            if not torch.jit.is_scripting():
+                # A subclass may map levels its own way (TorchScript has no subclasses).
+                fused = type(mapper) is LevelMapper
+            if fused and _pyramid_fits(x_filtered, scales, mapper.k_min, mapper.k_max, mapper.eps):
+                # The op maskrcnn_ops.multi_scale_roi_align calls (its keyword
+                # arguments are not TorchScript's), on arguments checked above.
+                return torch.ops.maskrcnn_ops.multi_level_roi_align(
+                    x_filtered,
+                    boxes_to_rois(boxes),
+                    scales,
+                    output_size[0],
+                    output_size[1],
+                    sampling_ratio,
+                    False,
+                    float(mapper.s0),
+                    mapper.lvl0,
+                )
         # Anything else (a custom level mapper, an odd pyramid) goes through
         # torchvision's per-level loop, whose roi_align is patched too.
-        if not _fused_kernel_takes(x_filtered, scales, mapper):
-            return original(x_filtered, boxes, output_size, sampling_ratio, scales, mapper)
-        return _our_multi_scale_roi_align(
-            x_filtered,
-            boxes,
-            output_size,
-            sampling_ratio,
-            spatial_scales=scales,
-            canonical_scale=mapper.s0,
-            canonical_level=mapper.lvl0,
-        )
+        return original(x_filtered, boxes, output_size, sampling_ratio, scales, mapper)
 
     return _multiscale_roi_align
 
