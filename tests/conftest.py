@@ -19,6 +19,24 @@ DEVICES = [
 ]
 
 
+# Test modules whose assertions compare floating-point results (with
+# torchvision, the references or another backend). Their tolerances must hold
+# on every CPU instruction set and thread count, so CI runs them again under
+# each ATEN_CPU_CAPABILITY (`make test-numerics`): they carry the "numerics"
+# marker.
+NUMERIC_MODULES = frozenset({
+    "test_anchors", "test_boxes", "test_cuda_kernels_emulated", "test_export", "test_model",
+    "test_multiscale_roi_align", "test_nms", "test_patch", "test_proposals", "test_roi_align",
+    "test_roi_align_max", "test_torchvision_compat", "test_training", "test_training_blocks",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in NUMERIC_MODULES:
+            item.add_marker(pytest.mark.numerics)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     """The device a test runs on: "cpu", then "cuda" (skipped without a GPU)."""
