@@ -34,13 +34,18 @@ test: build
 # The floating-point tests again under the CPU instruction sets below this
 # machine's best (`make test` ran that one), since tolerances must hold on
 # any x86 CPU: portable code on one thread, and AVX2 on two threads where
-# the CPU has AVX-512.
+# the CPU has AVX-512. Each run gets its own inductor cache: inductor's does
+# not key on ATEN_CPU_CAPABILITY, and reusing code compiled under another
+# one fails to compile ('at::vec' has not been declared).
 NUMERIC_ISAS := default $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx2)
 test-numerics: build
 	@for isa in $(NUMERIC_ISAS); do \
 	  threads=$$([ $$isa = default ] && echo 1 || nproc); \
 	  echo "== ATEN_CPU_CAPABILITY=$$isa, $$threads thread(s)"; \
-	  ATEN_CPU_CAPABILITY=$$isa OMP_NUM_THREADS=$$threads $(PY) -m pytest -q -m numerics tests || exit 1; \
+	  cache=$$(mktemp -d); \
+	  ATEN_CPU_CAPABILITY=$$isa OMP_NUM_THREADS=$$threads TORCHINDUCTOR_CACHE_DIR=$$cache \
+	    $(PY) -m pytest -q -m numerics tests || exit 1; \
+	  rm -rf $$cache; \
 	done
 
 demo: build
