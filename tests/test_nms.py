@@ -238,9 +238,8 @@ def test_no_boxes(device, dtype):
 @pytest.mark.parametrize("iou_threshold", [0.0, 0.05, 0.5, 0.7])
 @pytest.mark.parametrize("dtype", FULL_DTYPES)
 def test_nms_large_single_segment(device, dtype, iou_threshold):
-    """N = 5000 boxes in one segment (> 4096: the CPU kernel's parallel,
-    chunked path, where boxes are first tested against those kept by earlier
-    chunks, then resolved inside their chunk): torchvision's result."""
+    """N = 5000 boxes in one segment (the CPU kernel's pruning grid, with
+    thresholds from "any overlap" to 0.7): torchvision's result."""
     boxes, scores = make_boxes(5000, seed=7, scale=1000.0, dtype=dtype, device=device)
     ours = maskrcnn_ops.nms(boxes, scores, iou_threshold)
     assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold))
@@ -289,8 +288,9 @@ def test_threshold_equal_to_iou_is_not_suppressed(device, dtype):
 def test_near_duplicates_near_threshold_one(device, dtype, iou_threshold):
     """Boxes that differ from one another by a few ulps, with thresholds just
     below 1: the IoUs sit within rounding of the threshold, which stresses the
-    CPU kernel's area-binned pruning (its bins are log(1/t) wide, i.e. tiny
-    here). torchvision's result, exactly."""
+    margin of the CPU kernel's pruning bounds (its size bins and grid cells
+    are about log(1/t) and 1 - t wide, i.e. tiny here). torchvision's result,
+    exactly."""
     g = torch.Generator().manual_seed(5)
     n = 400
     base = torch.tensor([10.0, 20.0, 50.0, 70.0], dtype=dtype)
@@ -306,7 +306,7 @@ def test_near_duplicates_near_threshold_one(device, dtype, iou_threshold):
 @pytest.mark.parametrize("dtype", FULL_DTYPES)
 def test_areas_spanning_many_orders_of_magnitude(device, dtype, iou_threshold):
     """Box sizes from 1e-7 to 1e7 (areas over 28 orders of magnitude): the
-    CPU kernel spreads the kept boxes over thousands of log-area bins.
+    CPU kernel's size bins span far more than their usual log(1/t) each.
     torchvision's result, exactly."""
     g = torch.Generator().manual_seed(9)
     n = 1500
@@ -343,6 +343,237 @@ def test_non_contiguous_inputs(device):
     assert_same(maskrcnn_ops.nms(transposed, scores, 0.5), maskrcnn_ops.nms(boxes, scores, 0.5))
 
 
+# ------------------------------------------- the CPU kernel's pruning grid --
+#
+# The CPU kernel tests a box only against kept boxes whose width and height
+# are within the ratio t of its own and whose centres are within reach, found
+# in a grid of (width bin, height bin, centre cell) (csrc/cpu/nms.cpp); a
+# segment of >= 256 boxes that can overlap goes through it. These cases sit
+# at the edges of its bounds: any pair the pruning wrongly skipped would show
+# as a difference from torchvision's exhaustive loop.
+
+
+def boxes_from_centres(cx, cy, w, h):
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+GRID_THRESHOLDS = [1e-7, 1e-5, 0.05, 0.3, 0.5, 0.7, 0.9, 0.999]
+
+
+@pytest.mark.parametrize("iou_threshold", GRID_THRESHOLDS)
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_grid_wide_and_thin_boxes(device, dtype, iou_threshold):
+    """Aspect ratios from 1:1000 to 1000:1 (widths and heights are binned
+    separately), centres on a few shared rows and columns so that thin boxes
+    cross and stack, and copies of a sixth of them jittered by 1e-5 of their
+    sides: torchvision's result."""
+    g = torch.Generator().manual_seed(31)
+    n = 1200
+    cx = torch.randint(0, 12, (n,), generator=g).double() * 25 + torch.rand(n, generator=g, dtype=torch.float64)
+    cy = torch.randint(0, 12, (n,), generator=g).double() * 25 + torch.rand(n, generator=g, dtype=torch.float64)
+    aspect = torch.exp((torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * math.log(1000))
+    area = torch.exp(torch.rand(n, generator=g, dtype=torch.float64) * math.log(1e4))
+    boxes = boxes_from_centres(cx, cy, (area * aspect).sqrt(), (area / aspect).sqrt())
+    copies = boxes[: n // 6]
+    sides = (copies[:, 2:] - copies[:, :2]).repeat(1, 2)
+    boxes[-(n // 6):] = copies + sides * 1e-5 * (torch.rand(n // 6, 4, generator=g, dtype=torch.float64) * 2 - 1)
+    boxes = boxes.to(dtype=dtype, device=device)
+    scores = torch.rand(n, generator=g).to(dtype=dtype, device=device)
+    ours = maskrcnn_ops.nms(boxes, scores, iou_threshold)
+    assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold))
+    assert len(ours) < n
+
+
+@pytest.mark.parametrize("iou_threshold", [0.25, 0.5, 0.5 - 1e-9, 0.7, 0.9, 0.9 + 1e-9])
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_grid_boxes_sharing_centres(device, dtype, iou_threshold):
+    """Concentric boxes: 40 centres, each with 30 boxes whose sides step by
+    factors of sqrt(t) for thresholds t near the tested ones, so that many
+    pairs at centre distance 0 have an IoU (the ratio of their areas) within
+    rounding of the threshold, plus copies shifted by a fraction of a side:
+    torchvision's result."""
+    g = torch.Generator().manual_seed(32)
+    centres = torch.rand(40, 2, generator=g, dtype=torch.float64) * 500
+    steps = torch.tensor([0.25, 0.5, 0.7, 0.9], dtype=torch.float64).sqrt()
+    rows = []
+    for c in centres:
+        step = steps[torch.randint(0, 4, (1,), generator=g)].item()
+        base = 10 + 90 * torch.rand(1, generator=g, dtype=torch.float64).item()
+        k = torch.arange(30, dtype=torch.float64)
+        w = base * step ** (k % 10)
+        h = base * step ** (k // 10) * 1.5
+        shift = torch.where(k % 3 == 0, 0.1 * w, torch.zeros_like(w))
+        rows.append(boxes_from_centres(c[0] + shift, c[1].expand(30), w, h))
+    boxes = torch.cat(rows).to(dtype=dtype, device=device)
+    n = len(boxes)
+    scores = torch.rand(n, generator=g).to(dtype=dtype, device=device)
+    ours = maskrcnn_ops.nms(boxes, scores, iou_threshold)
+    assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold))
+    assert len(ours) < n
+
+
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.3, 0.7])
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_grid_tiny_and_huge_boxes_together(device, dtype, iou_threshold):
+    """One segment with ordinary boxes, tiny ones (sides of 1e-20 in float32,
+    whose areas are subnormal, 1e-160 in float64) and huge ones (sides of
+    1e17 in float32, 1e150 in float64, areas still finite), each group with
+    overlapping members: outside the sizes whose rounding the kernel's
+    bounds assume, where it prunes by intersection only. torchvision's
+    result, and per group the result the group gets alone."""
+    tiny, huge = (1e-20, 1e17) if dtype == torch.float32 else (1e-160, 1e150)
+    groups = []
+    for seed, scale in enumerate((100.0, tiny, huge)):
+        boxes, _ = make_boxes(300, seed=40 + seed, scale=1.0, dtype=torch.float64)
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 0.01)
+        groups.append(boxes * scale)
+    boxes = torch.cat(groups).to(dtype=dtype, device=device)
+    scores = torch.rand(len(boxes), generator=torch.Generator().manual_seed(40)).to(dtype=dtype, device=device)
+    ours = maskrcnn_ops.nms(boxes, scores, iou_threshold)
+    assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold))
+    kept = keep_mask(ours, len(boxes))
+    for k in range(3):
+        part = slice(300 * k, 300 * (k + 1))
+        alone = maskrcnn_ops.nms(boxes[part], scores[part], iou_threshold)
+        assert torch.equal(kept[part], keep_mask(alone, 300))
+        assert 0 < len(alone) < 300
+
+
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.7])
+def test_grid_far_from_the_origin_float64(device, iou_threshold):
+    """float64 boxes of sides 1e-3 to 1 around 1e12 (where a double keeps
+    about 1e-4: the centres and sides the kernel derives in double are off by
+    a good part of a small box) and unit boxes around 1e15: torchvision's
+    result."""
+    for seed, (offset, scale) in enumerate([(1e12, 1.0), (1e15, 30.0)]):
+        boxes, scores = make_boxes(600, seed=50 + seed, scale=scale, dtype=torch.float64)
+        boxes = (boxes + offset).to(device)
+        scores = scores.to(device)
+        ours = maskrcnn_ops.nms(boxes, scores, iou_threshold)
+        assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold))
+        assert len(ours) < 600
+
+
+@pytest.mark.parametrize("iou_threshold", [0.0, 1e-9, 1e-4])
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_grid_touching_and_barely_overlapping_boxes(device, dtype, iou_threshold):
+    """Rows of equal boxes whose neighbours touch or overlap by one ulp of
+    the coordinates (at 1, 1e3 and 1e6), the rows a few ulps apart too:
+    IoUs of 0 and of about 1e-7 (1e-16 in float64), at the very edge of the
+    kernel's "the boxes intersect" bound, which it uses for small
+    thresholds. torchvision's result."""
+    for magnitude in (1.0, 1e3, 1e6):
+        side = torch.tensor(magnitude, dtype=dtype)
+        ulp = (torch.nextafter(side * 300, torch.tensor(math.inf, dtype=dtype)) - side * 300).item()
+        rows = []
+        for k, step in enumerate((side.item() - ulp, side.item(), side.item() + ulp)):
+            x = torch.arange(100, dtype=torch.float64) * step + magnitude * 300
+            y = torch.full_like(x, magnitude * 300 + k * (side.item() - ulp))
+            rows.append(torch.stack([x, y, x + side.item(), y + side.item()], 1))
+        boxes = torch.cat(rows).to(dtype=dtype, device=device)
+        scores = torch.rand(len(boxes), generator=torch.Generator().manual_seed(62)).to(dtype=dtype, device=device)
+        ours = maskrcnn_ops.nms(boxes, scores, iou_threshold)
+        assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold), f"magnitude {magnitude}")
+        if iou_threshold == 0.0:
+            assert len(ours) < len(boxes) / 2
+
+
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_grid_equal_scores(device, dtype):
+    """All scores equal (the order is the index order), proposal-like boxes
+    with exact duplicates: torchvision's result, and the result of distinct
+    scores decreasing with the index."""
+    boxes, _ = make_boxes(1500, seed=60, scale=800.0, dtype=dtype, device=device)
+    boxes = torch.cat([boxes, boxes[:300]])
+    n = len(boxes)
+    same = torch.full((n,), 0.5, dtype=dtype, device=device)
+    decreasing = torch.linspace(1, 0, n, dtype=torch.float64).to(dtype=dtype, device=device)
+    for iou_threshold in (0.3, 0.5, 0.7):
+        ours = maskrcnn_ops.nms(boxes, same, iou_threshold)
+        assert_same(ours, torchvision.ops.nms(boxes.cpu(), same.cpu(), iou_threshold))
+        assert_same(ours, maskrcnn_ops.nms(boxes, decreasing, iou_threshold))
+
+
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_grid_lattice_ious_equal_to_the_threshold(device, dtype):
+    """Integer boxes on a small lattice (sides 1 to 8, corners 0 to 40): many
+    IoUs are simple fractions, and thresholds equal to them keep the pair
+    (only strictly above suppresses) while the double just below does not.
+    Centres and sides land exactly on the grid's cell and bin edges.
+    torchvision's result."""
+    g = torch.Generator().manual_seed(61)
+    n = 2000
+    xy = torch.randint(0, 40, (n, 2), generator=g)
+    wh = torch.randint(1, 9, (n, 2), generator=g)
+    boxes = torch.cat([xy, xy + wh], 1).to(dtype=dtype, device=device)
+    scores = torch.randint(0, 50, (n,), generator=g).to(dtype=dtype, device=device)
+    for v in (1 / 3, 0.5, 4 / 7, 9 / 16, 0.6, 2 / 3, 0.75):
+        for t in (v, math.nextafter(v, -math.inf)):
+            ours = maskrcnn_ops.nms(boxes, scores, t)
+            assert_same(ours, torchvision.ops.nms(boxes.cpu(), scores.cpu(), t), f"t={t!r}")
+
+
+@st.composite
+def grid_cases(draw):
+    """Segments large enough for the grid (256 to 700 boxes) built to be
+    degenerate: corners on a coarse lattice of a random pitch (duplicates,
+    shared edges and centres, IoUs equal to simple fractions), sides up to
+    a random multiple of the pitch, optionally stretched into thin boxes,
+    tied scores, and a threshold from a list or any float in [0, 1)."""
+    n = draw(st.integers(256, 700))
+    return dict(
+        n=n,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        pitch=draw(st.sampled_from([1e-3, 0.5, 1.0, 7.0, 1e4])),
+        lattice=draw(st.integers(2, 60)),
+        max_side=draw(st.integers(1, 12)),
+        stretch=draw(st.sampled_from([1.0, 1.0, 30.0])),
+        score_levels=draw(st.sampled_from([2, 7, 1000])),
+        iou_threshold=draw(st.sampled_from([0.0, 1e-6, 0.1, 1 / 3, 0.5, 2 / 3, 0.7, 0.95]) | st.floats(0.0, 0.9999)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=grid_cases())
+def test_fuzz_grid_against_torchvision(case):
+    """Random degenerate segments through the CPU kernel's grid: exactly
+    torchvision's result."""
+    g = torch.Generator().manual_seed(case["seed"])
+    n, pitch = case["n"], case["pitch"]
+    xy = torch.randint(0, case["lattice"], (n, 2), generator=g).double()
+    wh = torch.randint(1, case["max_side"] + 1, (n, 2), generator=g).double()
+    thin = torch.rand(n, generator=g) < 0.5
+    wh[thin, 0] *= case["stretch"]
+    boxes = (torch.cat([xy, xy + wh], 1) * pitch).to(case["dtype"])
+    scores = (torch.randint(0, case["score_levels"], (n,), generator=g).double() / case["score_levels"]).to(case["dtype"])
+    t = case["iou_threshold"]
+    assert_same(maskrcnn_ops.nms(boxes, scores, t), torchvision.ops.nms(boxes, scores, t))
+
+
+@pytest.mark.parametrize("iou_threshold", [0.5, 0.7])
+def test_grid_large_segments_in_parallel(iou_threshold):
+    """batched_nms over 6 classes of about 2,000 boxes (grid segments, run by
+    the CPU kernel's threads in parallel): the same with one thread and two,
+    and each class's result is torchvision's nms of that class."""
+    boxes, scores = make_boxes(12000, seed=70, scale=2000.0)
+    idxs = make_labels(12000, 6, seed=70)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = maskrcnn_ops.batched_nms(boxes, scores, idxs, iou_threshold)
+        torch.set_num_threads(2)
+        two = maskrcnn_ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(one, two)
+    kept = keep_mask(one, 12000)
+    for c in range(6):
+        members = torch.nonzero(idxs == c).flatten()
+        expected = torchvision.ops.nms(boxes[members], scores[members], iou_threshold)
+        assert torch.equal(kept[members], keep_mask(expected, len(members)))
+
+
 # ------------------------------------------------------------ batched_nms --
 
 
@@ -374,8 +605,8 @@ def test_batched_nms_large_against_unstable_torchvision(device, num_classes):
     and orders the kept boxes with an *unstable* sort, so against it compare
     the set of kept indices and the scores in order (equal up to the order of
     tied scores). The reference is compared exactly (80 classes; for one class
-    the 6000-box O(N^2) loop is left to torchvision). With one class, the
-    segment is large enough for the CPU kernel's parallel path."""
+    the 6000-box O(N^2) loop is left to torchvision). With one class, one
+    large segment; with 80, segments processed in parallel."""
     boxes, scores = make_boxes(6000, seed=21, scale=1000.0, device=device)
     idxs = make_labels(6000, num_classes, seed=21, device=device)
     ours = maskrcnn_ops.batched_nms(boxes, scores, idxs, 0.5)
@@ -1045,8 +1276,7 @@ def test_repeated_calls_are_identical(device, deterministic_mode):
 
 def test_cpu_independent_of_thread_count():
     """CPU results are the same with one thread and with two, for a large
-    single-class case (> 4096 boxes: the chunked parallel path) and for many
-    small segments (segments processed in parallel)."""
+    single-class case and for many small segments (processed in parallel)."""
     boxes, scores = make_boxes(9000, seed=23, scale=1500.0)
     idxs = make_labels(9000, 50, seed=23)
     threads = torch.get_num_threads()

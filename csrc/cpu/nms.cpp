@@ -2,29 +2,51 @@
 //
 // Boxes are walked by segment (image, class) and, inside a segment, by
 // decreasing score. A box is kept iff no box kept before it has IoU above the
-// threshold: instead of testing it against every later box (torchvision's
-// O(N^2) loop), it is tested only against the kept boxes that could pass the
-// threshold. Two boxes with IoU > t (0 < t < 1) have an area ratio above t,
-// since inter <= min(areas) and union >= max(areas); so kept boxes are binned
-// by log(area) with bins log(1/t) wide and a box looks at the bins next to
-// its own only (two on each side, for rounding). Inside a bin, the IoU test
-// runs over structure-of-arrays coordinates, branch-free and vectorized.
+// threshold t. torchvision tests each kept box against every later box
+// (O(N^2)); here a box is tested only against the kept boxes that could pass
+// t, which KeptGrid finds with two exact necessary conditions for IoU > t
+// (0 < t < 1):
 //
-// Threads: independent segments run in parallel; a large segment (plain NMS)
-// is processed in chunks whose boxes are tested against the already kept
-// boxes in parallel, then resolved among themselves in order, which is exactly
-// the sequential greedy result.
+//  * the sides are within the ratio t: min(w)/max(w) > t and
+//    min(h)/max(h) > t, since inter <= min(w) * min(h) and union >= the
+//    larger area. So boxes are binned by log(width) and log(height), and a
+//    box can only be suppressed by boxes of a few (width bin, height bin)
+//    pairs around its own;
+//  * the centres are close: the x intervals overlap by more than
+//    t * max(w) (inter <= overlap_x * h and union >= w * h, for either box),
+//    so |cx_a - cx_b| < (w_a + w_b) / 2 - t * max(w_a, w_b), and likewise in
+//    y. So each pair has a grid of centres with cells of about that reach,
+//    and a box visits the few cells around its own centre.
+//
+// A kept box is stored in the grid of every pair whose boxes it could
+// suppress, so that a box looks in one grid only, its own pair's. With
+// proposal-like boxes that is a few dozen candidates per box instead of
+// thousands. Every candidate is tested with iou_exceeds (box_iou.h), so the
+// result is the sequential greedy result exactly; the pruning only needs the
+// two conditions to hold for the rounded IoU too, which they do with a
+// margin (kThresholdMargin). A negative threshold (IoU 0 passes it) tests
+// every kept box, and t >= 1 keeps everything (IoU <= 1).
+//
+// Threads: segments are independent and run in parallel, from one parallel
+// region per call in which threads take the largest remaining segment. A
+// segment runs on one thread: the grid makes it cheap, and a parallel scheme
+// inside a segment needs a barrier per step of the greedy pass, each a stall
+// when a core is shared with another process.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <numeric>
 #include <vector>
 
 #include "../common/box_iou.h"
@@ -33,28 +55,31 @@
 namespace maskrcnn_ops {
 namespace {
 
+// Boxes as structure of arrays: the kept boxes a candidate is tested against.
 template <typename acc_t>
-struct BoxSoA {
+struct BoxArrays {
   std::vector<acc_t> x1, y1, x2, y2, area;
 
-  void push(const acc_t* b, acc_t a) {
-    x1.push_back(b[0]);
-    y1.push_back(b[1]);
-    x2.push_back(b[2]);
-    y2.push_back(b[3]);
-    area.push_back(a);
+  void resize(int64_t n) {
+    for (auto* v : {&x1, &y1, &x2, &y2, &area}) v->resize(n);
   }
-  int64_t size() const { return static_cast<int64_t>(area.size()); }
+  void set(int64_t j, const acc_t* b, acc_t a) {
+    x1[j] = b[0];
+    y1[j] = b[1];
+    x2[j] = b[2];
+    y2[j] = b[3];
+    area[j] = a;
+  }
 
-  // Whether any box here has IoU > threshold with b. Branch-free inner loop
-  // over blocks of 32 (vectorizable), leaving early between blocks.
-  bool any_exceeds(const acc_t* b, acc_t b_area, acc_t threshold) const {
-    const int64_t n = size();
+  // Whether any box of [begin, end) has IoU > threshold with b. Branch-free
+  // inner loop over blocks of 64 (vectorizable), leaving early between blocks.
+  bool any_exceeds(int64_t begin, int64_t end, const acc_t* b, acc_t b_area,
+                   acc_t threshold) const {
     const acc_t *px1 = x1.data(), *py1 = y1.data(), *px2 = x2.data(), *py2 = y2.data(),
                 *parea = area.data();
     const acc_t bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
-    for (int64_t j0 = 0; j0 < n; j0 += 64) {
-      const int64_t j1 = std::min<int64_t>(n, j0 + 64);
+    for (int64_t j0 = begin; j0 < end; j0 += 64) {
+      const int64_t j1 = std::min<int64_t>(end, j0 + 64);
       int hit = 0;
 #pragma omp simd reduction(| : hit)
       for (int64_t j = j0; j < j1; ++j)
@@ -66,50 +91,350 @@ struct BoxSoA {
   }
 };
 
-// Kept boxes of one segment, binned by log(area) (see the file comment).
+// A monotone stand-in for log2 of a positive finite double (the exponent plus
+// the mantissa's fraction; within 0.09 of log2). Binning only needs a
+// monotone function: which bins a box visits is derived through the same
+// function, so its error costs a little pruning, never a missed box.
+inline double fast_log2(double x) {
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const auto exponent = static_cast<int64_t>(bits >> 52) - 1023;
+  const auto mantissa = static_cast<double>(bits & ((uint64_t(1) << 52) - 1));
+  return static_cast<double>(exponent) + mantissa * 0x1p-52;
+}
+
+// The t of the pruning bounds. When the rounded IoU (box_iou.h, in acc_t
+// with unit roundoff u) exceeds t, the bounds of the file comment hold for
+// the exact sides and centres with t(1 - 8u): rounding is monotone, so the
+// rounded intersection's sides are at most each box's rounded side and the
+// rounded intersection at most the smaller rounded area; the union rounds to
+// at least (1 - 3u) times the larger area; each step adds at most a relative
+// u. So they hold with t(1 - kThresholdMargin), which leaves ample room for
+// the rounding of the double arithmetic below too. That needs the areas in
+// acc_t's normal range, which sides in SafeSides give; for other sides, and
+// for t below kMinPruneThreshold (where the bounds prune little anyway), the
+// pruning uses t = 0: IoU > t >= 0 still needs intersecting boxes.
+constexpr double kThresholdMargin = 1e-4;
+constexpr double kMinPruneThreshold = 1e-6;
+
 template <typename acc_t>
-class KeptBoxes {
+struct SafeSides {
+  static double lo() { return std::ldexp(1.0, std::numeric_limits<acc_t>::min_exponent * 2 / 5); }
+  static double hi() { return std::ldexp(1.0, std::numeric_limits<acc_t>::max_exponent * 2 / 5); }
+};
+
+// Size bins are kBinScale * log2(1/t) wide (wider when the sizes span more
+// than kMaxBins of them), so that the sizes within the ratio t of a box span
+// about 2 bins per axis. Grid cells are kCellScale times the largest reach
+// of the boxes looked up there, so that a box visits about 2 x 2 cells, with
+// at most kCellsPerBox cells per box stored in the grid (coarser cells for
+// sparse boxes). Measured on proposal-like boxes; any values give the same
+// result.
+constexpr double kBinScale = 2.0;
+constexpr double kCellScale = 1.0;
+constexpr int64_t kMaxBins = 64;
+constexpr double kCellsPerBox = 2.0;
+
+// The largest |centre distance| a box of side s can have with an overlapping
+// box of side in [lo, hi] (one axis): max over b of (s + b) / 2 - t max(s, b),
+// piecewise linear in b with its kink at s.
+inline double reach(double s, double lo, double hi, double t) {
+  const auto g = [&](double b) { return 0.5 * (s + b) - t * std::max(s, b); };
+  return std::max({g(lo), g(hi), g(std::clamp(s, lo, hi))});
+}
+
+// The grid cell of value v on an axis starting at lo, at most top: the
+// truncation of (v - lo) / cell, a monotone function of v, the same for
+// stored boxes and for the ends of visited ranges, so a centre inside a
+// range falls in a cell inside the range's cells. Negative values (only
+// range ends) and NaN (0 * inf, in degenerate grids) give cell 0.
+inline int64_t cell_index(double v, double lo, double inv_cell, int64_t top) {
+  const double c = (v - lo) * inv_cell;
+  return c > 0 ? static_cast<int64_t>(std::min(c, static_cast<double>(top))) : 0;
+}
+
+// Extents of a set of boxes' sides and centres.
+struct Extents {
+  double w_lo = std::numeric_limits<double>::infinity(), w_hi = -w_lo;
+  double h_lo = w_lo, h_hi = -w_lo, cx_lo = w_lo, cx_hi = -w_lo, cy_lo = w_lo, cy_hi = -w_lo;
+
+  void add(double w, double h, double cx, double cy) {
+    w_lo = std::min(w_lo, w), w_hi = std::max(w_hi, w);
+    h_lo = std::min(h_lo, h), h_hi = std::max(h_hi, h);
+    cx_lo = std::min(cx_lo, cx), cx_hi = std::max(cx_hi, cx);
+    cy_lo = std::min(cy_lo, cy), cy_hi = std::max(cy_hi, cy);
+  }
+  void add(const Extents& o) {
+    add(o.w_lo, o.h_lo, o.cx_lo, o.cy_lo);
+    add(o.w_hi, o.h_hi, o.cx_hi, o.cy_hi);
+  }
+};
+
+// The grid of one (width bin, height bin) pair: the kept boxes its members
+// are tested against, by centre cell.
+struct PairGrid {
+  int64_t members = 0;  // boxes of the segment in this pair
+  Extents own;          // of the members
+  Extents candidates;   // of the boxes that may be stored here (a superset)
+  double inv_cell_x = 0, inv_cell_y = 0;
+  int64_t nx = 1, ny = 1, first_cell = 0;
+
+  int64_t cell_of(double cx, double cy) const {
+    return first_cell + cell_index(cy, candidates.cy_lo, inv_cell_y, ny - 1) * nx +
+           cell_index(cx, candidates.cx_lo, inv_cell_x, nx - 1);
+  }
+};
+
+// Kept boxes of one segment for a threshold in [0, 1), for the lookups of
+// the greedy pass (see the file comment). Each box is tested against one
+// grid, that of its own (width bin, height bin) pair, in the cells within
+// its reach; a kept box is stored in the grid of every pair whose boxes its
+// size could suppress (about 2 x 2 pairs). The boxes that will be looked up
+// and stored are all known up front, so every cell gets a fixed slice of
+// one array and kept boxes are appended to their cells' slices.
+template <typename acc_t>
+class KeptGrid {
  public:
-  KeptBoxes(acc_t threshold, double log_area_min, double log_area_max)
-      : threshold_(threshold), log_min_(log_area_min) {
-    constexpr int64_t kMaxBins = 4096;
-    const double range = std::max(0.0, log_area_max - log_area_min);
-    // Any width >= log(1/t) is a valid (coarser) pruning.
-    width_ = std::max(-std::log(static_cast<double>(threshold)), range / kMaxBins);
-    if (!(width_ > 0) || !std::isfinite(width_)) width_ = std::numeric_limits<double>::infinity();
-    const int64_t bins = std::isfinite(width_) ? static_cast<int64_t>(range / width_) + 1 : 1;
-    bins_.resize(std::max<int64_t>(1, bins));
+  // The member boxes (positions into `boxes`, each a box that can overlap:
+  // finite positive area, x2 > x1) in processing order.
+  void build(const acc_t* boxes, const std::vector<int64_t>& members, acc_t threshold) {
+    boxes_ = boxes;
+    members_ = &members;
+    threshold_ = threshold;
+    const int64_t m = static_cast<int64_t>(members.size());
+    for (auto* v : {&cx_, &cy_, &w_, &h_}) v->resize(m);
+    area_.resize(m);
+    bool safe = true;
+    const double side_lo = SafeSides<acc_t>::lo(), side_hi = SafeSides<acc_t>::hi();
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t* b = boxes + 4 * members[j];
+      const double x1 = b[0], y1 = b[1], x2 = b[2], y2 = b[3];
+      w_[j] = x2 - x1;
+      h_[j] = y2 - y1;
+      cx_[j] = 0.5 * (x1 + x2);
+      cy_[j] = 0.5 * (y1 + y2);
+      area_[j] = box_area(b[0], b[1], b[2], b[3]);
+      safe = safe && w_[j] >= side_lo && w_[j] <= side_hi && h_[j] >= side_lo && h_[j] <= side_hi;
+    }
+    const double t = static_cast<double>(threshold);
+    t_ = safe && t >= kMinPruneThreshold ? t * (1 - kThresholdMargin) : 0.0;
+    inv_t_ = t_ > 0 ? 1 / t_ : 0.0;
+
+    // Size bins (one when t is 0: any sizes can overlap).
+    const auto axis_bins = [&](const std::vector<double>& s, double& lo, double& inv_width) {
+      if (t_ == 0.0) return int64_t(1);
+      lo = std::numeric_limits<double>::infinity();
+      double hi = -lo;
+      for (int64_t j = 0; j < m; ++j) {
+        lo = std::min(lo, fast_log2(s[j]));
+        hi = std::max(hi, fast_log2(s[j]));
+      }
+      const double width = std::max(kBinScale * -std::log2(t_), (hi - lo) / (kMaxBins - 1));
+      inv_width = 1 / width;
+      return std::min<int64_t>(kMaxBins, static_cast<int64_t>((hi - lo) * inv_width) + 1);
+    };
+    nbw_ = axis_bins(w_, lw_lo_, inv_bw_);
+    nbh_ = axis_bins(h_, lh_lo_, inv_bh_);
+
+    // Members by pair, and how far (in bins) a box's reach of sizes goes.
+    grids_.assign(nbw_ * nbh_, PairGrid{});
+    pair_.resize(m);
+    range_.resize(m);
+    int64_t dw = 0, dh = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t kw = bin_w(w_[j]), kh = bin_h(h_[j]);
+      const SizeRange r = range_[j] = size_range(j);
+      dw = std::max({dw, kw - r.kw0, r.kw1 - kw});
+      dh = std::max({dh, kh - r.kh0, r.kh1 - kh});
+      pair_[j] = kh * nbw_ + kw;
+      PairGrid& g = grids_[pair_[j]];
+      ++g.members;
+      g.own.add(w_[j], h_[j], cx_[j], cy_[j]);
+    }
+
+    // Each pair's grid: the boxes stored there come from pairs at most
+    // (dw, dh) bins away, whose extents bound the candidates'. Cells of
+    // kCellScale times the largest reach (1 - t) max(w) of a member, coarser
+    // where that would make more than kCellsPerBox cells per stored box.
+    int64_t cells = 0;
+    for (int64_t kh = 0; kh < nbh_; ++kh) {
+      for (int64_t kw = 0; kw < nbw_; ++kw) {
+        PairGrid& g = grids_[kh * nbw_ + kw];
+        if (g.members == 0) continue;
+        int64_t stored = 0;
+        for (int64_t h = std::max<int64_t>(0, kh - dh); h <= std::min(nbh_ - 1, kh + dh); ++h)
+          for (int64_t w = std::max<int64_t>(0, kw - dw); w <= std::min(nbw_ - 1, kw + dw); ++w)
+            if (const PairGrid& o = grids_[h * nbw_ + w]; o.members > 0) {
+              g.candidates.add(o.own);
+              stored += o.members;
+            }
+        const Extents& c = g.candidates;
+        double cell_x = kCellScale * (1 - t_) * c.w_hi, cell_y = kCellScale * (1 - t_) * c.h_hi;
+        const double span_x = c.cx_hi - c.cx_lo, span_y = c.cy_hi - c.cy_lo;
+        const double max_cells = kCellsPerBox * static_cast<double>(stored) + 1;
+        for (int grow_steps = 0;; ++grow_steps) {
+          const double cells_xy = (std::floor(span_x / cell_x) + 1) * (std::floor(span_y / cell_y) + 1);
+          if (cells_xy <= max_cells) break;
+          if (grow_steps == 64) {
+            cell_x = cell_y = std::numeric_limits<double>::infinity();
+            break;
+          }
+          const double grow = std::sqrt(cells_xy / max_cells);
+          cell_x *= std::max(1.25, grow);
+          cell_y *= std::max(1.25, grow);
+        }
+        // The cell counts again with cell_index's arithmetic, so that no
+        // stored centre is past the last cell. A cell size that does not
+        // invert (0 or infinite, for extreme sides): one cell on that axis.
+        g.inv_cell_x = 1 / cell_x;
+        g.inv_cell_y = 1 / cell_y;
+        if (!(std::isfinite(g.inv_cell_x) && g.inv_cell_x > 0)) g.inv_cell_x = 0;
+        if (!(std::isfinite(g.inv_cell_y) && g.inv_cell_y > 0)) g.inv_cell_y = 0;
+        constexpr int64_t kNoTop = int64_t(1) << 52;
+        g.nx = cell_index(c.cx_hi, c.cx_lo, g.inv_cell_x, kNoTop) + 1;
+        g.ny = cell_index(c.cy_hi, c.cy_lo, g.inv_cell_y, kNoTop) + 1;
+        g.first_cell = cells;
+        cells += g.nx * g.ny;
+      }
+    }
+
+    // The cells where each member is stored if kept: in the grid of each
+    // pair (with members) whose sizes are within the ratio t of its own.
+    // Each cell's slice of the kept arrays: a counting sort of them.
+    cell_start_.assign(cells + 1, 0);
+    store_begin_.resize(m + 1);
+    store_cells_.clear();
+    for (int64_t j = 0; j < m; ++j) {
+      store_begin_[j] = static_cast<int64_t>(store_cells_.size());
+      const SizeRange& r = range_[j];
+      for (int64_t kh = r.kh0; kh <= r.kh1; ++kh)
+        for (int64_t kw = r.kw0; kw <= r.kw1; ++kw)
+          if (const PairGrid& g = grids_[kh * nbw_ + kw]; g.members > 0) {
+            const int64_t cell = g.cell_of(cx_[j], cy_[j]);
+            store_cells_.push_back(cell);
+            ++cell_start_[cell + 1];
+          }
+    }
+    store_begin_[m] = static_cast<int64_t>(store_cells_.size());
+    std::partial_sum(cell_start_.begin(), cell_start_.end(), cell_start_.begin());
+    cell_kept_.assign(cells, 0);
+    kept_.resize(cell_start_[cells]);
   }
 
-  int64_t bin_of(acc_t area) const {
-    if (!std::isfinite(width_)) return 0;
-    const double b = std::floor((std::log(static_cast<double>(area)) - log_min_) / width_);
-    return std::clamp<int64_t>(static_cast<int64_t>(b), 0, static_cast<int64_t>(bins_.size()) - 1);
+  // Greedy step for member j: false if a kept box suppresses it, else it is
+  // kept (and stored) and true.
+  bool keep(int64_t j) {
+    const acc_t* b = boxes_ + 4 * (*members_)[j];
+    if (suppressed(j, b)) return false;
+    for (int64_t k = store_begin_[j]; k < store_begin_[j + 1]; ++k) {
+      const int64_t cell = store_cells_[k];
+      kept_.set(cell_start_[cell] + cell_kept_[cell]++, b, area_[j]);
+    }
+    return true;
   }
 
-  bool suppresses(const acc_t* box, acc_t area) const {
-    const int64_t bin = bin_of(area);
-    const int64_t lo = std::max<int64_t>(0, bin - 2);
-    const int64_t hi = std::min<int64_t>(static_cast<int64_t>(bins_.size()) - 1, bin + 2);
-    for (int64_t b = lo; b <= hi; ++b)
-      if (bins_[b].any_exceeds(box, area, threshold_)) return true;
+ private:
+  int64_t bin_w(double w) const { return bin(w, lw_lo_, inv_bw_, nbw_); }
+  int64_t bin_h(double h) const { return bin(h, lh_lo_, inv_bh_, nbh_); }
+  static int64_t bin(double s, double lo, double inv_width, int64_t bins) {
+    if (bins == 1) return 0;
+    const double b = (fast_log2(s) - lo) * inv_width;
+    return b > 0 ? static_cast<int64_t>(std::min(b, static_cast<double>(bins - 1))) : 0;
+  }
+
+  // The bins of the sizes within the ratio t of member j's: the same
+  // monotone binning applied to the interval's ends.
+  struct SizeRange {
+    int32_t kw0, kw1, kh0, kh1;
+  };
+  SizeRange size_range(int64_t j) const {
+    if (t_ == 0.0) return {0, 0, 0, 0};
+    return {static_cast<int32_t>(bin_w(w_[j] * t_)), static_cast<int32_t>(bin_w(w_[j] * inv_t_)),
+            static_cast<int32_t>(bin_h(h_[j] * t_)), static_cast<int32_t>(bin_h(h_[j] * inv_t_))};
+  }
+
+  // The cells [first, last] of an axis of n cells that a centre c with
+  // reach r visits; false when there are none. (A NaN end visits every cell.)
+  static bool cell_range(double c, double r, double lo, double inv_cell, int64_t n,
+                         int64_t& first, int64_t& last) {
+    const double z = (c + r - lo) * inv_cell;
+    if (z < 0) return false;  // every stored centre is >= lo
+    first = cell_index(c - r, lo, inv_cell, n);
+    last = z < static_cast<double>(n - 1) ? static_cast<int64_t>(z) : n - 1;
+    return first <= last;
+  }
+
+  bool suppressed(int64_t j, const acc_t* b) const {
+    const double w = w_[j], h = h_[j], cx = cx_[j], cy = cy_[j];
+    const PairGrid& g = grids_[pair_[j]];
+    const Extents& c = g.candidates;
+    // Reach with slack for the rounding of centres and sides in double
+    // (relative to the coordinates' magnitude).
+    const double rx = reach(w, c.w_lo, c.w_hi, t_) * (1 + 1e-6) + 0x1p-40 * (std::abs(cx) + w + c.w_hi);
+    const double ry = reach(h, c.h_lo, c.h_hi, t_) * (1 + 1e-6) + 0x1p-40 * (std::abs(cy) + h + c.h_hi);
+    int64_t x0, x1, y0, y1;
+    if (!cell_range(cx, rx, c.cx_lo, g.inv_cell_x, g.nx, x0, x1) ||
+        !cell_range(cy, ry, c.cy_lo, g.inv_cell_y, g.ny, y0, y1))
+      return false;
+    const acc_t area = area_[j];
+    for (int64_t gy = y0; gy <= y1; ++gy) {
+      const int64_t row = g.first_cell + gy * g.nx;
+      for (int64_t cell = row + x0; cell <= row + x1; ++cell) {
+        if (cell_kept_[cell] != 0 &&
+            kept_.any_exceeds(cell_start_[cell], cell_start_[cell] + cell_kept_[cell], b, area,
+                              threshold_))
+          return true;
+      }
+    }
     return false;
   }
 
-  void insert(const acc_t* box, acc_t area) { bins_[bin_of(area)].push(box, area); }
+  const acc_t* boxes_ = nullptr;
+  const std::vector<int64_t>* members_ = nullptr;
+  acc_t threshold_ = 0;
+  double t_ = 0, inv_t_ = 0;  // the t of the pruning bounds (see kThresholdMargin)
+  // Per member: centre and sides (double), area (acc_t), bin pair.
+  std::vector<double> cx_, cy_, w_, h_;
+  std::vector<acc_t> area_;
+  std::vector<int64_t> pair_;
+  std::vector<SizeRange> range_;
+  std::vector<int64_t> store_begin_, store_cells_;  // per member: cells it is stored in if kept
+  double lw_lo_ = 0, inv_bw_ = 0, lh_lo_ = 0, inv_bh_ = 0;
+  int64_t nbw_ = 1, nbh_ = 1;
+  std::vector<PairGrid> grids_;
+  std::vector<int64_t> cell_start_, cell_kept_;
+  BoxArrays<acc_t> kept_;
+};
 
- private:
-  acc_t threshold_;
-  double log_min_;
-  double width_;
-  std::vector<BoxSoA<acc_t>> bins_;
+// Below this many boxes that can overlap, a segment tests each box against
+// all kept boxes: cheaper than building a grid.
+constexpr int64_t kGridMinBoxes = 256;
+
+// Buffers reused across the segments and the calls a thread processes
+// (fresh large allocations cost a page fault per page, each call), released
+// after a call on segments larger than kWorkspaceKeepBoxes.
+template <typename acc_t>
+struct Workspace {
+  std::vector<int64_t> members;
+  BoxArrays<acc_t> kept;
+  KeptGrid<acc_t> grid;
+
+  static constexpr size_t kWorkspaceKeepBoxes = size_t(1) << 18;
+
+  static Workspace& of_this_thread() {
+    thread_local Workspace ws;
+    return ws;
+  }
+  void trim() {
+    if (members.capacity() > kWorkspaceKeepBoxes) *this = Workspace();
+  }
 };
 
 // Greedy NMS of the sorted boxes [begin, end) of one segment; writes keep
 // flags for those positions.
 template <typename acc_t>
 void nms_segment(const acc_t* boxes, int64_t begin, int64_t end, acc_t threshold,
-                 bool parallel_inside, bool* keep) {
+                 Workspace<acc_t>& ws, bool* keep) {
   const auto area_of = [&](int64_t i) {
     const acc_t* b = boxes + 4 * i;
     return box_area(b[0], b[1], b[2], b[3]);
@@ -117,62 +442,43 @@ void nms_segment(const acc_t* boxes, int64_t begin, int64_t end, acc_t threshold
   if (threshold < acc_t(0)) {
     // IoU 0 already exceeds a negative threshold, so no pruning is exact:
     // test every kept box.
-    BoxSoA<acc_t> kept;
+    ws.kept.resize(end - begin);
+    int64_t kept = 0;
     for (int64_t i = begin; i < end; ++i) {
       const acc_t a = area_of(i);
-      keep[i] = !kept.any_exceeds(boxes + 4 * i, a, threshold);
-      if (keep[i]) kept.push(boxes + 4 * i, a);
+      keep[i] = !ws.kept.any_exceeds(0, kept, boxes + 4 * i, a, threshold);
+      if (keep[i]) ws.kept.set(kept++, boxes + 4 * i, a);
     }
     return;
   }
-  // Boxes that cannot overlap are kept and never suppress (box_iou.h); with
-  // t >= 1 no pair can pass, since IoU <= 1 for boxes of positive area.
-  double log_min = std::numeric_limits<double>::infinity(), log_max = -log_min;
+  // For t >= 0 only boxes of finite positive area overlap anything
+  // (box_iou.h), and of those only boxes with x2 > x1 (hence y2 > y1): an
+  // inverted box has an empty intersection with every box. The others are
+  // kept and never suppress. With t >= 1 no pair passes (IoU <= 1).
+  ws.members.clear();
   for (int64_t i = begin; i < end; ++i) {
-    const acc_t a = area_of(i);
     keep[i] = true;
-    if (can_overlap(a)) {
-      log_min = std::min(log_min, std::log(static_cast<double>(a)));
-      log_max = std::max(log_max, std::log(static_cast<double>(a)));
-    }
+    if (can_overlap(area_of(i)) && boxes[4 * i + 2] > boxes[4 * i]) ws.members.push_back(i);
   }
-  if (threshold >= acc_t(1) || !(log_min <= log_max)) return;
-
-  KeptBoxes<acc_t> kept(threshold, log_min, log_max);
-  if (!parallel_inside) {
-    for (int64_t i = begin; i < end; ++i) {
+  const auto m = static_cast<int64_t>(ws.members.size());
+  if (threshold >= acc_t(1) || m < 2) return;
+  if (m < kGridMinBoxes) {
+    ws.kept.resize(m);
+    int64_t kept = 0;
+    for (const int64_t i : ws.members) {
       const acc_t a = area_of(i);
-      if (!can_overlap(a)) continue;
-      keep[i] = !kept.suppresses(boxes + 4 * i, a);
-      if (keep[i]) kept.insert(boxes + 4 * i, a);
+      keep[i] = !ws.kept.any_exceeds(0, kept, boxes + 4 * i, a, threshold);
+      if (keep[i]) ws.kept.set(kept++, boxes + 4 * i, a);
     }
     return;
   }
-  constexpr int64_t kChunk = 512;
-  std::vector<char> suppressed(kChunk);
-  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-    const int64_t c1 = std::min(end, c0 + kChunk);
-    // Against the boxes kept by earlier chunks, in parallel.
-    at::parallel_for(c0, c1, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const acc_t a = area_of(i);
-        suppressed[i - c0] = can_overlap(a) && kept.suppresses(boxes + 4 * i, a);
-      }
-    });
-    // Among the survivors of this chunk, in order.
-    BoxSoA<acc_t> chunk_kept;
-    for (int64_t i = c0; i < c1; ++i) {
-      const acc_t a = area_of(i);
-      if (!can_overlap(a)) continue;
-      keep[i] = !suppressed[i - c0] && !chunk_kept.any_exceeds(boxes + 4 * i, a, threshold);
-      if (keep[i]) chunk_kept.push(boxes + 4 * i, a);
-    }
-    for (int64_t j = 0; j < chunk_kept.size(); ++j) {
-      const acc_t b[4] = {chunk_kept.x1[j], chunk_kept.y1[j], chunk_kept.x2[j], chunk_kept.y2[j]};
-      kept.insert(b, chunk_kept.area[j]);
-    }
-  }
+  ws.grid.build(boxes, ws.members, threshold);
+  for (int64_t j = 0; j < m; ++j) keep[ws.members[j]] = ws.grid.keep(j);
 }
+
+// Calls with fewer boxes than this run on the calling thread: a parallel
+// region costs more than it saves, and much more when a core is busy.
+constexpr int64_t kParallelMinBoxes = 4096;
 
 NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& scores,
                                   const c10::optional<at::Tensor>& idxs,
@@ -180,7 +486,7 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
                                   double iou_threshold) {
   const int64_t n = boxes.size(0);
   const NmsOrder order = make_nms_order(scores, idxs, image_ids);
-  at::Tensor keep = at::zeros({n}, boxes.options().dtype(at::kBool));
+  at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kBool));
   if (n == 0) return {keep, order.by_score};
   const at::Tensor starts = segment_starts(order.by_segment, idxs, image_ids);
   const bool* start = starts.const_data_ptr<bool>();
@@ -188,30 +494,48 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
   for (int64_t i = 0; i < n; ++i)
     if (start[i]) bounds.push_back(i);
   bounds.push_back(n);
-  const int64_t segments = static_cast<int64_t>(bounds.size()) - 1;
+  const auto segments = static_cast<int64_t>(bounds.size()) - 1;
 
-  at::Tensor keep_sorted = at::zeros({n}, boxes.options().dtype(at::kBool));
-  const auto acc_dtype = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor sorted = boxes.index_select(0, order.by_segment).to(acc_dtype).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "batched_nms_cpu", [&] {
-    const scalar_t* b = sorted.const_data_ptr<scalar_t>();
-    const auto t = threshold_as<scalar_t>(iou_threshold);
-    bool* flags = keep_sorted.mutable_data_ptr<bool>();
-    // Large segments get the threads inside; the others share them.
-    constexpr int64_t kLarge = 4096;
-    std::vector<int64_t> small;
-    for (int64_t s = 0; s < segments; ++s) {
-      if (bounds[s + 1] - bounds[s] >= kLarge)
-        nms_segment<scalar_t>(b, bounds[s], bounds[s + 1], t, true, flags);
-      else
-        small.push_back(s);
+  const at::Tensor by_segment = order.by_segment.contiguous();
+  const int64_t* position = by_segment.const_data_ptr<int64_t>();
+  std::unique_ptr<bool[]> keep_sorted(new bool[n]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "batched_nms_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // The boxes in processing order, in the IoU's precision.
+    std::vector<acc_t> sorted(4 * n);
+    const scalar_t* in = boxes.const_data_ptr<scalar_t>();
+    const int64_t s0 = boxes.stride(0), s1 = boxes.stride(1);
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t c = 0; c < 4; ++c)
+        sorted[4 * k + c] = static_cast<acc_t>(in[position[k] * s0 + c * s1]);
+    const auto t = threshold_as<acc_t>(iou_threshold);
+    const auto run = [&](int64_t s, Workspace<acc_t>& ws) {
+      nms_segment<acc_t>(sorted.data(), bounds[s], bounds[s + 1], t, ws, keep_sorted.get());
+    };
+    if (segments < 2 || n < kParallelMinBoxes || at::get_num_threads() < 2 ||
+        at::in_parallel_region()) {
+      auto& ws = Workspace<acc_t>::of_this_thread();
+      for (int64_t s = 0; s < segments; ++s) run(s, ws);
+      ws.trim();
+      return;
     }
-    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k)
-        nms_segment<scalar_t>(b, bounds[small[k]], bounds[small[k] + 1], t, false, flags);
+    // One region, in which each thread takes the largest segment left until
+    // none is: a thread that gets less CPU (a busy core) takes fewer, and
+    // the threads finish together.
+    std::vector<int64_t> by_size(segments);
+    std::iota(by_size.begin(), by_size.end(), 0);
+    std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) {
+      return bounds[a + 1] - bounds[a] > bounds[b + 1] - bounds[b];
+    });
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      auto& ws = Workspace<acc_t>::of_this_thread();
+      for (int64_t k; (k = next.fetch_add(1)) < segments;) run(by_size[k], ws);
+      ws.trim();
     });
   });
-  keep.index_put_({order.by_segment}, keep_sorted);
+  bool* out = keep.mutable_data_ptr<bool>();
+  for (int64_t k = 0; k < n; ++k) out[position[k]] = keep_sorted[k];
   return {keep, order.by_score};
 }
 

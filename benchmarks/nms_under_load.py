@@ -1,0 +1,168 @@
+"""CPU NMS with a busy neighbour: does a call stay fast when another process
+holds a core?
+
+One run measures CPU ``maskrcnn_ops.nms`` and ``torchvision.ops.nms`` on the
+suite's proposal-like workload (``benchmarks.suite``'s NMS case: 12,000 boxes
+in an 800x1088 image, IoU 0.7) with 1 and 2 intra-op threads, first on a
+quiet machine, then with a busy neighbour: a child process spinning
+``while True: pass``, started and stopped by this script. An OpenMP kernel
+that opens many parallel regions per call suffers there, since at every
+region's barrier its threads wait for the one that shares a core with the
+neighbour.
+
+    python -m benchmarks.nms_under_load [--boxes 12000] [--iou 0.7] [--dtype float32]
+                                        [--repeats 40] [--threads 1 2] [--out DIR]
+
+Prints a table (median and 90th percentile, ms) and writes
+DIR/nms_under_load.json: the CPU model (lscpu), thread counts, dtype,
+shapes, CPU pressure (/proc/pressure/cpu) before and after, every sample.
+The default DIR is a new temporary folder, so runs leave nothing in the
+source tree. Run it on an otherwise idle machine: other work is a second,
+uncontrolled neighbour (the pressure figures show whether there was any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.suite import _nms_setup  # noqa: E402
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (empty when lscpu is missing)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name":
+            return value.strip()
+    return ""
+
+
+def cpu_pressure() -> str:
+    """The "some" line of /proc/pressure/cpu (empty where there is none)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+class BusyNeighbour:
+    """A child process that spins on one core until the block ends."""
+
+    def __enter__(self):
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)  # let it start and be scheduled
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def samples_ms(fn, repeats: int, warmup: int = 3) -> list:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def percentile(values: list, q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(args, dtype: torch.dtype) -> list:
+    ours, theirs, agree = _nms_setup("cpu", dtype, args.boxes, 1, args.iou, False)()
+    kept = int(ours().numel())
+    identical = agree()
+    rows = []
+    threads_before = torch.get_num_threads()
+    try:
+        for load in ("quiet", "busy"):
+            with BusyNeighbour() if load == "busy" else contextlib.nullcontext():
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    for impl, fn, repeats in (("maskrcnn_ops", ours, args.repeats),
+                                              ("torchvision", theirs, args.torchvision_repeats)):
+                        pressure = cpu_pressure()
+                        times = samples_ms(fn, repeats, warmup=3 if impl == "maskrcnn_ops" else 1)
+                        rows.append(dict(
+                            impl=impl, load=load, threads=threads, kept=kept, identical=identical,
+                            cpu_pressure_before=pressure,
+                            median_ms=statistics.median(times), p90_ms=percentile(times, 90),
+                            min_ms=min(times), samples_ms=times,
+                        ))
+                        r = rows[-1]
+                        print(f"{impl:13} {load:5} threads={threads}  median {r['median_ms']:8.2f} ms  "
+                              f"p90 {r['p90_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms", flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--boxes", type=int, default=12000)
+    parser.add_argument("--iou", type=float, default=0.7)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls of maskrcnn_ops.nms per setting")
+    parser.add_argument("--torchvision-repeats", type=int, default=5,
+                        help="timed calls of torchvision.ops.nms (quadratic, slow) per setting")
+    parser.add_argument("--out", type=Path, help="folder for nms_under_load.json (default: a new temporary folder)")
+    args = parser.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="maskrcnn-ops-nms-under-load-"))
+
+    pressure_before = cpu_pressure()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); pressure before: {pressure_before}", flush=True)
+    rows = measure(args, getattr(torch, args.dtype))
+    env = environment("cpu")
+    env.update(
+        cpu_model=cpu_model(), logical_cpus=os.cpu_count(),
+        parallel_info=torch.__config__.parallel_info(),
+        omp_env={k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
+        cpu_pressure_before=pressure_before, cpu_pressure_after=cpu_pressure(),
+    )
+    workload = dict(op="nms", boxes=args.boxes, box_shape=[args.boxes, 4], scores_shape=[args.boxes],
+                    iou=args.iou, dtype=args.dtype, generator="benchmarks.suite._nms_setup (benchmarks.common.random_boxes)",
+                    neighbour="a child process running `while True: pass`")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "nms_under_load.json"
+    path.write_text(json.dumps(dict(environment=env, workload=workload, results=rows), indent=2))
+    quiet_one = next((r["median_ms"] for r in rows
+                      if r["impl"] == "maskrcnn_ops" and r["load"] == "quiet" and r["threads"] == 1), None)
+    for r in rows:
+        if r["impl"] == "maskrcnn_ops" and r["load"] == "busy" and quiet_one:
+            print(f"maskrcnn_ops busy, {r['threads']} threads: {r['median_ms'] / quiet_one:.2f}x "
+                  f"the quiet 1-thread median")
+    print(f"pressure after: {env['cpu_pressure_after']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
