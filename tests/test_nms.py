@@ -876,6 +876,53 @@ def test_nan_and_infinite_scores_sort_like_torch_sort(device):
     assert indices.cpu().tolist() == [[1, 5, 2]] and counts.cpu().tolist() == [3]
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_order_of_many_scores_is_torch_sort(device, dtype):
+    """The processing order is torch.sort(stable=True, descending=True)'s
+    for 5000 scores of every kind: ties (a fifth of them from 4 values),
+    +0.0 and -0.0 (equal), NaNs of either sign, +-inf, subnormals and
+    magnitudes from 1e-300 to 1e300 (in float64; the casts to the other
+    dtypes make more infinities, zeros and ties). With pairwise disjoint
+    boxes every box is kept, in exactly that order, by nms and batched_nms."""
+    g = torch.Generator().manual_seed(80)
+    n = 5000
+    magnitude = 10.0 ** torch.randint(-300, 300, (n,), generator=g).double()
+    scores = torch.randn(n, generator=g, dtype=torch.float64) * magnitude
+    tied = torch.rand(n, generator=g) < 0.2
+    scores[tied] = torch.tensor([0.5, -2.0, 0.0, -0.0], dtype=torch.float64)[torch.randint(0, 4, (int(tied.sum()),), generator=g)]
+    special = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 5e-324, -5e-324, 0.0, -0.0], dtype=torch.float64)
+    scores[torch.randint(0, n, (200,), generator=g)] = special[torch.randint(0, len(special), (200,), generator=g)]
+    scores = scores.to(dtype)
+    grid = torch.arange(n) % 71, torch.arange(n) // 71
+    x, y = grid[0].double() * 20, grid[1].double() * 20
+    boxes = torch.stack([x, y, x + 10, y + 10], 1).to(dtype)
+    expected = torch.sort(scores, descending=True, stable=True).indices
+    boxes, scores = boxes.to(device), scores.to(device)
+    assert_same(maskrcnn_ops.nms(boxes, scores, 0.5), expected)
+    assert_same(maskrcnn_ops.batched_nms(boxes, scores, make_labels(n, 3, device=device), 0.5), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.int64], ids=["u16", "u32", "u64", "i64"])
+def test_cpu_labels_of_any_integer_dtype_and_range(dtype):
+    """CPU (which orders the segments itself): class and image labels of the
+    unsigned dtypes, and at the ends of their range (2**64 - 1 in uint64,
+    -2**63 in int64), group boxes like any other labels: the results of
+    small int64 labels, which the reference gives too."""
+    boxes, scores = make_boxes(600, seed=81)
+    small, images = make_labels(600, 5, seed=81), make_labels(600, 2, seed=82)
+    info = torch.iinfo(dtype)
+    values = [info.min, info.min + 1, 7, info.max - 1, info.max]
+
+    def relabel(labels):
+        return torch.tensor([values[i] for i in labels.tolist()], dtype=dtype)
+
+    expected = maskrcnn_ops.batched_nms(boxes, scores, small, 0.5)
+    assert_same(expected, reference.batched_nms(boxes, scores, small, 0.5))
+    assert_same(maskrcnn_ops.batched_nms(boxes, scores, relabel(small), 0.5), expected)
+    keep = maskrcnn_ops.batched_nms_keep(boxes, scores, relabel(small), 0.5, relabel(images))
+    assert torch.equal(keep, maskrcnn_ops.batched_nms_keep(boxes, scores, small, 0.5, images))
+
+
 # ------------------------------------------------------------- bad input --
 
 

@@ -93,15 +93,18 @@ inline at::Tensor segment_starts(const at::Tensor& order,
 }
 
 // What a backend's greedy pass returns: keep flags at the original box
-// positions, and the score order the variable-size results follow.
+// positions, and the score order the variable-size results follow; a
+// backend that has the kept indices at hand may return them too.
 struct NmsKeep {
   at::Tensor keep;      // bool [N]
   at::Tensor by_score;  // int64 [N]
+  at::Tensor kept;      // int64 [K] (kept_by_score), or undefined
 };
 
 // Indices of kept boxes by decreasing score: the variable-size result (one
 // device-to-host sync on CUDA, for its size).
 inline at::Tensor kept_by_score(const NmsKeep& r) {
+  if (r.kept.defined()) return r.kept;
   return r.by_score.masked_select(r.keep.index_select(0, r.by_score));
 }
 

@@ -31,8 +31,12 @@
 // region per call in which threads take the largest remaining segment. A
 // segment runs on one thread: the grid makes it cheap, and a parallel scheme
 // inside a segment needs a barrier per step of the greedy pass, each a stall
-// when a core is shared with another process.
+// when a core is shared with another process. For the same reason the call
+// uses no ATen ops on N-sized tensors (a sort or masked_select of many boxes
+// opens parallel regions of its own): the processing order comes from radix
+// sorts here, and the outputs are written directly.
 #include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,6 +51,8 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/box_iou.h"
@@ -476,6 +482,118 @@ void nms_segment(const acc_t* boxes, int64_t begin, int64_t end, acc_t threshold
   for (int64_t j = 0; j < m; ++j) keep[ws.members[j]] = ws.grid.keep(j);
 }
 
+// ------------------------------------------------------------------ order --
+//
+// make_nms_order's processing order (nms_common.h), without ATen ops (a sort
+// of many boxes opens parallel regions of its own): stable LSD radix sorts,
+// first by score, then by idx, then by image_id.
+
+// Sorts (key, value) pairs by key, ascending and stably: 11-bit digits,
+// skipping the digits that all keys share.
+template <typename key_t>
+void radix_sort(std::vector<key_t>& keys, std::vector<int64_t>& values) {
+  constexpr int kBits = 11;
+  constexpr key_t kMask = (key_t(1) << kBits) - 1;
+  constexpr int kDigits = (8 * static_cast<int>(sizeof(key_t)) + kBits - 1) / kBits;
+  const auto n = static_cast<int64_t>(keys.size());
+  if (n < 2) return;
+  std::vector<int64_t> counts(kDigits << kBits, 0);
+  for (const key_t k : keys)
+    for (int d = 0; d < kDigits; ++d) ++counts[(d << kBits) + ((k >> (d * kBits)) & kMask)];
+  std::vector<key_t> keys_out(n);
+  std::vector<int64_t> values_out(n);
+  for (int d = 0; d < kDigits; ++d) {
+    int64_t* count = counts.data() + (d << kBits);
+    if (count[(keys[0] >> (d * kBits)) & kMask] == n) continue;
+    int64_t sum = 0;
+    for (int b = 0; b <= static_cast<int>(kMask); ++b) sum += std::exchange(count[b], sum);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t to = count[(keys[i] >> (d * kBits)) & kMask]++;
+      keys_out[to] = keys[i];
+      values_out[to] = values[i];
+    }
+    keys.swap(keys_out);
+    values.swap(values_out);
+  }
+}
+
+// Keys whose ascending order is torch.sort(descending=True)'s order of the
+// scores: NaN first (all NaNs equal), then +inf down to -inf, with -0.0
+// equal to +0.0 (ties keep the index order).
+template <typename float_t, typename key_t>
+key_t descending_key(float_t x) {
+  static_assert(sizeof(float_t) == sizeof(key_t));
+  if (std::isnan(x)) return 0;
+  if (x == float_t(0)) x = float_t(0);
+  key_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  constexpr key_t kSign = key_t(1) << (8 * sizeof(key_t) - 1);
+  const key_t ascending = (bits & kSign) ? ~bits : (bits | kSign);
+  return ~ascending;  // never 0: that would be the bits of a NaN
+}
+
+struct CpuNmsOrder {
+  std::vector<int64_t> by_score;    // indices by decreasing score, ties by index
+  std::vector<int64_t> by_segment;  // the same, grouped stably by (image_id, idx)
+  std::vector<int64_t> bounds;      // segment starts in by_segment, then N
+};
+
+// Keys of a 1-d integer tensor's labels (read with its stride) whose
+// unsigned order is the labels' order.
+std::vector<uint64_t> label_keys(const at::Tensor& t) {
+  std::vector<uint64_t> keys(t.size(0));
+  AT_DISPATCH_V2(t.scalar_type(), "nms_labels", AT_WRAP([&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    constexpr uint64_t kFlip = std::is_signed_v<scalar_t> ? uint64_t(1) << 63 : 0;
+    for (int64_t i = 0; i < t.size(0); ++i)
+      keys[i] = static_cast<uint64_t>(static_cast<int64_t>(p[i * t.stride(0)])) ^ kFlip;
+  }), AT_EXPAND(AT_INTEGRAL_TYPES_V2));
+  return keys;
+}
+
+CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const c10::optional<at::Tensor>& idxs,
+                          const c10::optional<at::Tensor>& image_ids) {
+  const int64_t n = scores.size(0);
+  CpuNmsOrder order;
+  order.by_score.resize(n);
+  std::iota(order.by_score.begin(), order.by_score.end(), 0);
+  const auto sort_by_score = [&](auto key_type, auto read) {
+    using key_t = decltype(key_type);
+    std::vector<key_t> keys(n);
+    for (int64_t i = 0; i < n; ++i) keys[i] = read(i);
+    radix_sort(keys, order.by_score);
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "nms_order", [&] {
+    const scalar_t* p = scores.const_data_ptr<scalar_t>();
+    const int64_t stride = scores.stride(0);
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      sort_by_score(uint64_t(), [&](int64_t i) { return descending_key<double, uint64_t>(p[i * stride]); });
+    } else {
+      // float, and half types (exactly representable as float).
+      sort_by_score(uint32_t(), [&](int64_t i) {
+        return descending_key<float, uint32_t>(static_cast<float>(p[i * stride]));
+      });
+    }
+  });
+  order.by_segment = order.by_score;
+  std::vector<std::vector<uint64_t>> labels;  // the segment keys, major last
+  for (const auto* key : {&idxs, &image_ids})
+    if (key->has_value()) labels.push_back(label_keys(**key));
+  for (const auto& label : labels) {
+    std::vector<uint64_t> keys(n);
+    for (int64_t k = 0; k < n; ++k) keys[k] = label[order.by_segment[k]];
+    radix_sort(keys, order.by_segment);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const bool starts = k == 0 || std::any_of(labels.begin(), labels.end(), [&](const auto& label) {
+      return label[order.by_segment[k]] != label[order.by_segment[k - 1]];
+    });
+    if (starts) order.bounds.push_back(k);
+  }
+  order.bounds.push_back(n);
+  return order;
+}
+
 // Calls with fewer boxes than this run on the calling thread: a parallel
 // region costs more than it saves, and much more when a core is busy.
 constexpr int64_t kParallelMinBoxes = 4096;
@@ -485,20 +603,11 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
                                   const c10::optional<at::Tensor>& image_ids,
                                   double iou_threshold) {
   const int64_t n = boxes.size(0);
-  const NmsOrder order = make_nms_order(scores, idxs, image_ids);
-  at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kBool));
-  if (n == 0) return {keep, order.by_score};
-  const at::Tensor starts = segment_starts(order.by_segment, idxs, image_ids);
-  const bool* start = starts.const_data_ptr<bool>();
-  std::vector<int64_t> bounds;  // segment boundaries in sorted positions
-  for (int64_t i = 0; i < n; ++i)
-    if (start[i]) bounds.push_back(i);
-  bounds.push_back(n);
+  const CpuNmsOrder order = cpu_nms_order(scores, idxs, image_ids);
+  const std::vector<int64_t>& bounds = order.bounds;
   const auto segments = static_cast<int64_t>(bounds.size()) - 1;
-
-  const at::Tensor by_segment = order.by_segment.contiguous();
-  const int64_t* position = by_segment.const_data_ptr<int64_t>();
-  std::unique_ptr<bool[]> keep_sorted(new bool[n]);
+  const int64_t* position = order.by_segment.data();
+  std::vector<char> keep_sorted(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "batched_nms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The boxes in processing order, in the IoU's precision.
@@ -509,8 +618,9 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
       for (int64_t c = 0; c < 4; ++c)
         sorted[4 * k + c] = static_cast<acc_t>(in[position[k] * s0 + c * s1]);
     const auto t = threshold_as<acc_t>(iou_threshold);
+    bool* flags = reinterpret_cast<bool*>(keep_sorted.data());
     const auto run = [&](int64_t s, Workspace<acc_t>& ws) {
-      nms_segment<acc_t>(sorted.data(), bounds[s], bounds[s + 1], t, ws, keep_sorted.get());
+      nms_segment<acc_t>(sorted.data(), bounds[s], bounds[s + 1], t, ws, flags);
     };
     if (segments < 2 || n < kParallelMinBoxes || at::get_num_threads() < 2 ||
         at::in_parallel_region()) {
@@ -534,9 +644,21 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
       ws.trim();
     });
   });
+  // The keep flags at the boxes' positions, and the kept indices by score.
+  at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kBool));
   bool* out = keep.mutable_data_ptr<bool>();
-  for (int64_t k = 0; k < n; ++k) out[position[k]] = keep_sorted[k];
-  return {keep, order.by_score};
+  for (int64_t k = 0; k < n; ++k) out[position[k]] = keep_sorted[k] != 0;
+  int64_t count = 0;
+  for (int64_t k = 0; k < n; ++k) count += out[k];
+  at::Tensor by_score = at::empty({n}, boxes.options().dtype(at::kLong));
+  at::Tensor kept = at::empty({count}, boxes.options().dtype(at::kLong));
+  int64_t* by_score_out = by_score.mutable_data_ptr<int64_t>();
+  int64_t* kept_out = kept.mutable_data_ptr<int64_t>();
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = by_score_out[k] = order.by_score[k];
+    if (out[i]) *kept_out++ = i;
+  }
+  return {keep, by_score, kept};
 }
 
 }  // namespace
