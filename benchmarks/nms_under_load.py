@@ -11,7 +11,7 @@ region's barrier its threads wait for the one that shares a core with the
 neighbour.
 
     python -m benchmarks.nms_under_load [--boxes 12000] [--iou 0.7] [--dtype float32]
-                                        [--repeats 40] [--threads 1 2] [--out DIR]
+                                        [--threads 1 2] [--rounds 2] [--repeats 25] [--out DIR]
 
 Prints a table (median and 90th percentile, ms) and writes
 DIR/nms_under_load.json: the CPU model (lscpu), thread counts, dtype,
@@ -24,6 +24,7 @@ uncontrolled neighbour (the pressure figures show whether there was any).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -97,31 +98,37 @@ def percentile(values: list, q: float) -> float:
 
 
 def measure(args, dtype: torch.dtype) -> list:
+    """Samples of every (implementation, load, threads) setting, over
+    args.rounds rounds of quiet-then-busy, pooled (so that a change of the
+    machine's other load during the run falls on both loads)."""
     ours, theirs, agree = _nms_setup("cpu", dtype, args.boxes, 1, args.iou, False)()
     kept = int(ours().numel())
     identical = agree()
-    rows = []
+    samples = collections.defaultdict(list)
+    pressures = collections.defaultdict(list)
     threads_before = torch.get_num_threads()
     try:
-        for load in ("quiet", "busy"):
-            with BusyNeighbour() if load == "busy" else contextlib.nullcontext():
-                for threads in args.threads:
-                    torch.set_num_threads(threads)
-                    for impl, fn, repeats in (("maskrcnn_ops", ours, args.repeats),
-                                              ("torchvision", theirs, args.torchvision_repeats)):
-                        pressure = cpu_pressure()
-                        times = samples_ms(fn, repeats, warmup=3 if impl == "maskrcnn_ops" else 1)
-                        rows.append(dict(
-                            impl=impl, load=load, threads=threads, kept=kept, identical=identical,
-                            cpu_pressure_before=pressure,
-                            median_ms=statistics.median(times), p90_ms=percentile(times, 90),
-                            min_ms=min(times), samples_ms=times,
-                        ))
-                        r = rows[-1]
-                        print(f"{impl:13} {load:5} threads={threads}  median {r['median_ms']:8.2f} ms  "
-                              f"p90 {r['p90_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms", flush=True)
+        for _ in range(args.rounds):
+            for load in ("quiet", "busy"):
+                with BusyNeighbour() if load == "busy" else contextlib.nullcontext():
+                    for threads in args.threads:
+                        torch.set_num_threads(threads)
+                        for impl, fn, repeats in (("maskrcnn_ops", ours, args.repeats),
+                                                  ("torchvision", theirs, args.torchvision_repeats)):
+                            key = (impl, load, threads)
+                            pressures[key].append(cpu_pressure())
+                            samples[key] += samples_ms(fn, repeats, warmup=3 if impl == "maskrcnn_ops" else 1)
     finally:
         torch.set_num_threads(threads_before)
+    rows = []
+    for (impl, load, threads), times in samples.items():
+        rows.append(dict(
+            impl=impl, load=load, threads=threads, kept=kept, identical=identical,
+            median_ms=statistics.median(times), p90_ms=percentile(times, 90), min_ms=min(times),
+            samples_ms=times, cpu_pressure_before=pressures[(impl, load, threads)],
+        ))
+        print(f"{impl:13} {load:5} threads={threads}  median {rows[-1]['median_ms']:8.2f} ms  "
+              f"p90 {rows[-1]['p90_ms']:8.2f} ms  min {rows[-1]['min_ms']:8.2f} ms", flush=True)
     return rows
 
 
@@ -131,9 +138,10 @@ def main(argv=None) -> None:
     parser.add_argument("--iou", type=float, default=0.7)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=40, help="timed calls of maskrcnn_ops.nms per setting")
-    parser.add_argument("--torchvision-repeats", type=int, default=5,
-                        help="timed calls of torchvision.ops.nms (quadratic, slow) per setting")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of quiet-then-busy measurements")
+    parser.add_argument("--repeats", type=int, default=25, help="timed calls of maskrcnn_ops.nms per setting and round")
+    parser.add_argument("--torchvision-repeats", type=int, default=3,
+                        help="timed calls of torchvision.ops.nms (quadratic, slow) per setting and round")
     parser.add_argument("--out", type=Path, help="folder for nms_under_load.json (default: a new temporary folder)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="maskrcnn-ops-nms-under-load-"))
@@ -149,17 +157,19 @@ def main(argv=None) -> None:
         cpu_pressure_before=pressure_before, cpu_pressure_after=cpu_pressure(),
     )
     workload = dict(op="nms", boxes=args.boxes, box_shape=[args.boxes, 4], scores_shape=[args.boxes],
-                    iou=args.iou, dtype=args.dtype, generator="benchmarks.suite._nms_setup (benchmarks.common.random_boxes)",
+                    iou=args.iou, dtype=args.dtype,
+                    generator="benchmarks.suite._nms_setup (benchmarks.common.random_boxes)",
                     neighbour="a child process running `while True: pass`")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "nms_under_load.json"
-    path.write_text(json.dumps(dict(environment=env, workload=workload, results=rows), indent=2))
-    quiet_one = next((r["median_ms"] for r in rows
-                      if r["impl"] == "maskrcnn_ops" and r["load"] == "quiet" and r["threads"] == 1), None)
-    for r in rows:
-        if r["impl"] == "maskrcnn_ops" and r["load"] == "busy" and quiet_one:
-            print(f"maskrcnn_ops busy, {r['threads']} threads: {r['median_ms'] / quiet_one:.2f}x "
-                  f"the quiet 1-thread median")
+    path.write_text(json.dumps(dict(environment=env, workload=workload, rounds=args.rounds, results=rows), indent=2))
+    for impl in ("maskrcnn_ops", "torchvision"):
+        quiet_one = next((r["median_ms"] for r in rows
+                          if r["impl"] == impl and r["load"] == "quiet" and r["threads"] == 1), None)
+        for r in rows:
+            if r["impl"] == impl and r["load"] == "busy" and quiet_one:
+                print(f"{impl} busy, {r['threads']} threads: {r['median_ms'] / quiet_one:.2f}x "
+                      f"its quiet 1-thread median")
     print(f"pressure after: {env['cpu_pressure_after']}")
     print(f"wrote {path}")
 

@@ -546,7 +546,8 @@ def test_fuzz_grid_against_torchvision(case):
     thin = torch.rand(n, generator=g) < 0.5
     wh[thin, 0] *= case["stretch"]
     boxes = (torch.cat([xy, xy + wh], 1) * pitch).to(case["dtype"])
-    scores = (torch.randint(0, case["score_levels"], (n,), generator=g).double() / case["score_levels"]).to(case["dtype"])
+    levels = case["score_levels"]
+    scores = (torch.randint(0, levels, (n,), generator=g).double() / levels).to(case["dtype"])
     t = case["iou_threshold"]
     assert_same(maskrcnn_ops.nms(boxes, scores, t), torchvision.ops.nms(boxes, scores, t))
 
@@ -889,7 +890,8 @@ def test_order_of_many_scores_is_torch_sort(device, dtype):
     magnitude = 10.0 ** torch.randint(-300, 300, (n,), generator=g).double()
     scores = torch.randn(n, generator=g, dtype=torch.float64) * magnitude
     tied = torch.rand(n, generator=g) < 0.2
-    scores[tied] = torch.tensor([0.5, -2.0, 0.0, -0.0], dtype=torch.float64)[torch.randint(0, 4, (int(tied.sum()),), generator=g)]
+    ties = torch.tensor([0.5, -2.0, 0.0, -0.0], dtype=torch.float64)
+    scores[tied] = ties[torch.randint(0, 4, (int(tied.sum()),), generator=g)]
     special = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 5e-324, -5e-324, 0.0, -0.0], dtype=torch.float64)
     scores[torch.randint(0, n, (200,), generator=g)] = special[torch.randint(0, len(special), (200,), generator=g)]
     scores = scores.to(dtype)
@@ -902,7 +904,9 @@ def test_order_of_many_scores_is_torch_sort(device, dtype):
     assert_same(maskrcnn_ops.batched_nms(boxes, scores, make_labels(n, 3, device=device), 0.5), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.int64], ids=["u16", "u32", "u64", "i64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint16, torch.uint32, torch.uint64, torch.int64], ids=["u16", "u32", "u64", "i64"]
+)
 def test_cpu_labels_of_any_integer_dtype_and_range(dtype):
     """CPU (which orders the segments itself): class and image labels of the
     unsigned dtypes, and at the ends of their range (2**64 - 1 in uint64,

@@ -279,7 +279,8 @@ class KeptGrid {
         const double span_x = c.cx_hi - c.cx_lo, span_y = c.cy_hi - c.cy_lo;
         const double max_cells = kCellsPerBox * static_cast<double>(stored) + 1;
         for (int grow_steps = 0;; ++grow_steps) {
-          const double cells_xy = (std::floor(span_x / cell_x) + 1) * (std::floor(span_y / cell_y) + 1);
+          const double cells_xy =
+              (std::floor(span_x / cell_x) + 1) * (std::floor(span_y / cell_y) + 1);
           if (cells_xy <= max_cells) break;
           if (grow_steps == 64) {
             cell_x = cell_y = std::numeric_limits<double>::infinity();
@@ -376,8 +377,10 @@ class KeptGrid {
     const Extents& c = g.candidates;
     // Reach with slack for the rounding of centres and sides in double
     // (relative to the coordinates' magnitude).
-    const double rx = reach(w, c.w_lo, c.w_hi, t_) * (1 + 1e-6) + 0x1p-40 * (std::abs(cx) + w + c.w_hi);
-    const double ry = reach(h, c.h_lo, c.h_hi, t_) * (1 + 1e-6) + 0x1p-40 * (std::abs(cy) + h + c.h_hi);
+    const double rx =
+        reach(w, c.w_lo, c.w_hi, t_) * (1 + 1e-6) + 0x1p-40 * (std::abs(cx) + w + c.w_hi);
+    const double ry =
+        reach(h, c.h_lo, c.h_hi, t_) * (1 + 1e-6) + 0x1p-40 * (std::abs(cy) + h + c.h_hi);
     int64_t x0, x1, y0, y1;
     if (!cell_range(cx, rx, c.cx_lo, g.inv_cell_x, g.nx, x0, x1) ||
         !cell_range(cy, ry, c.cy_lo, g.inv_cell_y, g.ny, y0, y1))
@@ -567,7 +570,8 @@ CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const c10::optional<at::Tens
     const scalar_t* p = scores.const_data_ptr<scalar_t>();
     const int64_t stride = scores.stride(0);
     if constexpr (std::is_same_v<scalar_t, double>) {
-      sort_by_score(uint64_t(), [&](int64_t i) { return descending_key<double, uint64_t>(p[i * stride]); });
+      sort_by_score(uint64_t(),
+                    [&](int64_t i) { return descending_key<double, uint64_t>(p[i * stride]); });
     } else {
       // float, and half types (exactly representable as float).
       sort_by_score(uint32_t(), [&](int64_t i) {
@@ -608,7 +612,7 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
   const auto segments = static_cast<int64_t>(bounds.size()) - 1;
   const int64_t* position = order.by_segment.data();
   std::vector<char> keep_sorted(n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "batched_nms_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The boxes in processing order, in the IoU's precision.
     std::vector<acc_t> sorted(4 * n);
