@@ -6,7 +6,6 @@ and one top-k for the batch."""
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from typing import List, NamedTuple, Sequence, Tuple
 
@@ -14,10 +13,6 @@ import torch
 from torch import Tensor
 
 import maskrcnn_ops
-
-# The submodule (the package attribute `nms` is the function); its bound is
-# read at call time.
-nms_module = importlib.import_module("maskrcnn_ops.nms")
 
 
 class Detections(NamedTuple):
@@ -40,6 +35,7 @@ def detect_objects(
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
     min_size: float = 1e-2,
+    nms_boxes_per_call: int = maskrcnn_ops.NMS_BOXES_PER_CALL,
 ) -> Detections:
     """Final detections from the box predictor's outputs.
 
@@ -54,6 +50,9 @@ def detect_objects(
         nms_thresh: IoU threshold of the NMS within each (image, class).
         detections_per_img: best detections kept per image.
         min_size: boxes with a side below this (pixels) are dropped.
+        nms_boxes_per_call: the most candidates of one NMS call (whole
+            images per call, as ``maskrcnn_ops.image_groups``); the result
+            does not depend on it, the CUDA NMS memory does.
 
     Returns:
         Detections, in torchvision's order: by decreasing score, ties by
@@ -82,7 +81,7 @@ def detect_objects(
     candidates = torch.nonzero((scores > score_thresh) & maskrcnn_ops.boxes_large_enough(boxes, min_size)).squeeze(1)
     boxes, scores, labels, images = boxes[candidates], scores[candidates], labels[candidates], images[candidates]
 
-    if candidates.numel() <= nms_module.NMS_BOXES_PER_CALL:  # the usual case: one call
+    if candidates.numel() <= nms_boxes_per_call:  # the usual case: one call
         keep = maskrcnn_ops.batched_nms_keep(boxes, scores, labels, nms_thresh, images)
     else:
         # Candidates are grouped by image (rows are), so whole images go
@@ -91,7 +90,7 @@ def detect_objects(
         keep = torch.empty(candidates.numel(), dtype=torch.bool, device=device)
         boxes_per_image = torch.bincount(images, minlength=num_images).tolist()
         offsets = list(itertools.accumulate(boxes_per_image, initial=0))
-        for first, last in maskrcnn_ops.image_groups(boxes_per_image):
+        for first, last in maskrcnn_ops.image_groups(boxes_per_image, nms_boxes_per_call):
             rows = slice(offsets[first], offsets[last])
             keep[rows] = maskrcnn_ops.batched_nms_keep(boxes[rows], scores[rows], labels[rows], nms_thresh,
                                                        images[rows])

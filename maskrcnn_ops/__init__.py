@@ -55,7 +55,15 @@ from .boxes import (  # noqa: E402
     encode_boxes,
     remove_small_boxes,
 )
-from .nms import batched_nms, batched_nms_keep, batched_nms_padded, image_groups, nms, rank_kept_per_image  # noqa: E402
+from .nms import (  # noqa: E402
+    NMS_BOXES_PER_CALL,
+    batched_nms,
+    batched_nms_keep,
+    batched_nms_padded,
+    image_groups,
+    nms,
+    rank_kept_per_image,
+)
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
 from .export import onnx_translation_table  # noqa: E402
@@ -84,6 +92,7 @@ __all__ = [
     "batched_nms_padded",
     "rank_kept_per_image",
     "image_groups",
+    "NMS_BOXES_PER_CALL",
     "BoxCoder",
     "decode_boxes",
     "encode_boxes",

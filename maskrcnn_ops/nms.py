@@ -20,23 +20,23 @@ _ops = torch.ops.maskrcnn_ops
 NMS_BOXES_PER_CALL = 20480
 
 
-def image_groups(boxes_per_image: Sequence[int], max_boxes: Optional[int] = None) -> List[Tuple[int, int]]:
-    """Consecutive images in groups of at most ``max_boxes`` boxes (default
-    ``NMS_BOXES_PER_CALL``); an image with more is a group of its own, and
-    an image without boxes joins the group before it.
+def image_groups(boxes_per_image: Sequence[int], max_boxes: int = NMS_BOXES_PER_CALL) -> List[Tuple[int, int]]:
+    """Consecutive images in groups of at most ``max_boxes`` boxes; an image
+    with more is a group of its own, and an image without boxes joins the
+    group before it.
 
     Args:
         boxes_per_image: number of boxes of each image (Python ints, so no
             host sync is needed where the counts come from shapes).
+        max_boxes: the bound of a group (``NMS_BOXES_PER_CALL``: see there).
 
     Returns:
         (first, end) image ranges, covering all images in order.
     """
-    limit = NMS_BOXES_PER_CALL if max_boxes is None else max_boxes
     groups: List[Tuple[int, int]] = []
     first, boxes = 0, 0
     for image, count in enumerate(boxes_per_image):
-        if image > first and count > 0 and boxes + count > limit:
+        if image > first and count > 0 and boxes + count > max_boxes:
             groups.append((first, image))
             first, boxes = image, 0
         boxes += count

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .boxes import DEFAULT_CLIP, _weights
-from .nms import batched_nms_keep, image_groups, rank_kept_per_image
+from .nms import NMS_BOXES_PER_CALL, batched_nms_keep, image_groups, rank_kept_per_image
 
 _ops = torch.ops.maskrcnn_ops
 _INT64_MIN = -(2**63)
@@ -114,7 +114,9 @@ def _top_candidates(
     return candidates.view(n, levels * k), valid.view(n, levels * k)
 
 
-def _nms_keep_by_image_groups(boxes: Tensor, scores: Tensor, level_ids: Tensor, nms_thresh: float) -> Tensor:
+def _nms_keep_by_image_groups(
+    boxes: Tensor, scores: Tensor, level_ids: Tensor, nms_thresh: float, *, boxes_per_call: int
+) -> Tensor:
     """NMS within each (image, level), in calls over groups of whole images
     (``image_groups``: bounded mask memory, exactly one call's result). The
     group sizes come from the shapes, so there is no host sync and every
@@ -124,13 +126,14 @@ def _nms_keep_by_image_groups(boxes: Tensor, scores: Tensor, level_ids: Tensor, 
         boxes: [N, M, 4] candidates per image (NaN boxes never suppress).
         scores: [N, M].
         level_ids: int64 [M], the level of each candidate slot.
+        boxes_per_call: the bound of a group (see ``image_groups``).
 
     Returns:
         bool [N, M], True for the boxes NMS keeps.
     """
     n, per_image = scores.shape
     keep = torch.empty(n, per_image, dtype=torch.bool, device=scores.device)
-    for first, last in image_groups([per_image] * n):
+    for first, last in image_groups([per_image] * n, boxes_per_call):
         image_ids = torch.arange(last - first, device=scores.device).repeat_interleave(per_image)
         keep[first:last] = batched_nms_keep(
             boxes[first:last].reshape(-1, 4), scores[first:last].reshape(-1), level_ids.repeat(last - first),
@@ -153,6 +156,7 @@ def generate_proposals_padded(
     min_size: float = 1e-3,
     weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     clip: float = DEFAULT_CLIP,
+    nms_boxes_per_call: int = NMS_BOXES_PER_CALL,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """RPN post-processing for a batch, fixed-size outputs, no host sync.
 
@@ -172,6 +176,10 @@ def generate_proposals_padded(
         image_sizes: [N, 2] or N pairs (height, width) of the unpadded images
             (give a tensor on the device for a call with no host sync at all:
             a Python list is copied to the device).
+        nms_boxes_per_call: the most candidates of one NMS call (whole images
+            per call; an image with more takes a call of its own). The
+            result does not depend on it, the CUDA suppression mask's memory
+            does (see ``NMS_BOXES_PER_CALL``).
 
     Returns:
         boxes [N, post_nms_top_n, 4] and scores [N, post_nms_top_n] (zeros
@@ -223,7 +231,9 @@ def generate_proposals_padded(
     # suppress anything, and stay dropped through `keep`.
     level_ids = torch.arange(levels, device=device).repeat_interleave(k)
     nms_boxes = boxes.masked_fill(~keep[..., None], float("nan"))
-    survives = _nms_keep_by_image_groups(nms_boxes, scores, level_ids, nms_thresh) & keep
+    survives = _nms_keep_by_image_groups(
+        nms_boxes, scores, level_ids, nms_thresh, boxes_per_call=nms_boxes_per_call
+    ) & keep
 
     flat_scores = scores.reshape(-1)
     image_ids = torch.arange(n, device=device).repeat_interleave(levels * k)

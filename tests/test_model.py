@@ -11,7 +11,7 @@ that read it; the other tests use a ResNet-18 model on small images.
 
 from __future__ import annotations
 
-import importlib
+import inspect
 
 import pytest
 import torch
@@ -464,13 +464,10 @@ def test_detect_objects_matches_torchvision(device, boxes_per_call, monkeypatch)
     """Batched post-processing = torchvision's postprocess_detections, per
     image, in the same order (one image has no proposals), whether the NMS
     takes all images in one call or fewer per call (bounded mask memory)."""
-    nms_module = importlib.import_module("maskrcnn_ops.nms")  # maskrcnn_ops.nms is also the function
-
     calls = []
     original = maskrcnn_ops.batched_nms_keep
     monkeypatch.setattr(maskrcnn_ops, "batched_nms_keep", lambda boxes, *args: calls.append(len(boxes)) or original(boxes, *args))
-    if boxes_per_call is not None:
-        monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", boxes_per_call)
+    bound = {} if boxes_per_call is None else dict(nms_boxes_per_call=boxes_per_call)
     generator = torch.Generator().manual_seed(5)
     sizes = [(200, 300), (150, 120), (90, 90)]
     counts = [300, 0, 120]
@@ -482,13 +479,22 @@ def test_detect_objects_matches_torchvision(device, boxes_per_call, monkeypatch)
     boxes, scores, labels = heads.postprocess_detections(logits, deltas, proposals, sizes)
     box_coder = maskrcnn_ops.BoxCoder(heads.box_coder.weights, heads.box_coder.bbox_xform_clip)
     ours = detect_objects(logits.to(device), deltas.to(device), [p.to(device) for p in proposals], sizes,
-                          box_coder=box_coder, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+                          box_coder=box_coder, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, **bound)
     assert [len(b) for b in boxes][1] == 0 and min(len(boxes[0]), len(boxes[2])) > 0
     assert len(calls) == (1 if boxes_per_call is None else 2)  # the empty image joins the first
     for i in range(len(sizes)):
         assert torch.equal(ours.labels[i].cpu(), labels[i])
         torch.testing.assert_close(ours.scores[i].cpu(), scores[i])
         torch.testing.assert_close(ours.boxes[i].cpu(), boxes[i], rtol=1e-5, atol=1e-4)
+
+
+def test_nms_bound_defaults_to_the_one_constant():
+    """Every function that splits NMS into bounded calls defaults to
+    maskrcnn_ops.NMS_BOXES_PER_CALL (an argument, not a module global)."""
+    bounds = [(maskrcnn_ops.image_groups, "max_boxes"), (maskrcnn_ops.generate_proposals_padded, "nms_boxes_per_call"),
+              (detect_objects, "nms_boxes_per_call")]
+    for function, name in bounds:
+        assert inspect.signature(function).parameters[name].default == maskrcnn_ops.NMS_BOXES_PER_CALL, function
 
 
 def recorder(function, results: list):

@@ -31,7 +31,6 @@ section at the end.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import hypothesis
@@ -44,12 +43,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 
 import maskrcnn_ops
 import maskrcnn_ops.proposals as proposals_module
-from maskrcnn_ops import reference
+from maskrcnn_ops import NMS_BOXES_PER_CALL, reference
 from maskrcnn_ops.anchors import FPN_ASPECT_RATIOS, FPN_SIZES
 from maskrcnn_ops.proposals import _top_candidates
-
-# The submodule (the package attribute `nms` is the function of that name).
-nms_module = importlib.import_module("maskrcnn_ops.nms")
 
 ops = torch.ops.maskrcnn_ops
 
@@ -126,11 +122,13 @@ class Batch:
             start += count
 
 
-def ours(batch, *, pre_nms_top_n, post_nms_top_n, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3):
+def ours(batch, *, pre_nms_top_n, post_nms_top_n, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3,
+         nms_boxes_per_call=NMS_BOXES_PER_CALL):
     objectness, deltas, counts = batch.flat()
     return maskrcnn_ops.generate_proposals(
         objectness, deltas, batch.anchors(), counts, batch.image_sizes, pre_nms_top_n=pre_nms_top_n,
         post_nms_top_n=post_nms_top_n, nms_thresh=nms_thresh, score_thresh=score_thresh, min_size=min_size,
+        nms_boxes_per_call=nms_boxes_per_call,
     )
 
 
@@ -237,9 +235,12 @@ def assert_same_up_to_rounding(actual, expected, msg=""):
             used[free[0]] = True
 
 
-def compare_with_torchvision(batch, *, pre_nms_top_n, post_nms_top_n, training=False, msg="", **settings):
-    """Runs both and compares; returns ours."""
-    result = ours(batch, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, **settings)
+def compare_with_torchvision(batch, *, pre_nms_top_n, post_nms_top_n, training=False, msg="",
+                             nms_boxes_per_call=NMS_BOXES_PER_CALL, **settings):
+    """Runs both and compares; returns ours (whose NMS calls take at most
+    ``nms_boxes_per_call`` candidates)."""
+    result = ours(batch, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
+                  nms_boxes_per_call=nms_boxes_per_call, **settings)
     expected = torchvision_proposals(batch, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
                                      training=training, **settings)
 
@@ -579,13 +580,12 @@ def spy_on_nms_calls(monkeypatch):
     return calls
 
 
-def assert_whole_image_groups(calls, *, per_image, group_sizes):
+def assert_whole_image_groups(calls, *, per_image, group_sizes, bound=NMS_BOXES_PER_CALL):
     """The NMS calls took consecutive groups of whole images of the given
     sizes: per_image candidate slots of each image, numbered from 0 within
     the call; and none held more than the bound, unless one image alone
     does."""
     assert [len(ids) for ids in calls] == [size * per_image for size in group_sizes]
-    bound = nms_module.NMS_BOXES_PER_CALL
     for ids, size in zip(calls, group_sizes):
         assert len(ids) <= max(bound, per_image)
         assert torch.equal(ids, torch.arange(size).repeat_interleave(per_image))
@@ -611,10 +611,9 @@ def test_nms_in_image_groups_equals_one_call(device, monkeypatch, boxes_per_call
     one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
     assert_whole_image_groups(calls, per_image=45, group_sizes=[5])
 
-    monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", boxes_per_call)
     calls.clear()
-    split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
-    assert_whole_image_groups(calls, per_image=45, group_sizes=group_sizes)
+    split = maskrcnn_ops.generate_proposals_padded(**case, **settings, nms_boxes_per_call=boxes_per_call)
+    assert_whole_image_groups(calls, per_image=45, group_sizes=group_sizes, bound=boxes_per_call)
     for actual, expected in zip(split, one_call):
         assert torch.equal(actual, expected)
     counts = split[2].tolist()
@@ -632,10 +631,9 @@ def test_nms_in_image_groups_matches_torchvision(monkeypatch):
     deltas = deltas.clone()
     deltas[2] = math.nan
     batch.set_flat(deltas=deltas)
-    monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", 1000)
     calls = spy_on_nms_calls(monkeypatch)
-    _, scores = compare_with_torchvision(batch, pre_nms_top_n=100, post_nms_top_n=150)
-    assert_whole_image_groups(calls, per_image=500, group_sizes=[2, 2, 1])
+    _, scores = compare_with_torchvision(batch, pre_nms_top_n=100, post_nms_top_n=150, nms_boxes_per_call=1000)
+    assert_whole_image_groups(calls, per_image=500, group_sizes=[2, 2, 1], bound=1000)
     assert [len(s) > 0 for s in scores] == [True, True, False, True, True]
 
 
@@ -644,7 +642,7 @@ def test_default_nms_bound(device, monkeypatch):
     levels, k = 3000) runs NMS in calls of 2, 2 and 1 images, none above
     the bound, whose suppression mask (N * ceil(N / 64) 8-byte words) stays
     within 64 MiB; the result is bitwise that of one unbounded call."""
-    bound = nms_module.NMS_BOXES_PER_CALL
+    bound = NMS_BOXES_PER_CALL
     assert bound * math.ceil(bound / 64) * 8 <= 64 * 2**20
     case = small_case(52, n=5, levels=(3000, 3000, 3000), device=device)
     settings = dict(pre_nms_top_n=3000, post_nms_top_n=1000, nms_thresh=0.7)
@@ -652,10 +650,9 @@ def test_default_nms_bound(device, monkeypatch):
     split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
     assert_whole_image_groups(calls, per_image=9000, group_sizes=[2, 2, 1])
 
-    monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", 10**9)
     calls.clear()
-    one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
-    assert_whole_image_groups(calls, per_image=9000, group_sizes=[5])
+    one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings, nms_boxes_per_call=10**9)
+    assert_whole_image_groups(calls, per_image=9000, group_sizes=[5], bound=10**9)
     for actual, expected in zip(split, one_call):
         assert torch.equal(actual, expected)
     assert min(split[2].tolist()) > 0
@@ -897,20 +894,17 @@ def test_opcheck_with_grad_inputs(device):
 # ------------------------------------------------------------ torch.compile --
 
 
-@pytest.mark.parametrize("boxes_per_call", [None, 1], ids=["one-nms-call", "nms-call-per-image"])
-def test_compile_generate_proposals_padded(device, fresh_dynamo, monkeypatch, boxes_per_call):
+@pytest.mark.parametrize("boxes_per_call", [NMS_BOXES_PER_CALL, 1], ids=["one-nms-call", "nms-call-per-image"])
+def test_compile_generate_proposals_padded(device, fresh_dynamo, boxes_per_call):
     """torch.compile(fullgraph=True, backend="aot_eager") traces the whole
     padded form (top-k, gathers, the fused op, batched NMS keep flags,
     ranking) without a graph break, and equals eager on several inputs of
     the same shapes (the per-level layout cache warm or cold); also with the
     NMS split into one call per image."""
-    if boxes_per_call is not None:
-        monkeypatch.setattr(nms_module, "NMS_BOXES_PER_CALL", boxes_per_call)
-
     def fn(objectness, deltas, anchors, image_sizes):
         return maskrcnn_ops.generate_proposals_padded(
             objectness, deltas, anchors, [40, 12, 5], image_sizes, pre_nms_top_n=15, post_nms_top_n=20,
-            nms_thresh=0.7, score_thresh=0.05)
+            nms_thresh=0.7, score_thresh=0.05, nms_boxes_per_call=boxes_per_call)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for seed in range(3):
