@@ -11,7 +11,7 @@ from .checkpoint import load_model, save_checkpoint
 from .coco_names import COCO_CATEGORY_NAMES, COCO_CLASSES, label_names
 from .model import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn, maskrcnn_small
 from .paste import paste_masks_in_image
-from .transform import ImageBatch, ImageTransform
+from .preprocess import ImageBatch, ImageTransform
 
 __all__ = [
     "MaskRCNN",

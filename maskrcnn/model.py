@@ -14,10 +14,10 @@ from .backbone import NORM_LAYERS, ResNetFPN, resnet_fpn_backbone
 from .data.validation import validate_target
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
 from .paste import paste_masks_in_image
-from .roi_heads import RoIHeadOutputs, RoIHeads, multi_scale_roi_align
+from .roi_heads import RoIHeadOutputs, RoIHeads, fpn_roi_pooler
 from .rpn import RegionProposalNetwork, RPNHead
 from .torchvision_keys import rename_legacy_keys_hook
-from .transform import ImageTransform, rescale_boxes
+from .preprocess import ImageTransform, rescale_boxes
 
 
 def to_original_images(
@@ -223,10 +223,10 @@ def maskrcnn_resnet_fpn(
     )
     box_pool_size, mask_width = 7, mask_head_layers[-1]
     roi_heads = RoIHeads(
-        box_roi_pool=multi_scale_roi_align(output_size=box_pool_size),
+        box_roi_pool=fpn_roi_pooler(output_size=box_pool_size),
         box_head=TwoMLPHead(in_features=fpn_channels * box_pool_size**2, representation_size=box_representation_size),
         box_predictor=FastRCNNPredictor(in_features=box_representation_size, num_classes=num_classes),
-        mask_roi_pool=multi_scale_roi_align(output_size=14),
+        mask_roi_pool=fpn_roi_pooler(output_size=14),
         mask_head=MaskHead(in_channels=fpn_channels, layers=tuple(mask_head_layers)),
         mask_predictor=MaskPredictor(in_channels=mask_width, dim_reduced=mask_width, num_classes=num_classes),
         score_thresh=box_score_thresh,

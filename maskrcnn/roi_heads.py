@@ -18,9 +18,9 @@ from .training import ROI_BOX_WEIGHTS, box_head_loss, mask_loss, mask_targets, s
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")
 
 
-def multi_scale_roi_align(*, output_size: int, sampling_ratio: int = 2) -> maskrcnn_ops.MultiScaleRoIAlign:
-    """RoIAlign over the FPN levels "0".."3", each box pooled from the level
-    that matches its size (one fused maskrcnn_ops kernel)."""
+def fpn_roi_pooler(*, output_size: int, sampling_ratio: int = 2) -> maskrcnn_ops.MultiScaleRoIAlign:
+    """A RoIAlign module over the FPN levels "0".."3", each box pooled from
+    the level that matches its size (one fused maskrcnn_ops kernel)."""
     return maskrcnn_ops.MultiScaleRoIAlign(
         featmap_names=list(FPN_LEVEL_NAMES), output_size=output_size, sampling_ratio=sampling_ratio
     )
@@ -185,4 +185,4 @@ class RoIHeads(nn.Module):
         return RoIHeadOutputs(detections.boxes, detections.scores, detections.labels, masks)
 
 
-__all__ = ["FPN_LEVEL_NAMES", "RoIHeadOutputs", "RoIHeads", "multi_scale_roi_align"]
+__all__ = ["FPN_LEVEL_NAMES", "RoIHeadOutputs", "RoIHeads", "fpn_roi_pooler"]

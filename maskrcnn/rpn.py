@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import maskrcnn_ops
 
 from .training import RPN_BOX_WEIGHTS, assign_anchor_targets, rpn_loss, sample_anchor_labels
-from .transform import ImageBatch
+from .preprocess import ImageBatch
 
 
 class RPNHead(nn.Module):

@@ -68,7 +68,7 @@ from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposa
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
 from .export import onnx_translation_table  # noqa: E402
 from .patch import patch_torchvision, patched_torchvision, torchvision_is_patched, unpatch_torchvision  # noqa: E402
-from .roi_align import RoIAlign, roi_align, roi_align_max  # noqa: E402
+from .roi_align_ops import BoxesShapeError, RoIAlign, roi_align, roi_align_max  # noqa: E402
 from .mmcv import MmcvRoIAlign, mmcv_roi_align  # noqa: E402
 
 
@@ -82,6 +82,7 @@ __all__ = [
     "roi_align",
     "RoIAlign",
     "roi_align_max",
+    "BoxesShapeError",
     "MmcvRoIAlign",
     "mmcv_roi_align",
     "MultiScaleRoIAlign",

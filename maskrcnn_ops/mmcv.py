@@ -8,7 +8,7 @@ from typing import Tuple, Union
 
 from torch import Tensor, nn
 
-from .roi_align import _pair, roi_align, roi_align_max
+from .roi_align_ops import _pair, roi_align, roi_align_max
 
 POOL_MODES = ("avg", "max")
 

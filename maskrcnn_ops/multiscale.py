@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .roi_align import BoxesArg, _pair, boxes_to_rois
+from .roi_align_ops import BoxesArg, _pair, boxes_to_rois
 
 ImageShapes = Sequence[Tuple[int, int]]
 

@@ -62,8 +62,8 @@ from torch.jit.annotations import BroadcastingList2
 
 from .nms import batched_nms as _our_batched_nms
 from .nms import nms as _our_nms
-from .roi_align import boxes_to_rois
-from .roi_align import roi_align as _our_roi_align
+from .roi_align_ops import boxes_to_rois
+from .roi_align_ops import roi_align as _our_roi_align
 
 # The adapters below are written in TorchScript's subset, with torchvision's
 # annotations: torch.jit.script compiles them (and torchvision's functions

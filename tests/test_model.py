@@ -26,7 +26,7 @@ from maskrcnn.checkpoint import CheckpointError, check_state_dict, load_model, s
 from maskrcnn.paste import paste_masks_in_image
 from maskrcnn.postprocess import detect_objects
 from maskrcnn.torchvision_keys import current_key
-from maskrcnn.transform import ImageTransform, resized_size
+from maskrcnn.preprocess import ImageTransform, resized_size
 
 PARITY_IMAGE_SIZES = [(300, 400), (850, 700)]
 

@@ -21,7 +21,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import maskrcnn_ops
 from maskrcnn_ops import reference
 from maskrcnn_ops.multiscale import fpn_levels, infer_scales
-from maskrcnn_ops.roi_align import boxes_to_rois
+from maskrcnn_ops.roi_align_ops import boxes_to_rois
 
 ops = torch.ops.maskrcnn_ops
 

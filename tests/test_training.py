@@ -23,7 +23,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 import maskrcnn
 from maskrcnn.data import ShapesDataset
 from maskrcnn.model import LOSS_NAMES
-from maskrcnn.transform import ImageTransform
+from maskrcnn.preprocess import ImageTransform
 
 # Parameters whose gradients the parity test compares, one per stage.
 PARITY_GRADIENTS = (

@@ -15,7 +15,7 @@ from .coco_schema import CocoFormatError, load_coco_json, validate_coco
 from .collate import collate
 from .sampler import EpochBatchSampler
 from .shapes import SHAPE_CLASS_NAMES, ShapesDataset, boxes_from_masks
-from .transforms import RandomHorizontalFlip, horizontal_flip
+from .augment import RandomHorizontalFlip, horizontal_flip
 from .validation import validate_target
 
 __all__ = [
