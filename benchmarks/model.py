@@ -219,13 +219,14 @@ def build_training_models(device: str, height: int, width: int):
     ``height`` x ``width`` images' own size (no rescaling)."""
     import torchvision
 
-    from maskrcnn import maskrcnn_resnet_fpn
+    from maskrcnn import maskrcnn_from_preset
+    from maskrcnn.presets import RESNET50
 
     sizes = dict(min_size=min(height, width), max_size=max(height, width))
     torch.manual_seed(0)
     theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4,
                                                                 **sizes)
-    ours = maskrcnn_resnet_fpn(depth=50, num_classes=4, norm="batch", trainable_layers=5, **sizes)
+    ours = maskrcnn_from_preset(RESNET50, num_classes=4, **sizes)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return ours.to(device).train(), theirs.to(device).train()
 

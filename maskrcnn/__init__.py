@@ -9,7 +9,7 @@ evaluate | predict`` (see ``--help``).
 
 from .checkpoint import load_model, save_checkpoint
 from .coco_names import COCO_CATEGORY_NAMES, COCO_CLASSES, label_names
-from .model import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn, maskrcnn_small
+from .model import MaskRCNN, maskrcnn_from_preset, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn, maskrcnn_small
 from .paste import paste_masks_in_image
 from .preprocess import ImageBatch, ImageTransform
 
@@ -18,6 +18,7 @@ __all__ = [
     "maskrcnn_resnet50_fpn",
     "maskrcnn_resnet_fpn",
     "maskrcnn_small",
+    "maskrcnn_from_preset",
     "load_model",
     "save_checkpoint",
     "COCO_CLASSES",

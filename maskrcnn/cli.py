@@ -26,6 +26,8 @@ from typing import List, Optional
 
 import torch
 
+from .presets import MODEL_PRESETS, SHAPES_TRAINING, SMALL, model_preset
+
 # Errors of bad input (files, arguments, data) and of the file system that
 # the commands report in one line instead of a traceback: CheckpointError,
 # CocoFormatError and ImageReadError are ValueErrors; FileNotFoundError,
@@ -204,31 +206,18 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, shapes_images: int
     parser.add_argument("--shapes-seed", type=SEED, default=shapes_seed,
                         help="shapes: the generator's seed (the demo trains on 0, validates on 1)")
     parser.add_argument("--image-size", type=IMAGE_SIDE, default=None,
-                        help="shapes: image side, >= 32 (default: the small config's, 128)")
+                        help=f"shapes: image side, >= 32 (default: the small config's, {SMALL.image_size})")
 
 
 def build_dataset(args: argparse.Namespace):
     """The dataset the --dataset arguments name (COCO files validated here)."""
     from .data import CocoDataset, ShapesDataset
-    from .demo import IMAGE_SIZE
 
     if args.dataset == "coco":
         if args.images is None or args.annotations is None:
             raise ValueError("--dataset coco needs --images DIR and --annotations FILE")
         return CocoDataset(args.images, args.annotations)
-    return ShapesDataset(args.shapes_images, image_size=args.image_size or IMAGE_SIZE, seed=args.shapes_seed)
-
-
-def build_config(name: str, *, num_classes: int, image_size: Optional[int]):
-    """A fresh model of configuration ``name`` ("small" or "resnet50")."""
-    from .demo import IMAGE_SIZE
-    from .model import maskrcnn_resnet_fpn, maskrcnn_small
-
-    if name == "small":
-        return maskrcnn_small(num_classes=num_classes, image_size=image_size or IMAGE_SIZE)
-    # From scratch (no pretrained weights to freeze): BatchNorm that trains, every stage trainable.
-    sizes = dict(min_size=image_size, max_size=image_size) if image_size else {}
-    return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, norm="batch", trainable_layers=5, **sizes)
+    return ShapesDataset(args.shapes_images, image_size=args.image_size or SMALL.image_size, seed=args.shapes_seed)
 
 
 DEFAULT_TRAIN_OUT = Path("train_out")
@@ -245,9 +234,9 @@ def train_output_folder(args: argparse.Namespace) -> Path:
 def run_train(args: argparse.Namespace) -> int:
     from .checkpoint import build_model, read_checkpoint
     from .data import EpochBatchSampler
-    from .demo import OPTIMIZER
     from .distributed import init_distributed, shutdown_distributed
     from .engine import train
+    from .model import maskrcnn_from_preset
     from .schedule import LRSchedule
 
     if args.amp and args.device.type != "cuda":
@@ -262,7 +251,8 @@ def run_train(args: argparse.Namespace) -> int:
             checkpoint = read_checkpoint(args.resume)
             model = build_model(checkpoint, source=str(args.resume))
         else:
-            model = build_config(args.config, num_classes=dataset.num_classes, image_size=args.image_size)
+            model = maskrcnn_from_preset(model_preset(args.config), num_classes=dataset.num_classes,
+                                         image_size=args.image_size)
         model.to(context.device)
         schedule = None
         if args.resume is None or args.iterations is not None or args.epochs is not None:
@@ -275,7 +265,7 @@ def run_train(args: argparse.Namespace) -> int:
                                   warmup_iterations=min(args.warmup, iterations), kind=args.schedule)
         result = train(
             model, dataset, schedule=schedule, batch_size=args.batch_size,
-            optimizer=args.optimizer or (None if args.resume is not None else OPTIMIZER),
+            optimizer=args.optimizer or (None if args.resume is not None else SHAPES_TRAINING.optimizer),
             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=args.amp,
             num_workers=args.workers, seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, context=context, adapt_threads=args.adapt_threads,
@@ -293,7 +283,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(commands) -> None:
-    from .demo import BATCH_SIZE, ITERATIONS, LEARNING_RATE, MAX_GRAD_NORM, OPTIMIZER, WARMUP_ITERATIONS, WEIGHT_DECAY
     from .engine import CHECKPOINT_NAME, OPTIMIZERS
     from .schedule import SCHEDULE_KINDS
 
@@ -305,27 +294,28 @@ def add_train_parser(commands) -> None:
         "--nproc_per_node 2 -m maskrcnn train ...) each process trains a DistributedDataParallel replica "
         "(gloo on CPU, nccl on CUDA) on its share of the data; rank 0 logs and writes. Defaults: the demo's.",
     )
+    recipe = SHAPES_TRAINING
     # One epoch of the default shapes set is the demo's training budget.
-    add_dataset_arguments(parser, shapes_images=ITERATIONS * BATCH_SIZE, shapes_seed=0)
-    parser.add_argument("--config", choices=["small", "resnet50"], default="small",
-                        help="small: ResNet-18-FPN for 128-px images (the demo's); resnet50: torchvision's "
-                        "R50-FPN design with trainable BatchNorm (from scratch)")
+    add_dataset_arguments(parser, shapes_images=recipe.iterations * recipe.batch_size, shapes_seed=0)
+    parser.add_argument("--config", choices=[preset.name for preset in MODEL_PRESETS], default=SMALL.name,
+                        help="; ".join(f"{preset.name}: {preset.summary}" for preset in MODEL_PRESETS))
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--iterations", type=POSITIVE_INT,
                         help="optimizer steps (default: one epoch; on --resume: the checkpoint's schedule)")
     length.add_argument("--epochs", type=POSITIVE_INT,
                         help="passes over the dataset, rounded down to full batches (default: one)")
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=BATCH_SIZE, help="images per step and process")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=recipe.batch_size,
+                        help="images per step and process")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                        help=f"default: {OPTIMIZER} (on --resume: the checkpoint's)")
-    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=LEARNING_RATE,
+                        help=f"default: {recipe.optimizer} (on --resume: the checkpoint's)")
+    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=recipe.learning_rate,
                         help="learning rate after the warm-up, > 0")
-    parser.add_argument("--warmup", type=COUNT, default=WARMUP_ITERATIONS,
+    parser.add_argument("--warmup", type=COUNT, default=recipe.warmup_iterations,
                         help="linear warm-up iterations (capped at the run's length)")
     parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="cosine", help="decay after the warm-up")
-    parser.add_argument("--weight-decay", type=number_in(0.0), default=WEIGHT_DECAY,
+    parser.add_argument("--weight-decay", type=number_in(0.0), default=recipe.weight_decay,
                         help="weight decay of convolution and linear weights (not of biases and norms), >= 0")
-    parser.add_argument("--max-grad-norm", type=number_in(0.0), default=MAX_GRAD_NORM,
+    parser.add_argument("--max-grad-norm", type=number_in(0.0), default=recipe.max_grad_norm,
                         help="clip the gradient norm to this (0: no clipping)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: {DEFAULT_TRAIN_OUT}, or with --resume the checkpoint's folder)")
@@ -399,8 +389,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def add_demo_parser(commands) -> None:
-    from .demo import ITERATIONS
-
     parser = add_command(
         commands, "demo",
         help="train the small model on generated shapes, evaluate it, draw its masks (no arguments needed)",
@@ -410,7 +398,8 @@ def add_demo_parser(commands) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     add_device_argument(parser)
-    parser.add_argument("--iterations", type=POSITIVE_INT, default=ITERATIONS, help="training iterations")
+    parser.add_argument("--iterations", type=POSITIVE_INT, default=SHAPES_TRAINING.iterations,
+                        help="training iterations")
     parser.set_defaults(run=run_demo_command)
 
 

@@ -1,15 +1,15 @@
 """``python -m maskrcnn demo``: the project's main job on a fresh machine.
 
-Trains the small configuration (``maskrcnn_small``) from scratch on
-generated shapes for a fixed number of iterations, evaluates it with
-pycocotools on a held-out validation set (another seed of the generator),
+Trains the small configuration (``presets.SMALL``) from scratch on
+generated shapes with the ``presets.SHAPES_TRAINING`` recipe, evaluates it
+with pycocotools on a held-out validation set (another seed of the generator),
 prints box and mask AP and the wall time, and writes into the output
 folder: ``predictions.png`` (predicted masks over validation images),
 ``metrics.json`` and ``model.pt`` (the trained weights, for ``predict``
 and ``evaluate``).
 
-The settings below were tuned for a 2-core CPU: about ten minutes there,
-less on a GPU.
+The recipe was tuned for a 2-core CPU: about ten minutes there, less on a
+GPU.
 """
 
 from __future__ import annotations
@@ -28,23 +28,16 @@ from .checkpoint import save_checkpoint
 from .data import ShapesDataset
 from .engine import train
 from .evaluation import METRIC_NAMES, evaluate_model, format_metrics, metrics_for_json
-from .model import maskrcnn_small
+from .model import maskrcnn_from_preset
+from .presets import SHAPES_TRAINING, SMALL
 from .schedule import LRSchedule
 from .visualize import detection_grid
 
-IMAGE_SIZE = 128
 TRAIN_SEED, VALIDATION_SEED = 0, 1
 # Training images are generated on the fly, each one new: the run never
 # sees an image twice, so it cannot overfit them.
 TRAIN_IMAGES = 1_000_000
 VALIDATION_IMAGES = 200
-ITERATIONS = 1000
-BATCH_SIZE = 4
-OPTIMIZER = "adamw"
-LEARNING_RATE = 1e-3
-WARMUP_ITERATIONS = 100
-WEIGHT_DECAY = 1e-4
-MAX_GRAD_NORM = 10.0
 PICTURED_IMAGES = 8
 WEIGHTS_NAME = "model.pt"
 # The picture: detections scoring 0.5 or more, on images enlarged twice.
@@ -71,7 +64,7 @@ def format_metrics_explained(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return re.sub(r"\bnan\b", "n/a", table) + "\n" + "\n".join(notes)
 
 
-def shapes_datasets(*, image_size: int = IMAGE_SIZE, validation_images: int = VALIDATION_IMAGES):
+def shapes_datasets(*, image_size: int = SMALL.image_size, validation_images: int = VALIDATION_IMAGES):
     """(training set, validation set) of the demo: the same generator with
     different seeds, so the validation images are never trained on."""
     return (
@@ -88,23 +81,25 @@ def run_demo(
     figures and returns what ``metrics.json`` holds. ``iterations`` and
     ``validation_images`` replace the demo's settings (for quick checks)."""
     began = time.perf_counter()
-    iterations = iterations or ITERATIONS
+    recipe = SHAPES_TRAINING
+    iterations = iterations or recipe.iterations
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(TRAIN_SEED)
     train_set, validation_set = shapes_datasets(validation_images=validation_images)
-    model = maskrcnn_small(num_classes=train_set.num_classes, image_size=IMAGE_SIZE).to(device)
-    print(f"training the small Mask R-CNN (ResNet-18-FPN, {IMAGE_SIZE}x{IMAGE_SIZE} shapes) from scratch on {device}: "
-          f"{iterations} iterations of {BATCH_SIZE} images")
+    model = maskrcnn_from_preset(SMALL, num_classes=train_set.num_classes).to(device)
+    side = SMALL.image_size
+    print(f"training the small Mask R-CNN (ResNet-18-FPN, {side}x{side} shapes) from scratch on {device}: "
+          f"{iterations} iterations of {recipe.batch_size} images")
     result = train(
         model,
         train_set,
-        schedule=LRSchedule(base_lr=LEARNING_RATE, total_iterations=iterations,
-                            warmup_iterations=min(WARMUP_ITERATIONS, iterations // 2)),
-        batch_size=BATCH_SIZE,
-        optimizer=OPTIMIZER,
-        weight_decay=WEIGHT_DECAY,
-        max_grad_norm=MAX_GRAD_NORM,
+        schedule=LRSchedule(base_lr=recipe.learning_rate, total_iterations=iterations,
+                            warmup_iterations=min(recipe.warmup_iterations, iterations // 2)),
+        batch_size=recipe.batch_size,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm or None,
         adapt_threads=True,  # the demo must finish in time on a shared CPU too
         progress=progress,
     )
@@ -129,8 +124,8 @@ def run_demo(
         "train_seconds": trained - began,
         "evaluate_seconds": evaluated - trained,
         "iterations": iterations,
-        "batch_size": BATCH_SIZE,
-        "image_size": IMAGE_SIZE,
+        "batch_size": recipe.batch_size,
+        "image_size": side,
         "validation_images": len(validation_set),
         "device": str(device),
         "iterations_per_thread_count": result.threads,

@@ -14,10 +14,11 @@ from .backbone import NORM_LAYERS, ResNetFPN, resnet_fpn_backbone
 from .data.validation import validate_target
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
 from .paste import paste_masks_in_image
+from .preprocess import ImageTransform, rescale_boxes
+from .presets import SMALL, ModelPreset
 from .roi_heads import RoIHeadOutputs, RoIHeads, fpn_roi_pooler
 from .rpn import RegionProposalNetwork, RPNHead
 from .torchvision_keys import rename_legacy_keys_hook
-from .preprocess import ImageTransform, rescale_boxes
 
 
 def to_original_images(
@@ -245,13 +246,24 @@ def maskrcnn_resnet_fpn(
     return model
 
 
-def maskrcnn_small(*, num_classes: int, image_size: int = 128, **overrides) -> MaskRCNN:
-    """A small Mask R-CNN to train from scratch on a CPU in minutes (the
-    demo's model): ResNet-18-FPN with BatchNorm that trains (no pretrained
-    weights to freeze), every stage trainable, 64 FPN channels, anchors
-    from image_size / 16 to image_size, a 256-wide box head, two 64-channel
-    mask convolutions, and fewer proposals and samples than the paper's
-    (a few objects per image need no more).
+def maskrcnn_from_preset(
+    preset: ModelPreset, *, num_classes: int, image_size: Optional[int] = None, **overrides
+) -> MaskRCNN:
+    """A model of a named design (``maskrcnn.presets``), with random weights.
+
+    Args:
+        preset: e.g. ``presets.SMALL`` or ``presets.RESNET50``.
+        num_classes: classes including the background.
+        image_size: the images' side (short side resized to it, long side
+            at most it); None: the preset's.
+        overrides: other ``maskrcnn_resnet_fpn`` arguments, replacing the preset's.
+    """
+    return maskrcnn_resnet_fpn(**{**preset.build_kwargs(num_classes=num_classes, image_size=image_size), **overrides})
+
+
+def maskrcnn_small(*, num_classes: int, image_size: int = SMALL.image_size, **overrides) -> MaskRCNN:
+    """The ``presets.SMALL`` design (the demo's model): a ResNet-18-FPN
+    Mask R-CNN that trains from scratch on a CPU in minutes.
 
     Args:
         num_classes: classes including the background (4 for ShapesDataset).
@@ -259,26 +271,7 @@ def maskrcnn_small(*, num_classes: int, image_size: int = 128, **overrides) -> M
             side is this and their long side at most this).
         overrides: other ``maskrcnn_resnet_fpn`` arguments, replacing these.
     """
-    settings = dict(
-        depth=18,
-        num_classes=num_classes,
-        norm="batch",
-        trainable_layers=5,
-        min_size=image_size,
-        max_size=image_size,
-        fpn_channels=64,
-        anchor_sizes=tuple(image_size // 16 * 2**level for level in range(5)),
-        rpn_pre_nms_top_n=300,
-        rpn_post_nms_top_n=100,
-        rpn_train_pre_nms_top_n=600,
-        rpn_train_post_nms_top_n=300,
-        box_representation_size=256,
-        box_batch_size_per_image=128,
-        box_detections_per_img=20,
-        mask_head_layers=(64, 64),
-    )
-    settings.update(overrides)
-    return maskrcnn_resnet_fpn(**settings)
+    return maskrcnn_from_preset(SMALL, num_classes=num_classes, image_size=image_size, **overrides)
 
 
 def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
@@ -290,5 +283,5 @@ def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
     return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["LOSS_NAMES", "MaskRCNN", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn", "prepare_targets",
-           "to_original_images"]
+__all__ = ["LOSS_NAMES", "MaskRCNN", "maskrcnn_from_preset", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn",
+           "prepare_targets", "to_original_images"]

@@ -17,6 +17,7 @@ import torch
 from maskrcnn.cli import build_parser, main, train_output_folder
 from maskrcnn.demo import format_metrics_explained
 from maskrcnn.engine import CHECKPOINT_NAME
+from maskrcnn.presets import MODEL_PRESETS, SHAPES_TRAINING, SMALL, model_preset
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = ["predict", "photo.png", "--weights", "w.pt", "--out", "out"]
@@ -96,10 +97,30 @@ def test_every_option_has_help_with_its_default():
 
 
 def test_weight_decay_help_states_default():
-    (train,) = [parser for name, parser in subcommands(build_parser()) if name == "train"]
-    text = " ".join(train.format_help().split())
+    text = " ".join(subcommand_help("train").split())
     assert "--weight-decay WEIGHT_DECAY weight decay of convolution and linear weights" in text
     assert "(default: 0.0001)" in text
+
+
+def test_train_and_demo_defaults_are_the_presets():
+    """train's and demo's defaults are read from maskrcnn.presets (the demo
+    trains with the same recipe), and --config offers every model preset."""
+    parser = build_parser()
+    train = parser.parse_args(["train"])
+    recipe = SHAPES_TRAINING
+    assert (train.batch_size, train.lr, train.warmup, train.weight_decay, train.max_grad_norm) == (
+        recipe.batch_size, recipe.learning_rate, recipe.warmup_iterations, recipe.weight_decay, recipe.max_grad_norm)
+    assert train.optimizer is None and f"default: {recipe.optimizer}" in " ".join(subcommand_help("train").split())
+    assert train.shapes_images == recipe.iterations * recipe.batch_size and train.config == SMALL.name
+    assert parser.parse_args(["demo"]).iterations == recipe.iterations
+    for preset in MODEL_PRESETS:
+        assert parser.parse_args(["train", "--config", preset.name]).config == preset.name
+        assert model_preset(preset.name) is preset
+
+
+def subcommand_help(command: str) -> str:
+    (parser,) = [parser for name, parser in subcommands(build_parser()) if name == command]
+    return parser.format_help()
 
 
 def test_train_output_folder_on_resume():

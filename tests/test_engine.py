@@ -29,6 +29,7 @@ from maskrcnn.cli import main
 from maskrcnn.data import EpochBatchSampler, ShapesDataset
 from maskrcnn.distributed import init_distributed, shutdown_distributed
 from maskrcnn.engine import CHECKPOINT_NAME, ThreadTuner, load_training_state, train
+from maskrcnn.presets import SMALL
 from maskrcnn.schedule import LRSchedule
 
 TINY = ["--image-size", "64", "--batch-size", "2"]
@@ -367,7 +368,7 @@ def test_demo_writes_metrics_and_picture(tmp_path, capsys):
     from PIL import Image
 
     with Image.open(tmp_path / "predictions.png") as picture:
-        assert picture.width >= 4 * demo.PICTURE_SCALE * demo.IMAGE_SIZE  # four enlarged images per row
+        assert picture.width >= 4 * demo.PICTURE_SCALE * SMALL.image_size  # four enlarged images per row
     trained = maskrcnn.load_model(tmp_path / demo.WEIGHTS_NAME)
     assert trained.num_classes == 4
     assert trained.class_names == ["__background__", "circle", "square", "triangle"]  # for predict's captions

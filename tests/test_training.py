@@ -24,6 +24,7 @@ import maskrcnn
 from maskrcnn.data import ShapesDataset
 from maskrcnn.model import LOSS_NAMES
 from maskrcnn.preprocess import ImageTransform
+from maskrcnn.presets import RESNET50
 
 # Parameters whose gradients the parity test compares, one per stage.
 PARITY_GRADIENTS = (
@@ -88,9 +89,8 @@ def test_losses_and_gradients_equal_torchvision_maskrcnn_resnet50_fpn():
         weights=None, weights_backbone=None, num_classes=4, min_size=320, max_size=400
     ).train()
     exact = copy.deepcopy(theirs).double()
-    # weights=None builds trainable BatchNorm and an all-trainable ResNet: the same here.
-    ours = maskrcnn.maskrcnn_resnet_fpn(depth=50, num_classes=4, norm="batch", trainable_layers=5,
-                                        min_size=320, max_size=400).train()
+    # weights=None builds trainable BatchNorm and an all-trainable ResNet: the RESNET50 preset.
+    ours = maskrcnn.maskrcnn_from_preset(RESNET50, num_classes=4, min_size=320, max_size=400).train()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     images, targets = shapes_batch(1, size=(240, 300))
     images.append(torch.rand(3, 200, 260, generator=torch.Generator().manual_seed(1)))

@@ -1,0 +1,133 @@
+"""Named presets, each stated once and read by the builders, the command line
+and the demo: the model designs that ``train --config`` offers, and the
+training recipe of the demo (the command line's training defaults).
+
+A model preset says which ``maskrcnn_resnet_fpn`` arguments it sets; the
+others keep that builder's defaults. ``maskrcnn.model.maskrcnn_from_preset``
+builds one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named Mask R-CNN design.
+
+    Attributes:
+        name: its ``--config`` name.
+        summary: one line for ``--help``.
+        image_size: the images' side by default (short and long side
+            resized to it); None: the builder's 800/1333 resizing.
+        settings: image side (or None) -> the ``maskrcnn_resnet_fpn``
+            arguments of the design at that side, ``num_classes`` aside.
+    """
+
+    name: str
+    summary: str
+    image_size: Optional[int]
+    settings: Callable[[Optional[int]], Dict[str, Any]]
+
+    def build_kwargs(self, *, num_classes: int, image_size: Optional[int] = None) -> Dict[str, Any]:
+        """The builder's arguments for ``num_classes`` classes (background
+        included) and images of side ``image_size`` (default: the preset's)."""
+        return {**self.settings(image_size or self.image_size), "num_classes": num_classes}
+
+
+def _image_side(image_size: Optional[int]) -> Dict[str, Any]:
+    return dict(min_size=image_size, max_size=image_size) if image_size else {}
+
+
+def _small_settings(image_size: Optional[int]) -> Dict[str, Any]:
+    # ResNet-18-FPN with BatchNorm that trains (no pretrained weights to
+    # freeze), every stage trainable, 64 FPN channels, anchors from
+    # image_size / 16 to image_size, a 256-wide box head, two 64-channel mask
+    # convolutions, and fewer proposals and samples than the paper's (a few
+    # objects per image need no more).
+    return dict(
+        depth=18,
+        norm="batch",
+        trainable_layers=5,
+        **_image_side(image_size),
+        fpn_channels=64,
+        anchor_sizes=tuple(image_size // 16 * 2**level for level in range(5)),
+        rpn_pre_nms_top_n=300,
+        rpn_post_nms_top_n=100,
+        rpn_train_pre_nms_top_n=600,
+        rpn_train_post_nms_top_n=300,
+        box_representation_size=256,
+        box_batch_size_per_image=128,
+        box_detections_per_img=20,
+        mask_head_layers=(64, 64),
+    )
+
+
+def _resnet50_settings(image_size: Optional[int]) -> Dict[str, Any]:
+    # torchvision's maskrcnn_resnet50_fpn(weights=None): BatchNorm that
+    # trains and every stage trainable.
+    return dict(depth=50, norm="batch", trainable_layers=5, **_image_side(image_size))
+
+
+SMALL = ModelPreset(
+    name="small",
+    summary="ResNet-18-FPN for small images that trains from scratch on a CPU in minutes (the demo's)",
+    image_size=128,
+    settings=_small_settings,
+)
+RESNET50 = ModelPreset(
+    name="resnet50",
+    summary="torchvision's R50-FPN design with trainable BatchNorm (from scratch)",
+    image_size=None,
+    settings=_resnet50_settings,
+)
+MODEL_PRESETS: Tuple[ModelPreset, ...] = (SMALL, RESNET50)
+
+
+def model_preset(name: str) -> ModelPreset:
+    """The model preset called ``name``; ValueError naming the others if none is."""
+    for preset in MODEL_PRESETS:
+        if preset.name == name:
+            return preset
+    raise ValueError(f"no model preset {name!r}; the presets are {[p.name for p in MODEL_PRESETS]}")
+
+
+@dataclass(frozen=True)
+class TrainingPreset:
+    """A training recipe (see ``maskrcnn.engine.train`` and ``LRSchedule``).
+
+    Attributes:
+        optimizer: "sgd" or "adamw".
+        learning_rate: after the warm-up.
+        batch_size: images per step (and process).
+        iterations: optimizer steps.
+        warmup_iterations: of the linear warm-up.
+        weight_decay: of convolution and linear weights.
+        max_grad_norm: the gradient norm is clipped to this (0: no clipping).
+    """
+
+    optimizer: str
+    learning_rate: float
+    batch_size: int
+    iterations: int
+    warmup_iterations: int
+    weight_decay: float
+    max_grad_norm: float
+
+
+# The demo's: SMALL on generated shapes, tuned to finish in minutes on a
+# 2-core CPU.
+SHAPES_TRAINING = TrainingPreset(
+    optimizer="adamw",
+    learning_rate=1e-3,
+    batch_size=4,
+    iterations=1000,
+    warmup_iterations=100,
+    weight_decay=1e-4,
+    max_grad_norm=10.0,
+)
+
+
+__all__ = ["MODEL_PRESETS", "RESNET50", "SHAPES_TRAINING", "SMALL", "ModelPreset", "TrainingPreset", "model_preset"]
