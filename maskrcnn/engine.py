@@ -1,7 +1,8 @@
 """The training loop: data loading, SGD or AdamW with a warm-up schedule,
 optional gradient clipping and CUDA mixed precision, checkpoints with the
 whole training state (resume continues the same run), a progress bar with
-the running losses, and DistributedDataParallel under torchrun."""
+the running losses, DistributedDataParallel under torchrun, and on a shared
+CPU the thread count of ``maskrcnn.threads``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Union
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from .data.sampler import EpochBatchSampler
 from .distributed import DistributedContext
 from .model import LOSS_NAMES, MaskRCNN
 from .schedule import LRSchedule, set_learning_rate
+from .threads import StepThreads, ThreadTuner
 
 OPTIMIZERS = ("sgd", "adamw")
 CHECKPOINT_NAME = "last.pt"
@@ -72,160 +74,6 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ThreadTuner:
-    """Chooses the number of intra-op threads on a CPU shared with other jobs.
-
-    With every core free, the most threads are fastest. When another process
-    keeps a core busy, a step with as many threads as cores can take many
-    times longer than with one thread: the threads meet at the end of every
-    parallel operation, and each time the thread that shares the busy core
-    must wait for its turn on it while the others spin. One thread waits
-    for no one. The results do not depend on the count beyond float
-    rounding, so the tuner times steps and keeps the faster count.
-
-    A probe times ``probe`` steps with each candidate, 1 first and then the
-    maximum, and keeps the count whose median step was shorter. The larger
-    count is dropped after its first step when that step alone took more
-    than ``slow_factor`` times the 1-thread median: on a busy machine a
-    probe costs one slow step, not ``probe`` of them. Probes come
-
-    - on a schedule, ``min_interval`` steps after a decision, then twice as
-      long after each probe that confirms the choice (up to
-      ``max_interval``), and ``min_interval`` again after one that changes
-      it. Only these bring the maximum back once the load goes away: one
-      thread does not get faster when the other cores free up, so there is
-      nothing to notice.
-    - at once when steps at the chosen count slow down. Each step longer
-      than ``slow_factor`` times the count's median at the last probe adds
-      its excess to a tally of lost time; each other step halves the
-      tally. When the tally exceeds ``probe`` of those medians (about what
-      a probe costs), the next step starts a probe. So one very slow step
-      is enough, a few moderately slow ones too, one a little slow never.
-      A probe that keeps the count (the slowdown was noise, or slowed every
-      count alike: its times are then the new reference) doubles the tally
-      needed for the next one, up to ``max_patience`` times, so noise cannot
-      make it probe over and over; a change of count resets it.
-
-    Decisions that change the count, and probes started by a slowdown, are
-    described by the message that ``record`` returns (and ``messages``
-    keeps) for the progress bar.
-
-    Args:
-        max_threads: the largest count (torch's default: the cores).
-        probe: steps timed per candidate.
-        min_interval, max_interval: steps from one decision to the next
-            scheduled probe.
-        slow_factor: a step is slow when it takes this many times the
-            reference median.
-        max_patience: the largest multiple of the lost time that starts a
-            probe after false alarms.
-    """
-
-    def __init__(self, *, max_threads: int, probe: int = 3, min_interval: int = 50, max_interval: int = 400,
-                 slow_factor: float = 2.0, max_patience: int = 8) -> None:
-        self.candidates = sorted({1, max_threads})
-        self.probe = probe
-        self.min_interval = min_interval
-        self.max_interval = max_interval
-        self.slow_factor = slow_factor
-        self.max_patience = max_patience
-        self.interval = min_interval
-        self.chosen = max_threads
-        self.next_probe = 0
-        self.step = 0
-        # The probe under way: the counts of its remaining steps, in order,
-        # the step times so far, and whether a slowdown started it.
-        self.queue: List[int] = []
-        self.timings: Dict[int, List[float]] = {}
-        self.after_slowdown = False
-        # Median step time of each count at the last probe that timed it.
-        self.reference: Dict[int, float] = {}
-        self.lost_seconds = 0.0
-        self.patience = 1
-        self.iterations_at: Dict[int, int] = {}
-        self.messages: List[str] = []
-
-    def threads(self, step: int) -> int:
-        """The count for step ``step`` of this run (0-based; called for
-        every step in order, each followed by ``record``)."""
-        self.step = step
-        if not self.queue and len(self.candidates) > 1 and step >= self.next_probe:
-            self._start_probe(after_slowdown=False)
-        return self.queue[0] if self.queue else self.chosen
-
-    def record(self, threads: int, seconds: float) -> Optional[str]:
-        """Notes that the step took ``seconds`` with ``threads`` threads.
-        Returns a message for the user when the tuner changed its count or
-        starts a probe because steps slowed down, else None."""
-        self.iterations_at[threads] = self.iterations_at.get(threads, 0) + 1
-        if self.queue:
-            message = self._record_probe_step(threads, seconds)
-        elif threads == self.chosen and threads in self.reference:
-            message = self._watch(seconds)
-        else:
-            message = None
-        if message is not None:
-            self.messages.append(message)
-        return message
-
-    def _start_probe(self, *, after_slowdown: bool) -> None:
-        self.queue = [count for count in self.candidates for _ in range(self.probe)]
-        self.timings = {}
-        self.after_slowdown = after_slowdown
-
-    def _watch(self, seconds: float) -> Optional[str]:
-        reference = self.reference[self.chosen]
-        if seconds > self.slow_factor * reference:
-            self.lost_seconds += seconds - reference
-        else:
-            self.lost_seconds /= 2
-        if self.lost_seconds <= self.patience * self.probe * reference:
-            return None
-        self._start_probe(after_slowdown=True)
-        return (f"thread tuner: a step took {seconds:.2f} s with {_threads_text(self.chosen)} "
-                f"({reference:.2f} s when last timed); timing {' and '.join(map(str, self.candidates))} threads now")
-
-    def _record_probe_step(self, threads: int, seconds: float) -> Optional[str]:
-        self.queue.pop(0)
-        times = self.timings.setdefault(threads, [])
-        times.append(seconds)
-        if len(times) == 1 and self.queue and self.queue[0] == threads:
-            others = [statistics.median(t) for count, t in self.timings.items() if count != threads]
-            if others and seconds > self.slow_factor * min(others):
-                self.queue = [count for count in self.queue if count != threads]
-        return None if self.queue else self._decide()
-
-    def _decide(self) -> Optional[str]:
-        medians = {count: statistics.median(times) for count, times in self.timings.items()}
-        best = min(medians, key=medians.__getitem__)
-        previous, self.chosen = self.chosen, best
-        self.reference.update(medians)
-        self.lost_seconds = 0.0
-        if best != previous:
-            self.interval = self.min_interval
-            self.patience = 1
-        elif self.after_slowdown:
-            self.patience = min(2 * self.patience, self.max_patience)
-        else:
-            self.interval = min(2 * self.interval, self.max_interval)
-        self.next_probe = self.step + 1 + self.interval
-        if best == previous and not self.after_slowdown:
-            return None
-        timed = ", ".join(f"{_threads_text(count)} {median:.2f} s ({_steps_text(len(self.timings[count]))})"
-                          for count, median in sorted(medians.items()))
-        if best != previous:
-            return f"thread tuner: {previous} -> {_threads_text(best)}; median step {timed}"
-        return f"thread tuner: staying at {_threads_text(best)}; median step {timed}"
-
-
-def _threads_text(count: int) -> str:
-    return f"{count} thread" if count == 1 else f"{count} threads"
-
-
-def _steps_text(count: int) -> str:
-    return "1 step" if count == 1 else f"{count} steps"
 
 
 @dataclass
@@ -347,6 +195,168 @@ def training_step(
     return values
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a run starts: its schedule, optimizer kind, seed and first
+    iteration, and on resume the checkpoint's training state (``state``,
+    else None)."""
+
+    schedule: LRSchedule
+    optimizer: str
+    seed: int
+    start: int
+    state: Optional[Dict[str, Any]]
+
+
+def plan_run(
+    *, schedule: Optional[LRSchedule], optimizer: Optional[str], seed: int, batch_size: int, world_size: int,
+    resume: Optional[Union[str, Path]],
+) -> RunPlan:
+    """The given settings, or with ``resume`` the checkpoint's (a schedule
+    given replaces its schedule; the batch size, world size and optimizer
+    must be the checkpoint's). ValueError for a run that cannot start."""
+    state = load_training_state(resume) if resume is not None else None
+    if state is not None:
+        saved = state["data"]
+        if (saved["batch_size"], saved["world_size"]) != (batch_size, world_size):
+            raise ValueError(
+                f"{resume} was written by a run with batch size {saved['batch_size']} on {saved['world_size']} "
+                f"process(es); resume it with the same (got {batch_size} on {world_size})"
+            )
+        if optimizer not in (None, state["optimizer_kind"]):
+            raise ValueError(f"{resume} was trained with {state['optimizer_kind']}; resume it with the same "
+                             f"optimizer (got {optimizer})")
+        if schedule is None:
+            schedule = LRSchedule.from_state_dict(state["schedule"])
+        optimizer, seed = state["optimizer_kind"], saved["seed"]
+    if schedule is None:
+        raise ValueError("a schedule is needed (or a checkpoint to resume, whose schedule continues)")
+    start = state["iteration"] if state is not None else 0
+    if start >= schedule.total_iterations:
+        raise ValueError(f"the run is already complete: {start} of {schedule.total_iterations} iterations done")
+    return RunPlan(schedule=schedule, optimizer=optimizer or "sgd", seed=seed, start=start, state=state)
+
+
+def start_model(model: MaskRCNN, dataset: Dataset, plan: RunPlan, *, rank: int) -> None:
+    """The model (and the global RNG) where the run starts: on resume the
+    checkpoint's weights (its RNG state comes back in ``start_batches``),
+    else the RNG seeded with the plan's seed + ``rank``; the dataset's class
+    names if the model has none (saved with the checkpoints, used by
+    predict); training mode."""
+    if plan.state is not None:
+        model.load_state_dict(plan.state["model"])
+    else:
+        torch.manual_seed(plan.seed + rank)
+    if not model.class_names and getattr(dataset, "class_names", None):
+        model.class_names = list(dataset.class_names)
+    model.train()
+
+
+def optimizer_and_scaler(
+    model: nn.Module, plan: RunPlan, *, weight_decay: float, momentum: float, amp: bool, device_type: str
+) -> Tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The optimizer (``make_optimizer``) and the gradient scaler (enabled
+    with ``amp``), with the checkpoint's states on resume."""
+    optimizer = make_optimizer(model, kind=plan.optimizer, lr=plan.schedule(plan.start), weight_decay=weight_decay,
+                               momentum=momentum)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp)
+    if plan.state is not None:
+        optimizer.load_state_dict(plan.state["optimizer"])
+        scaler.load_state_dict(plan.state["grad_scaler"])
+    return optimizer, scaler
+
+
+def data_loader(
+    dataset: Dataset, plan: RunPlan, *, batch_size: int, context: DistributedContext, num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """Endless full batches of this process's share of each epoch, from the
+    plan's first iteration on (``EpochBatchSampler``)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=EpochBatchSampler(len(dataset), batch_size=batch_size, seed=plan.seed, rank=context.rank,
+                                        world_size=context.world_size, start_batch=plan.start),
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
+
+
+def start_batches(loader: DataLoader, plan: RunPlan) -> Iterator:
+    """The loader's batches; on resume with the checkpoint's RNG state
+    restored after ``iter(loader)``, which draws its workers' base seed from
+    the global RNG: the state is then exactly where the interrupted run's
+    sampling stood."""
+    batches = iter(loader)
+    if plan.state is not None:
+        restore_rng_state(plan.state["rng"])
+    return batches
+
+
+def distributed_network(model: nn.Module, context: DistributedContext, device: torch.device) -> nn.Module:
+    """``model``, or with several processes its DistributedDataParallel
+    replica (``model`` on ``device``)."""
+    if not context.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def synchronize_buffers(model: nn.Module, context: DistributedContext) -> None:
+    """DDP sends rank 0's buffers (BatchNorm statistics) to every rank at
+    each forward, but each rank then updated its own with its last batch:
+    send them once more, so that all replicas end identical."""
+    if context.distributed:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+class Checkpoints:
+    """Writes ``out_dir/last.pt``: the weights and the training state after
+    an iteration (rank 0 only; nothing when ``out_dir`` is None)."""
+
+    def __init__(
+        self, out_dir: Optional[Union[str, Path]], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler, plan: RunPlan, batch_size: int, context: DistributedContext,
+    ) -> None:
+        self.path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None and context.is_main else None
+        self.model, self.optimizer, self.scaler, self.plan = model, optimizer, scaler, plan
+        self.batch_size, self.world_size = batch_size, context.world_size
+
+    def save(self, iteration: int) -> Optional[Path]:
+        """Writes the state after ``iteration`` iterations; returns the path written, if any."""
+        if self.path is None:
+            return None
+        save_checkpoint(self.path, self.model, training=training_state(
+            iteration=iteration, optimizer=self.optimizer, optimizer_kind=self.plan.optimizer,
+            schedule=self.plan.schedule, scaler=self.scaler, batch_size=self.batch_size, seed=self.plan.seed,
+            world_size=self.world_size))
+        return self.path
+
+
+class ProgressBar:
+    """A tqdm bar over the run's iterations with the running losses, the
+    thread count when it is tuned, and the tuner's messages above it."""
+
+    def __init__(self, plan: RunPlan, *, enabled: bool) -> None:
+        self.bar = tqdm(total=plan.schedule.total_iterations, initial=plan.start, unit="it", dynamic_ncols=True,
+                        disable=not enabled)
+        self.running = RunningLosses()
+
+    def update(self, iteration: int, values: Dict[str, float], *, threads: Optional[int], message: Optional[str]):
+        self.running.add(values)
+        summary = self.running.summary()
+        if message is not None and not self.bar.disable:
+            self.bar.write(f"iteration {iteration}: {message}")
+        if threads is not None:
+            summary += f" threads {threads}"
+        self.bar.set_postfix_str(summary, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def train(
     model: MaskRCNN,
     dataset: Dataset,
@@ -414,117 +424,49 @@ def train(
     context = context or DistributedContext(device=device)
     if amp and device.type != "cuda":
         raise ValueError(f"amp (mixed precision) needs a CUDA device; the model is on {device}")
-    state = load_training_state(resume) if resume is not None else None
-    if state is not None:
-        if schedule is None:
-            schedule = LRSchedule.from_state_dict(state["schedule"])
-        saved = state["data"]
-        if (saved["batch_size"], saved["world_size"]) != (batch_size, context.world_size):
-            raise ValueError(
-                f"{resume} was written by a run with batch size {saved['batch_size']} on {saved['world_size']} "
-                f"process(es); resume it with the same (got {batch_size} on {context.world_size})"
-            )
-        if optimizer not in (None, state["optimizer_kind"]):
-            raise ValueError(f"{resume} was trained with {state['optimizer_kind']}; resume it with the same "
-                             f"optimizer (got {optimizer})")
-        optimizer = state["optimizer_kind"]
-        seed = saved["seed"]
-        model.load_state_dict(state["model"])
-    if schedule is None:
-        raise ValueError("a schedule is needed (or a checkpoint to resume, whose schedule continues)")
-    optimizer = optimizer or "sgd"
-    start = state["iteration"] if state is not None else 0
-    if start >= schedule.total_iterations:
-        raise ValueError(f"the run is already complete: {start} of {schedule.total_iterations} iterations done")
-
-    if not model.class_names and getattr(dataset, "class_names", None):
-        model.class_names = list(dataset.class_names)  # saved with the checkpoints, used by predict
-    opt = make_optimizer(model, kind=optimizer, lr=schedule(start), weight_decay=weight_decay, momentum=momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["grad_scaler"])
-    else:
-        torch.manual_seed(seed + context.rank)
-
-    loader = DataLoader(
-        dataset,
-        batch_sampler=EpochBatchSampler(len(dataset), batch_size=batch_size, seed=seed, rank=context.rank,
-                                        world_size=context.world_size, start_batch=start),
-        collate_fn=collate,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-    model.train()
-    network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if context.distributed else model
-    out_dir = Path(out_dir) if out_dir is not None else None
-    result = TrainResult(start_iteration=start, iterations=schedule.total_iterations)
-    running = RunningLosses()
+    plan = plan_run(schedule=schedule, optimizer=optimizer, seed=seed, batch_size=batch_size,
+                    world_size=context.world_size, resume=resume)
+    start_model(model, dataset, plan, rank=context.rank)
+    opt, scaler = optimizer_and_scaler(model, plan, weight_decay=weight_decay, momentum=momentum, amp=amp,
+                                       device_type=device.type)
+    loader = data_loader(dataset, plan, batch_size=batch_size, context=context, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
+    network = distributed_network(model, context, device)
+    checkpoints = Checkpoints(out_dir, model=model, optimizer=opt, scaler=scaler, plan=plan, batch_size=batch_size,
+                              context=context)
+    result = TrainResult(start_iteration=plan.start, iterations=plan.schedule.total_iterations)
     began = time.perf_counter()
-
-    def save(iteration: int) -> None:
-        if out_dir is None or not context.is_main:
-            return
-        result.checkpoint = out_dir / CHECKPOINT_NAME
-        save_checkpoint(result.checkpoint, model, training=training_state(
-            iteration=iteration, optimizer=opt, optimizer_kind=optimizer, schedule=schedule, scaler=scaler,
-            batch_size=batch_size, seed=seed, world_size=context.world_size))
-
-    bar = tqdm(total=schedule.total_iterations, initial=start, unit="it", dynamic_ncols=True,
-               disable=not (progress and context.is_main))
-    batches = iter(loader)
-    if state is not None:
-        # After iter(loader), which draws its workers' base seed from the
-        # global RNG: the restored state is then exactly where the
-        # interrupted run's sampling stood.
-        restore_rng_state(state["rng"])
-    default_threads = torch.get_num_threads()
-    tuner = ThreadTuner(max_threads=default_threads) if adapt_threads and device.type == "cpu" else None
+    bar = ProgressBar(plan, enabled=progress and context.is_main)
+    batches = start_batches(loader, plan)
+    threads = StepThreads(ThreadTuner(max_threads=torch.get_num_threads()) if adapt_threads and device.type == "cpu"
+                          else None)
     try:
-        for iteration in range(start, schedule.total_iterations):
+        for iteration in range(plan.start, result.iterations):
             step_began = time.perf_counter()
-            threads = tuner.threads(iteration - start) if tuner is not None else default_threads
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            count = threads.begin(iteration - plan.start)
             images, targets = next(batches)
-            learning_rate = schedule(iteration)
+            learning_rate = plan.schedule(iteration)
             set_learning_rate(opt, learning_rate)
             values = training_step(
                 network, opt, scaler, [image.to(device, non_blocking=True) for image in images], targets,
                 amp=amp, max_grad_norm=max_grad_norm, iteration=iteration,
             )
-            step_seconds = time.perf_counter() - step_began
+            message = threads.end(count, time.perf_counter() - step_began)
             values["lr"] = learning_rate
             result.history.append(values)
-            running.add(values)
-            summary = running.summary()
-            if tuner is not None:
-                message = tuner.record(threads, step_seconds)
-                if message is not None and not bar.disable:
-                    bar.write(f"iteration {iteration}: {message}")
-                summary += f" threads {threads}"
-            bar.set_postfix_str(summary, refresh=False)
-            bar.update(1)
+            bar.update(iteration, values, threads=count if threads.tuner is not None else None, message=message)
             done = iteration + 1
-            if checkpoint_every > 0 and done % checkpoint_every == 0 and done < schedule.total_iterations:
-                save(done)
+            if checkpoint_every > 0 and done % checkpoint_every == 0 and done < result.iterations:
+                result.checkpoint = checkpoints.save(done)
     finally:
         bar.close()
-        torch.set_num_threads(default_threads)
-    result.threads = dict(tuner.iterations_at) if tuner is not None else {default_threads: len(result.history)}
-    result.last_threads = tuner.chosen if tuner is not None else default_threads
-    if context.distributed:
-        # DDP sends rank 0's buffers (BatchNorm statistics) to every rank at
-        # each forward, but each rank then updated its own with its last
-        # batch: send them once more, so that all replicas end identical.
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-    save(schedule.total_iterations)
+        threads.restore()
+    result.threads, result.last_threads = threads.iterations_at(), threads.last
+    synchronize_buffers(model, context)
+    result.checkpoint = checkpoints.save(result.iterations)
     result.seconds = time.perf_counter() - began
     return result
 
 
-__all__ = ["CHECKPOINT_NAME", "OPTIMIZERS", "ThreadTuner", "TrainResult", "load_training_state", "make_optimizer",
-           "restore_rng_state", "rng_state", "train", "training_state", "training_step"]
+__all__ = ["CHECKPOINT_NAME", "OPTIMIZERS", "RunPlan", "TrainResult", "load_training_state", "make_optimizer",
+           "plan_run", "restore_rng_state", "rng_state", "train", "training_state", "training_step"]

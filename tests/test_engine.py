@@ -28,9 +28,10 @@ from maskrcnn.checkpoint import CheckpointError, save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.data import EpochBatchSampler, ShapesDataset
 from maskrcnn.distributed import init_distributed, shutdown_distributed
-from maskrcnn.engine import CHECKPOINT_NAME, ThreadTuner, load_training_state, train
+from maskrcnn.engine import CHECKPOINT_NAME, load_training_state, train
 from maskrcnn.presets import SMALL
 from maskrcnn.schedule import LRSchedule
+from maskrcnn.threads import StepThreads, ThreadTuner
 
 TINY = ["--image-size", "64", "--batch-size", "2"]
 
@@ -156,6 +157,22 @@ def test_thread_tuner_noise_does_not_cause_probe_storms():
     counts, messages = drive(tuner, lambda step, threads: IDLE[threads] * (3 if step >= 20 else 1), range(100))
     assert list(messages) == [21, 27] and "staying at 2 threads" in messages[27]  # two steps 3 times slower
     assert tuner.reference[2] == pytest.approx(3 * IDLE[2]) and set(counts[28:]) == {2}
+
+
+def test_step_threads_apply_the_tuners_counts_and_put_torchs_back():
+    default = torch.get_num_threads()
+    fixed = StepThreads(None)
+    assert [fixed.begin(step) for step in range(3)] == [default] * 3
+    for _ in range(3):
+        assert fixed.end(default, 0.1) is None
+    assert fixed.iterations_at() == {default: 3} and fixed.last == default
+    tuned = StepThreads(ThreadTuner(max_threads=2, probe=1))
+    try:
+        assert tuned.begin(0) == 1 and torch.get_num_threads() == 1  # a probe starts with 1 thread
+        tuned.end(1, 0.5)
+    finally:
+        tuned.restore()
+    assert torch.get_num_threads() == default and tuned.iterations_at() == {1: 1}
 
 
 def test_train_shows_the_thread_count_and_the_tuners_messages(monkeypatch, capsys):
