@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .data.collate import collate
+from .data.batching import collate
 from .data.sampler import EpochBatchSampler
 from .distributed import DistributedContext
 from .model import LOSS_NAMES, MaskRCNN

@@ -217,7 +217,7 @@ def predict_dataset(
     """
     from torch.utils.data import DataLoader
 
-    from maskrcnn.data.collate import collate
+    from maskrcnn.data.batching import collate
 
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)

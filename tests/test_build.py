@@ -3,6 +3,7 @@ built with, and fails loudly (never silently) when the extension cannot load."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pkgutil
 import subprocess
@@ -78,11 +79,13 @@ def test_torch_version_mismatch_is_a_clear_import_error():
     assert "1.0.0 is installed" in result.stderr
 
 
-def test_no_exported_name_hides_a_submodule():
-    """``maskrcnn_ops.X`` is one thing: no function the package exports shares
-    its name with a submodule (``maskrcnn_ops.roi_align`` is the function, its
+@pytest.mark.parametrize("package", ["maskrcnn_ops", "maskrcnn", "maskrcnn.data", "maskrcnn.training"])
+def test_no_exported_name_hides_a_submodule(package):
+    """``package.X`` is one thing: no function a package exports shares its
+    name with a submodule (``maskrcnn_ops.roi_align`` is the function, its
     module ``roi_align_ops``), which could otherwise be reached only through
     importlib. maskrcnn_ops/nms.py is still to be renamed (nms_ops.py) once
     tests/test_nms.py no longer imports it by that name."""
-    submodules = {info.name for info in pkgutil.iter_modules(maskrcnn_ops.__path__)}
-    assert set(maskrcnn_ops.__all__) & submodules == {"nms"}
+    module = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    assert set(module.__all__) & submodules == ({"nms"} if package == "maskrcnn_ops" else set())

@@ -12,7 +12,7 @@ from .coco_format import (
     write_coco_folder,
 )
 from .coco_schema import CocoFormatError, load_coco_json, validate_coco
-from .collate import collate
+from .batching import collate
 from .sampler import EpochBatchSampler
 from .shapes import SHAPE_CLASS_NAMES, ShapesDataset, boxes_from_masks
 from .augment import RandomHorizontalFlip, horizontal_flip
