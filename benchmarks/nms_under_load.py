@@ -15,7 +15,9 @@ neighbour.
 
 Prints a table (median and 90th percentile, ms) and writes
 DIR/nms_under_load.json: the CPU model (lscpu), thread counts, dtype,
-shapes, CPU pressure (/proc/pressure/cpu) before and after, every sample.
+shapes, every sample, and per setting the CPU pressure (/proc/pressure/cpu)
+before it and the CPU time other processes used (and the hypervisor stole)
+while it ran.
 The default DIR is a new temporary folder, so runs leave nothing in the
 source tree. Run it on an otherwise idle machine: other work is a second,
 uncontrolled neighbour (the pressure figures show whether there was any).
@@ -64,17 +66,65 @@ def cpu_pressure() -> str:
         return ""
 
 
+def machine_cpu_seconds() -> tuple:
+    """(busy, steal): CPU seconds the whole machine has spent running tasks,
+    and those its hypervisor gave to others (/proc/stat; zeros where there
+    is none)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of one process (user + system), 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class BusyNeighbour:
     """A child process that spins on one core until the block ends."""
 
+    pid = None
+
     def __enter__(self):
         self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        self.pid = self.process.pid
         time.sleep(0.5)  # let it start and be scheduled
         return self
 
     def __exit__(self, *exc):
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+class OtherLoad:
+    """CPU seconds used during a block by processes other than this one and
+    its busy neighbour (about 0 when the measurement had the machine to
+    itself), and stolen by the hypervisor."""
+
+    def __init__(self, neighbour_pid=None):
+        self.neighbour_pid = neighbour_pid
+
+    def __enter__(self):
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc):
+        busy, steal, own, neighbour = (e - s for e, s in zip(self._sample(), self.start))
+        self.seconds = max(0.0, busy - own - neighbour)
+        self.steal = steal
+
+    def _sample(self):
+        own = process_cpu_seconds(os.getpid())
+        neighbour = process_cpu_seconds(self.neighbour_pid) if self.neighbour_pid else 0.0
+        return (*machine_cpu_seconds(), own, neighbour)
 
 
 def samples_ms(fn, repeats: int, warmup: int = 3) -> list:
@@ -106,18 +156,23 @@ def measure(args, dtype: torch.dtype) -> list:
     identical = agree()
     samples = collections.defaultdict(list)
     pressures = collections.defaultdict(list)
+    other_load = collections.defaultdict(list)
+    steal = collections.defaultdict(list)
     threads_before = torch.get_num_threads()
     try:
         for _ in range(args.rounds):
             for load in ("quiet", "busy"):
-                with BusyNeighbour() if load == "busy" else contextlib.nullcontext():
+                with BusyNeighbour() if load == "busy" else contextlib.nullcontext() as neighbour:
                     for threads in args.threads:
                         torch.set_num_threads(threads)
                         for impl, fn, repeats in (("maskrcnn_ops", ours, args.repeats),
                                                   ("torchvision", theirs, args.torchvision_repeats)):
                             key = (impl, load, threads)
                             pressures[key].append(cpu_pressure())
-                            samples[key] += samples_ms(fn, repeats, warmup=3 if impl == "maskrcnn_ops" else 1)
+                            with OtherLoad(neighbour.pid if neighbour else None) as other:
+                                samples[key] += samples_ms(fn, repeats, warmup=3 if impl == "maskrcnn_ops" else 1)
+                            other_load[key].append(round(other.seconds, 3))
+                            steal[key].append(round(other.steal, 3))
     finally:
         torch.set_num_threads(threads_before)
     rows = []
@@ -126,9 +181,13 @@ def measure(args, dtype: torch.dtype) -> list:
             impl=impl, load=load, threads=threads, kept=kept, identical=identical,
             median_ms=statistics.median(times), p90_ms=percentile(times, 90), min_ms=min(times),
             samples_ms=times, cpu_pressure_before=pressures[(impl, load, threads)],
+            other_processes_cpu_s=other_load[(impl, load, threads)],
+            hypervisor_steal_s=steal[(impl, load, threads)],
         ))
         print(f"{impl:13} {load:5} threads={threads}  median {rows[-1]['median_ms']:8.2f} ms  "
-              f"p90 {rows[-1]['p90_ms']:8.2f} ms  min {rows[-1]['min_ms']:8.2f} ms", flush=True)
+              f"p90 {rows[-1]['p90_ms']:8.2f} ms  min {rows[-1]['min_ms']:8.2f} ms  "
+              f"(other processes: {', '.join(f'{s:.2f}' for s in other_load[(impl, load, threads)])} CPU s)",
+              flush=True)
     return rows
 
 
