@@ -19,9 +19,10 @@ share a tile in shared memory and meet at __syncthreads, so there the
 emulator runs each block's threads as real threads with a barrier: the
 tile-skipping mask kernel and the one-block reduction (removed-box bitmask in
 shared or in global memory) give the CPU kernel's keep flags. The box-coding
-kernels (csrc/cuda/box_coder_kernels.cuh: decode, its backward, encode and
-the RPN's fused decode-and-filter) give the CPU kernels' results bit for bit
-(the same shared math, compiled with the same flags).
+kernel (csrc/cuda/launch.cuh's rows kernel, launched as box_coder.cu
+launches it, over the rows of csrc/common/box_coder.h: decode, its backward,
+encode and the RPN's fused decode-and-filter) gives the CPU kernels' results
+bit for bit (the same row code, compiled with the same flags).
 
 Not checked here: what only a GPU has (the device math library's exp/log2,
 concurrency of real atomics, launch limits, memory-access patterns). Those

@@ -40,6 +40,20 @@ inline unsigned int grid_size(int64_t work) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
+// One thread per row: row(i) for every i in [0, n). `row` is a host-device
+// function object (the box-coding rows of csrc/common/box_coder.h), so the
+// CPU kernels run the same row code in their loops.
+template <typename Row>
+__global__ void rows_kernel(Row row, int64_t n) {
+  MRO_GRID_STRIDE(i, n) { row(i); }
+}
+
+template <typename Launch, typename Row>
+void launch_rows(const Launch& launch, const Row& row, int64_t n) {
+  if (n == 0) return;  // a zero-size grid cannot launch
+  launch(grid_size(n), kThreads, rows_kernel<Row>, row, n);
+}
+
 #ifdef __CUDACC__
 // The GPU's launcher: the kernel on `stream`, then the launch check.
 struct StreamLaunch {
