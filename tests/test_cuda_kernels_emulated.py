@@ -1,11 +1,14 @@
 """The CUDA kernels (RoIAlign, NMS, box coding), run on the CPU by an
 emulator, against the CPU kernels.
 
-No GPU is needed: csrc/cuda/roi_align_kernels.cuh (the kernels and the
-device-side structures, free of ATen) is compiled as host C++ with
-tests/cuda_emulation/cuda_shim.h, which defines threadIdx, blockIdx, atomicAdd
-and the other CUDA built-ins those kernels use, and runs every thread of a
-launch in turn. So these tests check the CUDA kernels' own code: the work
+No GPU is needed: csrc/cuda/roi_align_kernels.cuh (the kernels, the
+device-side structures and the launch sequences of roi_align.cu, free of
+ATen) is compiled as host C++ with tests/cuda_emulation/cuda_shim.h, which
+defines threadIdx, blockIdx, atomicAdd and the other CUDA built-ins those
+kernels use, and whose launcher runs every thread of a launch in turn. So
+these tests check the CUDA kernels' own code and the host sequence that
+launches them on the GPU (grids, work counts, the maps built from the
+arguments, the deterministic path's scratch and passes): the work
 decomposition of both layouts (one thread per channel for channels_last,
 channel groups of four for NCHW), the pyramid and the level of each RoI, the
 max mode's argmax, the outside-sample rule, both gradient sinks, the
@@ -16,9 +19,10 @@ share a tile in shared memory and meet at __syncthreads, so there the
 emulator runs each block's threads as real threads with a barrier: the
 tile-skipping mask kernel and the one-block reduction (removed-box bitmask in
 shared or in global memory) give the CPU kernel's keep flags. The box-coding
-kernels (csrc/cuda/box_coder_kernels.cuh: decode, its backward, encode and
-the RPN's fused decode-and-filter) give the CPU kernels' results bit for bit
-(the same shared math, compiled with the same flags).
+kernel (csrc/cuda/launch.cuh's rows kernel, launched as box_coder.cu
+launches it, over the rows of csrc/common/box_coder.h: decode, its backward,
+encode and the RPN's fused decode-and-filter) gives the CPU kernels' results
+bit for bit (the same row code, compiled with the same flags).
 
 Not checked here: what only a GPU has (the device math library's exp/log2,
 concurrency of real atomics, launch limits, memory-access patterns). Those
@@ -107,10 +111,6 @@ def _doubles(values):
     return (ctypes.c_double * len(values))(*values)
 
 
-def _first_level(scales):
-    return round(-math.log2(scales[0]))
-
-
 class Guarded:
     """A tensor of `shape` in `layout` inside a buffer three times its size,
     whose two outer thirds hold a canary: a kernel that writes outside its
@@ -140,9 +140,9 @@ class Guarded:
 
 def emulated_forward(lib, features, rois, output_size, scales, sampling_ratio, aligned, *, pool_max=False,
                      blocks=0, canonical_scale=224.0, canonical_level=4):
-    """The CUDA forward kernel over `features` (one map or a pyramid, all in
-    one layout): output [K, C, PH, PW] in that layout, and the argmax (int32)
-    in max mode."""
+    """The CUDA forward (roi_align.cu's launch sequence) over `features` (one
+    map or a pyramid, all in one layout): output [K, C, PH, PW] in that
+    layout, and the argmax (int32) in max mode."""
     first = features[0]
     channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -154,9 +154,9 @@ def emulated_forward(lib, features, rois, output_size, scales, sampling_ratio, a
     argmax = Guarded(shape, layout, torch.int32, -7) if pool_max else None
     getattr(lib, f"mro_roi_align_forward_{SUFFIX[first.dtype]}")(
         ctypes.c_int(len(features)), _pointers(features), _int64s([f.size(2) for f in features]),
-        _int64s([f.size(3) for f in features]), _doubles(scales), ctypes.c_int64(_first_level(scales)),
-        ctypes.c_int64(first.size(1)), ctypes.c_double(canonical_scale), ctypes.c_int64(canonical_level),
-        ctypes.c_int(int(channels_last)), _pointer(rois), ctypes.c_int64(rois.size(0)), output.pointer(),
+        _int64s([f.size(3) for f in features]), _doubles(scales), ctypes.c_int64(first.size(1)),
+        ctypes.c_double(canonical_scale), ctypes.c_int64(canonical_level), ctypes.c_int(int(channels_last)),
+        _pointer(rois), ctypes.c_int64(rois.size(0)), output.pointer(),
         argmax.pointer() if pool_max else ctypes.c_void_p(0), ctypes.c_int64(first.size(0)), ctypes.c_int64(ph),
         ctypes.c_int64(pw), ctypes.c_int64(sampling_ratio), ctypes.c_int(int(aligned)), ctypes.c_uint(blocks),
     )
@@ -165,9 +165,9 @@ def emulated_forward(lib, features, rois, output_size, scales, sampling_ratio, a
 
 def emulated_backward(lib, grad, rois, shapes, scales, sampling_ratio, aligned, *, argmax=None,
                       deterministic=False, blocks=0, canonical_scale=224.0, canonical_level=4):
-    """The CUDA backward kernel (float atomics, or the deterministic fixed-point
-    path with its scale and conversion kernels): one gradient per level of
-    `shapes` [(N, C, H, W), ...], in grad's layout."""
+    """The CUDA backward (roi_align.cu's launch sequence: float atomics, or the
+    deterministic fixed-point path with its scale and conversion kernels): one
+    gradient per level of `shapes` [(N, C, H, W), ...], in grad's layout."""
     channels_last = grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     grad = grad.contiguous(memory_format=layout)
@@ -178,8 +178,8 @@ def emulated_backward(lib, grad, rois, shapes, scales, sampling_ratio, aligned, 
     max_abs = grad.abs().max().item() if grad.numel() else 0.0
     getattr(lib, f"mro_roi_align_backward_{SUFFIX[grad.dtype]}")(
         ctypes.c_int(len(shapes)), _int64s([s[2] for s in shapes]), _int64s([s[3] for s in shapes]),
-        _doubles(scales), ctypes.c_int64(_first_level(scales)), ctypes.c_int64(channels),
-        ctypes.c_double(canonical_scale), ctypes.c_int64(canonical_level), ctypes.c_int(int(channels_last)),
+        _doubles(scales), ctypes.c_int64(channels), ctypes.c_double(canonical_scale), ctypes.c_int64(canonical_level),
+        ctypes.c_int(int(channels_last)),
         _pointer(grad), _pointer(rois), ctypes.c_int64(rois.size(0)),
         _pointer(argmax) if argmax is not None else ctypes.c_void_p(0), _pointers([g.tensor for g in grad_inputs]),
         ctypes.c_int64(batch), ctypes.c_int64(grad.size(2)), ctypes.c_int64(grad.size(3)),

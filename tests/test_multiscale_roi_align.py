@@ -320,6 +320,17 @@ def test_opcheck(device):
     )
 
 
+def test_backward_checks_grad_shape(device):
+    """multi_level_roi_align_backward rejects a grad that is not [K, C, PH, PW]
+    with the message of the single-map backward, naming itself."""
+    features, rois = _small_problem(device, dtype=torch.float32)
+    args = ([1 / 4, 1 / 8, 1 / 16], 3, 3, 2, 2, [8, 4, 2], [10, 5, 3], 2, False, 16.0, 3)
+    expected = rf"maskrcnn_ops::multi_level_roi_align_backward: expected grad of shape \[{rois.size(0)}, 2, 3, 3\]"
+    for grad in (torch.ones(rois.size(0), 3, 3, 3), torch.ones(rois.size(0) + 1, 2, 3, 3), torch.ones(2, 3, 3)):
+        with pytest.raises(RuntimeError, match=expected):
+            ops.multi_level_roi_align_backward(grad.to(device), rois, *args)
+
+
 def test_compile_fullgraph(device, fresh_dynamo):
     maps = make_pyramid(device=device, requires_grad=True)
     boxes = make_boxes([30, 20], device=device)

@@ -152,6 +152,39 @@ def test_corrupt_argmax_is_ignored_not_read_out_of_bounds(device):
         ops.roi_align_max_backward(grad, rois, argmax[:1], 0.5, 3, 3, 2, 5, 24, 30, 2, True)
 
 
+def test_errors_name_the_op_called(device):
+    """roi_align_max and its backward share their argument checks with the
+    average mode: an error names the op the caller called, never the other
+    one."""
+    x, rois = make_problem(device, rois=4)
+    x = x.detach()
+    bad_rois, flat_input = rois[:, :4], x[0]
+    out, argmax = ops.roi_align_max(x, rois, 0.5, 2, 3, 2, True)
+    grad = torch.ones_like(out)
+    # The forward: rois, input, batch index.
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_max: expected rois of shape \[K, 5\]"):
+        ops.roi_align_max(x, bad_rois, 0.5, 2, 3, 2, True)
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_max: expected input of shape"):
+        ops.roi_align_max(flat_input, rois, 0.5, 2, 3, 2, True)
+    outside = rois.clone()
+    outside[1, 0] = 5.0
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_max: rois\[.*batch index"):
+        ops.roi_align_max(x, outside, 0.5, 2, 3, 2, True)
+    # The backward: grad's shape (the check shared with every backward), the
+    # common arguments, argmax.
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_max_backward: expected grad of shape \[4, 5, 2, 3\]"):
+        ops.roi_align_max_backward(grad[:, :2], rois, argmax[:, :2], 0.5, 2, 3, 2, 5, 24, 30, 2, True)
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_max_backward: sampling_ratio must be at most"):
+        ops.roi_align_max_backward(grad, rois, argmax, 0.5, 2, 3, 2, 5, 24, 30, 2000, True)
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_max_backward: expected argmax"):
+        ops.roi_align_max_backward(grad, rois, argmax.long(), 0.5, 2, 3, 2, 5, 24, 30, 2, True)
+    # The average mode keeps its own names.
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align: expected rois of shape"):
+        ops.roi_align(x, bad_rois, 0.5, 2, 3, 2, True)
+    with pytest.raises(RuntimeError, match=r"maskrcnn_ops::roi_align_backward: expected grad of shape \[4, 5, 2, 3\]"):
+        ops.roi_align_backward(grad[:, :2], rois, 0.5, 2, 3, 2, 5, 24, 30, 2, True)
+
+
 def test_double_backward_raises_clearly(device):
     x, rois = make_problem(device, rois=4)
     out = maskrcnn_ops.roi_align_max(x, rois, 2, 0.5, 2, True)

@@ -2,9 +2,14 @@
 // by the CPU and CUDA kernels. The arithmetic follows torchvision's
 // BoxCoder.decode_single / encode_single operation by operation; everything
 // runs in acc_t (float32 for half types, float64 for double).
+//
+// At the end, one row (box) of each op as a function object: the CPU kernels
+// call it in a parallel loop and the CUDA kernel (csrc/cuda/launch.cuh's
+// rows_kernel) once per thread, so both run the same row code.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "host_device.h"
 
@@ -19,7 +24,7 @@ struct BoxWeights {
 // (after division by their weights) are clamped from above at `clip` so that
 // exp() cannot overflow. Writes (x1, y1, x2, y2).
 template <typename acc_t>
-MRO_HOST_DEVICE void decode_box(const acc_t* delta, const acc_t* box, BoxWeights<acc_t> w,
+MRO_HOST_DEVICE_ALWAYS_INLINE void decode_box(const acc_t* delta, const acc_t* box, BoxWeights<acc_t> w,
                                 acc_t clip, acc_t* out) {
   const acc_t width = box[2] - box[0];
   const acc_t height = box[3] - box[1];
@@ -46,7 +51,7 @@ MRO_HOST_DEVICE void decode_box(const acc_t* delta, const acc_t* box, BoxWeights
 // The clamp passes the gradient where the scaled delta is below clip; at and
 // above it the gradient is zero, as torch.clamp(max=clip) gives.
 template <typename acc_t>
-MRO_HOST_DEVICE void decode_box_backward(const acc_t* grad, const acc_t* delta, const acc_t* box,
+MRO_HOST_DEVICE_ALWAYS_INLINE void decode_box_backward(const acc_t* grad, const acc_t* delta, const acc_t* box,
                                          BoxWeights<acc_t> w, acc_t clip, acc_t* grad_delta) {
   const acc_t width = box[2] - box[0];
   const acc_t height = box[3] - box[1];
@@ -64,7 +69,7 @@ MRO_HOST_DEVICE void decode_box_backward(const acc_t* grad, const acc_t* delta, 
 // Regression targets of `reference` (ground truth) relative to `proposal`,
 // as torchvision's encode_boxes.
 template <typename acc_t>
-MRO_HOST_DEVICE void encode_box(const acc_t* reference, const acc_t* proposal, BoxWeights<acc_t> w,
+MRO_HOST_DEVICE_ALWAYS_INLINE void encode_box(const acc_t* reference, const acc_t* proposal, BoxWeights<acc_t> w,
                                 acc_t* out) {
   const acc_t ex_w = proposal[2] - proposal[0];
   const acc_t ex_h = proposal[3] - proposal[1];
@@ -83,7 +88,7 @@ MRO_HOST_DEVICE void encode_box(const acc_t* reference, const acc_t* proposal, B
 // torchvision's clip_boxes_to_image: x into [0, width], y into [0, height]
 // (clamp keeps NaN).
 template <typename acc_t>
-MRO_HOST_DEVICE void clip_box(acc_t* box, acc_t height, acc_t width) {
+MRO_HOST_DEVICE_ALWAYS_INLINE void clip_box(acc_t* box, acc_t height, acc_t width) {
   const acc_t limit[4] = {width, height, width, height};
   for (int i = 0; i < 4; ++i) {
     if (box[i] < acc_t(0)) box[i] = acc_t(0);
@@ -93,8 +98,112 @@ MRO_HOST_DEVICE void clip_box(acc_t* box, acc_t height, acc_t width) {
 
 // torchvision's remove_small_boxes test: both sides >= min_size.
 template <typename acc_t>
-MRO_HOST_DEVICE bool is_large_enough(const acc_t* box, acc_t min_size) {
+MRO_HOST_DEVICE_ALWAYS_INLINE bool is_large_enough(const acc_t* box, acc_t min_size) {
   return (box[2] - box[0]) >= min_size && (box[3] - box[1]) >= min_size;
 }
+
+// ------------------------------------------------------------------- rows --
+//
+// Row i of each op: values stored as scalar_t (the op's dtype) are loaded
+// into acc_t, and results rounded to scalar_t on the store. Tensors that the
+// host has already converted to acc_t (boxes, anchors, scores, image sizes:
+// they keep their own precision, as in torchvision) are read as they are.
+
+template <typename scalar_t, typename acc_t>
+MRO_HOST_DEVICE_ALWAYS_INLINE void load4(const scalar_t* p, acc_t* out) {
+  for (int k = 0; k < 4; ++k) out[k] = static_cast<acc_t>(p[k]);
+}
+
+template <typename scalar_t, typename acc_t>
+MRO_HOST_DEVICE_ALWAYS_INLINE void store4(const acc_t* v, scalar_t* p) {
+  for (int k = 0; k < 4; ++k) p[k] = static_cast<scalar_t>(v[k]);
+}
+
+// decode_boxes: deltas [K, 4 * C] (row i: box i / C, class i % C) relative
+// to boxes [K, 4].
+template <typename scalar_t, typename acc_t>
+struct DecodeRow {
+  const scalar_t* deltas;
+  const acc_t* boxes;
+  scalar_t* out;  // [K, 4 * C]
+  int64_t classes;
+  BoxWeights<acc_t> w;
+  acc_t clip;
+
+  MRO_HOST_DEVICE_ALWAYS_INLINE void operator()(int64_t i) const {
+    acc_t delta[4], box[4];
+    load4(deltas + 4 * i, delta);
+    decode_box(delta, boxes + 4 * (i / classes), w, clip, box);
+    store4(box, out + 4 * i);
+  }
+};
+
+// decode_boxes_backward: the gradient of decode_boxes with respect to deltas.
+template <typename scalar_t, typename acc_t>
+struct DecodeBackwardRow {
+  const scalar_t* grad;  // [K, 4 * C], in deltas's dtype
+  const scalar_t* deltas;
+  const acc_t* boxes;
+  scalar_t* out;
+  int64_t classes;
+  BoxWeights<acc_t> w;
+  acc_t clip;
+
+  MRO_HOST_DEVICE_ALWAYS_INLINE void operator()(int64_t i) const {
+    acc_t delta[4], g[4], result[4];
+    load4(deltas + 4 * i, delta);
+    load4(grad + 4 * i, g);
+    decode_box_backward(g, delta, boxes + 4 * (i / classes), w, clip, result);
+    store4(result, out + 4 * i);
+  }
+};
+
+// encode_boxes: targets of reference [K, 4] relative to proposals [K, 4].
+template <typename scalar_t, typename acc_t>
+struct EncodeRow {
+  const scalar_t* reference;
+  const acc_t* proposals;
+  scalar_t* out;
+  BoxWeights<acc_t> w;
+
+  MRO_HOST_DEVICE_ALWAYS_INLINE void operator()(int64_t i) const {
+    acc_t ref[4], target[4];
+    load4(reference + 4 * i, ref);
+    encode_box(ref, proposals + 4 * i, w, target);
+    store4(target, out + 4 * i);
+  }
+};
+
+// rpn_decode_filter: decode against the anchor, clip to the image, and the
+// keep flag (large enough and scored at least score_thresh). Rows [N * M]:
+// image i / per_image.
+template <typename scalar_t, typename acc_t>
+struct RpnDecodeFilterRow {
+  const scalar_t* deltas;  // [N, M, 4]
+  const acc_t* anchors;    // [N, M, 4]
+  const acc_t* scores;     // [N, M]
+  const acc_t* image_hw;   // [N, 2] (height, width)
+  scalar_t* boxes;         // [N, M, 4]
+  bool* keep;              // [N, M]
+  int64_t per_image;
+  BoxWeights<acc_t> w;
+  acc_t clip, min_size, score_thresh;
+
+  MRO_HOST_DEVICE_ALWAYS_INLINE void operator()(int64_t i) const {
+    const int64_t image = i / per_image;
+    acc_t delta[4], box[4];
+    load4(deltas + 4 * i, delta);
+    decode_box(delta, anchors + 4 * i, w, clip, box);
+    // Round to the output dtype, clip, round again: the unfused path (decode,
+    // then clip_boxes_to_image, then remove_small_boxes) clips the stored
+    // boxes and tests the clipped ones as stored, so the fused one gives the
+    // same boxes and flags in every dtype.
+    for (int k = 0; k < 4; ++k) box[k] = static_cast<acc_t>(static_cast<scalar_t>(box[k]));
+    clip_box(box, image_hw[2 * image], image_hw[2 * image + 1]);
+    for (int k = 0; k < 4; ++k) box[k] = static_cast<acc_t>(static_cast<scalar_t>(box[k]));
+    store4(box, boxes + 4 * i);
+    keep[i] = is_large_enough(box, min_size) && scores[i] >= score_thresh;
+  }
+};
 
 }  // namespace maskrcnn_ops

@@ -9,7 +9,7 @@
 #include <cmath>
 
 #include "box_coder.h"
-#include "roi_align_checks.h"  // is_supported_feature_dtype
+#include "dtypes.h"
 
 namespace maskrcnn_ops {
 

@@ -1,6 +1,8 @@
 // Argument validation for the RoIAlign ops, shared by the CPU and CUDA
-// kernels so both backends reject the same inputs with the same messages.
-// Host-only: included from .cpp and .cu files alike, but never from device code.
+// kernels so both backends reject the same inputs with the same messages,
+// each naming the op that was called; and the maps (a Pyramid) that a checked
+// call reads. Host-only: included from .cpp and .cu files alike, but never
+// from device code.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,20 +11,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
+#include "dtypes.h"
 #include "roi_align_math.h"
+#include "roi_align_pyramid.h"
 
 namespace maskrcnn_ops {
-
-inline bool is_supported_feature_dtype(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf ||
-         t == c10::kBFloat16;
-}
-
-// Accumulation dtype: float64 for double features, float32 otherwise.
-inline c10::ScalarType accumulate_dtype(c10::ScalarType t) {
-  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
-}
 
 inline void check_roi_align_common(const char* op, const at::Tensor& rois,
                                    double spatial_scale, int64_t pooled_h,
@@ -57,11 +52,22 @@ inline void check_features(const char* op, const char* name,
               features.device(), " and rois on ", rois.device());
 }
 
-inline void check_roi_align_forward(const at::Tensor& input,
+// grad [K, C, PH, PW], the gradient of an output of the op.
+inline void check_grad_shape(const char* op, const at::Tensor& grad,
+                             const at::Tensor& rois, int64_t channels,
+                             int64_t pooled_h, int64_t pooled_w) {
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) &&
+                  grad.size(1) == channels && grad.size(2) == pooled_h &&
+                  grad.size(3) == pooled_w,
+              op, ": expected grad of shape [", rois.size(0), ", ", channels,
+              ", ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+}
+
+// The forward of one feature map (roi_align, roi_align_max: `op` names it).
+inline void check_roi_align_forward(const char* op, const at::Tensor& input,
                                     const at::Tensor& rois,
                                     double spatial_scale, int64_t pooled_h,
                                     int64_t pooled_w, int64_t sampling_ratio) {
-  const char* op = "maskrcnn_ops::roi_align";
   TORCH_CHECK(input.dim() == 4, op,
               ": expected input of shape [N, C, H, W], got a ", input.dim(),
               "-D tensor of shape ", input.sizes());
@@ -70,24 +76,21 @@ inline void check_roi_align_forward(const at::Tensor& input,
                          sampling_ratio);
 }
 
-inline void check_roi_align_backward(const at::Tensor& grad,
+// The backward of one feature map (roi_align_backward,
+// roi_align_max_backward: `op` names it).
+inline void check_roi_align_backward(const char* op, const at::Tensor& grad,
                                      const at::Tensor& rois,
                                      double spatial_scale, int64_t pooled_h,
                                      int64_t pooled_w, int64_t batch_size,
                                      int64_t channels, int64_t height,
                                      int64_t width, int64_t sampling_ratio) {
-  const char* op = "maskrcnn_ops::roi_align_backward";
   check_features(op, "grad", grad, rois);
   check_roi_align_common(op, rois, spatial_scale, pooled_h, pooled_w,
                          sampling_ratio);
   TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
               op, ": expected a non-negative input shape, got [", batch_size,
               ", ", channels, ", ", height, ", ", width, "]");
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) &&
-                  grad.size(1) == channels && grad.size(2) == pooled_h &&
-                  grad.size(3) == pooled_w,
-              op, ": expected grad of shape [", rois.size(0), ", ", channels,
-              ", ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+  check_grad_shape(op, grad, rois, channels, pooled_h, pooled_w);
 }
 
 // The argmax of a max-mode forward, given back to its backward.
@@ -101,12 +104,6 @@ inline void check_argmax(const at::Tensor& grad, const at::Tensor& argmax) {
 }
 
 // ------------------------------------------------------------ multi-level --
-
-// FPN level of the finest map, k_min = -log2(spatial_scales[0]), as
-// torchvision's MultiScaleRoIAlign derives it. Call after the checks below.
-inline int64_t fpn_first_level(c10::ArrayRef<double> spatial_scales) {
-  return static_cast<int64_t>(std::lround(-std::log2(spatial_scales[0])));
-}
 
 // Scales must be powers of two, halving from one level to the next: the
 // level a RoI maps to is its FPN level minus that of the finest map, which
@@ -185,11 +182,7 @@ inline void check_multi_level_roi_align_backward(
   TORCH_CHECK(batch_size >= 0 && channels >= 0, op,
               ": expected a non-negative batch size and channels, got ",
               batch_size, " and ", channels);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) &&
-                  grad.size(1) == channels && grad.size(2) == pooled_h &&
-                  grad.size(3) == pooled_w,
-              op, ": expected grad of shape [", rois.size(0), ", ", channels,
-              ", ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+  check_grad_shape(op, grad, rois, channels, pooled_h, pooled_w);
 }
 
 // Layout policy shared by the kernels and mirrored by the fake kernels in
@@ -198,6 +191,43 @@ inline void check_multi_level_roi_align_backward(
 // processed as NCHW (made contiguous if it is not already).
 inline bool use_channels_last(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// ------------------------------------------------ the maps a call reads --
+// (csrc/common/roi_align_pyramid.h), from arguments the checks above passed.
+
+// The memory format of the maps' tensors (features, outputs, gradients).
+inline at::MemoryFormat memory_format_of(const Pyramid<double>& maps) {
+  return maps.channels_last ? at::MemoryFormat::ChannelsLast
+                            : at::MemoryFormat::Contiguous;
+}
+
+// A multi-level forward's feature maps.
+inline Pyramid<double> feature_pyramid(at::TensorList features,
+                                       c10::ArrayRef<double> spatial_scales,
+                                       double canonical_scale,
+                                       int64_t canonical_level) {
+  std::vector<int64_t> heights, widths;
+  for (const auto& f : features) {
+    heights.push_back(f.size(2));
+    widths.push_back(f.size(3));
+  }
+  return fpn_pyramid(features[0].size(1), static_cast<int64_t>(features.size()),
+                     heights.data(), widths.data(), spatial_scales.data(),
+                     canonical_scale, canonical_level,
+                     use_channels_last(features[0]));
+}
+
+// A multi-level backward's maps (the inputs' sizes, grad's layout).
+inline Pyramid<double> gradient_pyramid(const at::Tensor& grad, int64_t channels,
+                                        c10::IntArrayRef heights,
+                                        c10::IntArrayRef widths,
+                                        c10::ArrayRef<double> spatial_scales,
+                                        double canonical_scale,
+                                        int64_t canonical_level) {
+  return fpn_pyramid(channels, static_cast<int64_t>(heights.size()), heights.data(),
+                     widths.data(), spatial_scales.data(), canonical_scale,
+                     canonical_level, use_channels_last(grad));
 }
 
 }  // namespace maskrcnn_ops

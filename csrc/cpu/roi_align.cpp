@@ -29,38 +29,10 @@
 
 #include "../common/roi_align_checks.h"
 #include "../common/roi_align_math.h"
+#include "../common/roi_align_pyramid.h"
 
 namespace maskrcnn_ops {
 namespace {
-
-// The feature maps a call reads: their sizes, scales and how RoIs map to
-// them. `level_of` is unused (every RoI on level 0) for a single map.
-struct Pyramid {
-  std::vector<int64_t> heights, widths;
-  std::vector<double> scales;
-  double canonical_scale = 224.0;
-  int64_t canonical_level = 4;
-  int64_t first_level = 0;
-
-  int64_t levels() const { return static_cast<int64_t>(heights.size()); }
-  int64_t plane(int64_t level) const { return heights[level] * widths[level]; }
-
-  template <typename acc_t>
-  int64_t level_of(const acc_t* roi) const {
-    if (levels() == 1) return 0;
-    return fpn_level_index<acc_t>(roi, static_cast<acc_t>(canonical_scale),
-                                  static_cast<acc_t>(canonical_level),
-                                  first_level, levels());
-  }
-};
-
-Pyramid single_level(int64_t height, int64_t width, double spatial_scale) {
-  Pyramid p;
-  p.heights = {height};
-  p.widths = {width};
-  p.scales = {spatial_scale};
-  return p;
-}
 
 template <typename acc_t>
 struct TapTable {
@@ -77,7 +49,7 @@ struct TapTable {
 
 template <typename acc_t>
 TapTable<acc_t> build_tap_table(const char* op, const at::Tensor& rois_acc,
-                                int64_t batch_size, const Pyramid& pyramid,
+                                int64_t batch_size, const Pyramid<acc_t>& pyramid,
                                 int64_t pooled_h, int64_t pooled_w,
                                 int64_t sampling_ratio, bool aligned) {
   const int64_t num_rois = rois_acc.size(0);
@@ -89,10 +61,8 @@ TapTable<acc_t> build_tap_table(const char* op, const at::Tensor& rois_acc,
     for (int64_t k = begin; k < end; ++k) {
       const int64_t l = pyramid.level_of(rois + k * 5);
       table.level[k] = l;
-      table.geometry[k] = roi_geometry<acc_t>(
-          rois + k * 5, batch_size, pyramid.heights[l], pyramid.widths[l],
-          static_cast<acc_t>(pyramid.scales[l]), pooled_h, pooled_w,
-          sampling_ratio, aligned);
+      table.geometry[k] = pyramid.geometry(rois + k * 5, l, batch_size, pooled_h,
+                                           pooled_w, sampling_ratio, aligned);
     }
   });
 
@@ -112,8 +82,8 @@ TapTable<acc_t> build_tap_table(const char* op, const at::Tensor& rois_acc,
   at::parallel_for(0, num_rois, 64, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto& g = table.geometry[k];
-      const int64_t height = pyramid.heights[table.level[k]];
-      const int64_t width = pyramid.widths[table.level[k]];
+      const int64_t height = pyramid.height[table.level[k]];
+      const int64_t width = pyramid.width[table.level[k]];
       AxisTap<acc_t>* y = table.y_taps.data() + table.y_begin[k];
       for (int64_t ph = 0; ph < pooled_h; ++ph)
         for (int iy = 0; iy < g.grid_h; ++iy)
@@ -257,7 +227,7 @@ inline void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
 // feature map comes from DRAM about once instead of once per RoI.
 template <typename scalar_t, typename acc_t>
 void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
-                  const Pyramid& pyramid,
+                  const Pyramid<acc_t>& pyramid,
                   const std::vector<const scalar_t*>& inputs, scalar_t* output,
                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   constexpr int kBlock = 16;
@@ -294,7 +264,7 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
         const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
         prefetch_rows(block_origin(k, c0), pyramid.plane(table.level[k]),
                       static_cast<int>(nc), rows[k].rows,
-                      pyramid.widths[table.level[k]], xs[0].low,
+                      pyramid.width[table.level[k]], xs[0].low,
                       xs[num_x - 1].high);
       };
       const auto& order = groups.order;
@@ -311,7 +281,7 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
         const auto *ys = table.ys(k), *xs = table.xs(k);
         const scalar_t* in = block_origin(k, c0);
         const int64_t plane = pyramid.plane(table.level[k]);
-        const int64_t width = pyramid.widths[table.level[k]];
+        const int64_t width = pyramid.width[table.level[k]];
         row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock);
         if (nc == kBlock) {
           pool_nchw_block<kBlock>(g, ys, xs, rows[k], in, plane, width,
@@ -328,7 +298,7 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_nhwc(const TapTable<acc_t>& table, const Pyramid& pyramid,
+void forward_nhwc(const TapTable<acc_t>& table, const Pyramid<acc_t>& pyramid,
                   const std::vector<const scalar_t*>& inputs, scalar_t* output,
                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
@@ -337,7 +307,7 @@ void forward_nhwc(const TapTable<acc_t>& table, const Pyramid& pyramid,
     for (int64_t k = begin; k < end; ++k) {
       const auto& g = table.geometry[k];
       const auto *ys = table.ys(k), *xs = table.xs(k);
-      const int64_t width = pyramid.widths[table.level[k]];
+      const int64_t width = pyramid.width[table.level[k]];
       const scalar_t* in_b = inputs[table.level[k]] +
                              g.batch_index * pyramid.plane(table.level[k]) * channels;
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
@@ -373,17 +343,16 @@ void forward_nhwc(const TapTable<acc_t>& table, const Pyramid& pyramid,
   });
 }
 
-// Forward over a pyramid of same-layout feature maps [N, C, H_l, W_l].
+// Forward over a pyramid of same-layout feature maps [N, C, H_l, W_l] (spec
+// describes them).
 at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& features,
-                        const at::Tensor& rois, const Pyramid& pyramid,
+                        const at::Tensor& rois, const Pyramid<double>& spec,
                         int64_t pooled_h, int64_t pooled_w,
                         int64_t sampling_ratio, bool aligned) {
   const at::Tensor& first = features.front();
-  const bool channels_last = use_channels_last(first);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
+  const auto memory_format = memory_format_of(spec);
   const int64_t num_rois = rois.size(0);
-  const int64_t batch = first.size(0), channels = first.size(1);
+  const int64_t batch = first.size(0), channels = spec.channels;
   at::Tensor output =
       at::empty({num_rois, channels, pooled_h, pooled_w},
                 first.options().memory_format(memory_format));
@@ -391,6 +360,7 @@ at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& features,
       at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cpu",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const auto pyramid = spec.as<acc_t>();
         const at::Tensor rois_acc =
             rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
         const auto table =
@@ -406,12 +376,12 @@ at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& features,
           inputs.push_back(contiguous.back().const_data_ptr<scalar_t>());
         }
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
-        if (channels_last) {
+        if (spec.channels_last) {
           forward_nhwc<scalar_t, acc_t>(table, pyramid, inputs, out, channels,
                                         pooled_h, pooled_w);
         } else {
           forward_nchw<scalar_t, acc_t>(
-              table, group_rois(table, batch, pyramid.levels()), pyramid,
+              table, group_rois(table, batch, pyramid.levels), pyramid,
               inputs, out, channels, pooled_h, pooled_w);
         }
       });
@@ -422,25 +392,14 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
                                  double spatial_scale, int64_t pooled_h,
                                  int64_t pooled_w, int64_t sampling_ratio,
                                  bool aligned) {
-  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w,
+  const char* op = "maskrcnn_ops::roi_align";
+  check_roi_align_forward(op, input, rois, spatial_scale, pooled_h, pooled_w,
                           sampling_ratio);
-  return pool_forward("maskrcnn_ops::roi_align", {input}, rois,
-                      single_level(input.size(2), input.size(3), spatial_scale),
+  return pool_forward(op, {input}, rois,
+                      single_level_pyramid(input.size(1), input.size(2),
+                                           input.size(3), spatial_scale,
+                                           use_channels_last(input)),
                       pooled_h, pooled_w, sampling_ratio, aligned);
-}
-
-Pyramid fpn_pyramid(const std::vector<int64_t>& heights,
-                    const std::vector<int64_t>& widths,
-                    c10::ArrayRef<double> spatial_scales, double canonical_scale,
-                    int64_t canonical_level) {
-  Pyramid p;
-  p.heights = heights;
-  p.widths = widths;
-  p.scales.assign(spatial_scales.begin(), spatial_scales.end());
-  p.canonical_scale = canonical_scale;
-  p.canonical_level = canonical_level;
-  p.first_level = fpn_first_level(spatial_scales);
-  return p;
 }
 
 at::Tensor multi_level_roi_align_forward_cpu(
@@ -450,14 +409,9 @@ at::Tensor multi_level_roi_align_forward_cpu(
     int64_t canonical_level) {
   check_multi_level_roi_align_forward(features, rois, spatial_scales, pooled_h,
                                       pooled_w, sampling_ratio, canonical_scale);
-  std::vector<int64_t> heights, widths;
-  for (const auto& f : features) {
-    heights.push_back(f.size(2));
-    widths.push_back(f.size(3));
-  }
   return pool_forward("maskrcnn_ops::multi_level_roi_align", features.vec(), rois,
-                      fpn_pyramid(heights, widths, spatial_scales,
-                                  canonical_scale, canonical_level),
+                      feature_pyramid(features, spatial_scales, canonical_scale,
+                                      canonical_level),
                       pooled_h, pooled_w, sampling_ratio, aligned);
 }
 
@@ -471,15 +425,15 @@ at::Tensor multi_level_roi_align_forward_cpu(
 // map-major numbering would give one thread all the work.
 template <typename scalar_t, typename acc_t>
 void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
-                   const Pyramid& pyramid, const scalar_t* grad,
+                   const Pyramid<acc_t>& pyramid, const scalar_t* grad,
                    const std::vector<acc_t*>& grad_inputs, int64_t batch,
                    int64_t channels, int64_t pooled_h, int64_t pooled_w) {
-  const int64_t maps = pyramid.levels() * batch;
+  const int64_t maps = pyramid.levels * batch;
   at::parallel_for(0, maps * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t c = unit / maps, map = unit % maps;
       const int64_t level = map / batch, b = map % batch;
-      const int64_t width = pyramid.widths[level];
+      const int64_t width = pyramid.width[level];
       const int64_t plane = pyramid.plane(level);
       acc_t* gin = grad_inputs[level] + (b * channels + c) * plane;
       for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
@@ -515,7 +469,7 @@ void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
 
 template <typename scalar_t, typename acc_t>
 void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
-                   const Pyramid& pyramid, const scalar_t* grad,
+                   const Pyramid<acc_t>& pyramid, const scalar_t* grad,
                    const std::vector<acc_t*>& grad_inputs, int64_t batch,
                    int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   // Channel blocks keep the per-tap vector loop long while giving every
@@ -526,13 +480,13 @@ void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
   const int64_t block_size =
       std::clamp<int64_t>((channels + 2 * threads - 1) / (2 * threads), 16, 64);
   const int64_t blocks = (channels + block_size - 1) / block_size;
-  const int64_t maps = pyramid.levels() * batch;
+  const int64_t maps = pyramid.levels * batch;
   at::parallel_for(0, maps * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gbin(block_size);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t map = unit % maps;
       const int64_t level = map / batch, b = map % batch;
-      const int64_t width = pyramid.widths[level];
+      const int64_t width = pyramid.width[level];
       const int64_t c0 = (unit / maps) * block_size;
       const int64_t nc = std::min(block_size, channels - c0);
       acc_t* gin_b = grad_inputs[level] + b * pyramid.plane(level) * channels + c0;
@@ -575,44 +529,42 @@ void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
   });
 }
 
-// Backward over a pyramid: one gradient [N, C, H_l, W_l] per level, in grad's
-// dtype and layout.
+// Backward over a pyramid (spec describes it): one gradient [N, C, H_l, W_l]
+// per level, in grad's dtype and layout.
 std::vector<at::Tensor> pool_backward(const char* op, const at::Tensor& grad,
                                       const at::Tensor& rois,
-                                      const Pyramid& pyramid, int64_t pooled_h,
-                                      int64_t pooled_w, int64_t batch,
-                                      int64_t channels, int64_t sampling_ratio,
+                                      const Pyramid<double>& spec,
+                                      int64_t pooled_h, int64_t pooled_w,
+                                      int64_t batch, int64_t sampling_ratio,
                                       bool aligned) {
-  const bool channels_last = use_channels_last(grad);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
+  const auto memory_format = memory_format_of(spec);
+  const int64_t channels = spec.channels;
   const auto acc_dtype = accumulate_dtype(grad.scalar_type());
   // Half types accumulate into a float32 buffer and are rounded once at the end.
   // (at::zeros would drop the memory format from the options.)
   std::vector<at::Tensor> grad_inputs;
-  bool any_elements = false;
-  for (int64_t l = 0; l < pyramid.levels(); ++l) {
+  for (int64_t l = 0; l < spec.levels; ++l) {
     grad_inputs.push_back(
-        at::empty({batch, channels, pyramid.heights[l], pyramid.widths[l]},
+        at::empty({batch, channels, spec.height[l], spec.width[l]},
                   grad.options().dtype(acc_dtype).memory_format(memory_format))
             .zero_());
-    any_elements = any_elements || grad_inputs.back().numel() > 0;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const auto pyramid = spec.as<acc_t>();
         const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
         const auto table =
             build_tap_table<acc_t>(op, rois_acc, batch, pyramid, pooled_h,
                                    pooled_w, sampling_ratio, aligned);
-        if (!any_elements || grad.numel() == 0) return;
-        const auto groups = group_rois(table, batch, pyramid.levels());
+        if (spec.total_numel(batch) == 0 || grad.numel() == 0) return;
+        const auto groups = group_rois(table, batch, pyramid.levels);
         const at::Tensor grad_c = grad.contiguous(memory_format);
         const scalar_t* g = grad_c.const_data_ptr<scalar_t>();
         std::vector<acc_t*> gins;
         for (auto& t : grad_inputs) gins.push_back(t.mutable_data_ptr<acc_t>());
-        if (channels_last) {
+        if (spec.channels_last) {
           backward_nhwc<scalar_t, acc_t>(table, groups, pyramid, g, gins, batch,
                                          channels, pooled_h, pooled_w);
         } else {
@@ -632,11 +584,14 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t channels, int64_t height,
                                   int64_t width, int64_t sampling_ratio,
                                   bool aligned) {
-  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch,
-                           channels, height, width, sampling_ratio);
-  return pool_backward("maskrcnn_ops::roi_align_backward", grad, rois,
-                       single_level(height, width, spatial_scale), pooled_h,
-                       pooled_w, batch, channels, sampling_ratio, aligned)
+  const char* op = "maskrcnn_ops::roi_align_backward";
+  check_roi_align_backward(op, grad, rois, spatial_scale, pooled_h, pooled_w,
+                           batch, channels, height, width, sampling_ratio);
+  return pool_backward(op, grad, rois,
+                       single_level_pyramid(channels, height, width,
+                                            spatial_scale,
+                                            use_channels_last(grad)),
+                       pooled_h, pooled_w, batch, sampling_ratio, aligned)
       .front();
 }
 
@@ -651,10 +606,10 @@ std::vector<at::Tensor> multi_level_roi_align_backward_cpu(
                                        sampling_ratio, canonical_scale);
   return pool_backward("maskrcnn_ops::multi_level_roi_align_backward", grad,
                        rois,
-                       fpn_pyramid(heights.vec(), widths.vec(), spatial_scales,
-                                   canonical_scale, canonical_level),
-                       pooled_h, pooled_w, batch, channels, sampling_ratio,
-                       aligned);
+                       gradient_pyramid(grad, channels, heights, widths,
+                                        spatial_scales, canonical_scale,
+                                        canonical_level),
+                       pooled_h, pooled_w, batch, sampling_ratio, aligned);
 }
 
 // -------------------------------------------------------------- max mode --
@@ -748,14 +703,14 @@ void backward_max(const TapTable<acc_t>& table, const RoIGroups& groups,
 std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cpu(
     const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w,
+  const char* op = "maskrcnn_ops::roi_align_max";
+  check_roi_align_forward(op, input, rois, spatial_scale, pooled_h, pooled_w,
                           sampling_ratio);
-  const bool channels_last = use_channels_last(input);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
+  const auto spec = single_level_pyramid(input.size(1), input.size(2), input.size(3),
+                                         spatial_scale, use_channels_last(input));
+  const auto memory_format = memory_format_of(spec);
   const int64_t batch = input.size(0);
-  const FeatureLayout layout{input.size(1), input.size(2), input.size(3), channels_last};
-  at::Tensor output = at::empty({rois.size(0), layout.channels, pooled_h, pooled_w},
+  at::Tensor output = at::empty({rois.size(0), spec.channels, pooled_h, pooled_w},
                                 input.options().memory_format(memory_format));
   at::Tensor argmax = at::empty(output.sizes(),
                                 input.options().dtype(at::kInt).memory_format(memory_format));
@@ -763,18 +718,18 @@ std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cpu(
       at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_max_forward_cpu",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const auto pyramid = spec.as<acc_t>();
         const at::Tensor rois_acc =
             rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-        const auto table = build_tap_table<acc_t>(
-            "maskrcnn_ops::roi_align_max", rois_acc, batch,
-            single_level(layout.height, layout.width, spatial_scale), pooled_h,
-            pooled_w, sampling_ratio, aligned);
+        const auto table = build_tap_table<acc_t>(op, rois_acc, batch, pyramid,
+                                                  pooled_h, pooled_w,
+                                                  sampling_ratio, aligned);
         if (output.numel() == 0) return;
         const at::Tensor input_c = input.contiguous(memory_format);
         forward_max<scalar_t, acc_t>(table, input_c.const_data_ptr<scalar_t>(),
                                      output.mutable_data_ptr<scalar_t>(),
-                                     argmax.mutable_data_ptr<int32_t>(), layout,
-                                     pooled_h, pooled_w);
+                                     argmax.mutable_data_ptr<int32_t>(),
+                                     pyramid.layout(0), pooled_h, pooled_w);
       });
   return {output, argmax};
 }
@@ -785,13 +740,13 @@ at::Tensor roi_align_max_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       int64_t batch, int64_t channels,
                                       int64_t height, int64_t width,
                                       int64_t sampling_ratio, bool aligned) {
-  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch,
-                           channels, height, width, sampling_ratio);
+  const char* op = "maskrcnn_ops::roi_align_max_backward";
+  check_roi_align_backward(op, grad, rois, spatial_scale, pooled_h, pooled_w,
+                           batch, channels, height, width, sampling_ratio);
   check_argmax(grad, argmax);
-  const bool channels_last = use_channels_last(grad);
-  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::Contiguous;
-  const FeatureLayout layout{channels, height, width, channels_last};
+  const auto spec = single_level_pyramid(channels, height, width, spatial_scale,
+                                         use_channels_last(grad));
+  const auto memory_format = memory_format_of(spec);
   const auto acc_dtype = accumulate_dtype(grad.scalar_type());
   at::Tensor grad_input =
       at::empty({batch, channels, height, width},
@@ -801,11 +756,11 @@ at::Tensor roi_align_max_backward_cpu(const at::Tensor& grad, const at::Tensor& 
       at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_max_backward_cpu",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const auto pyramid = spec.as<acc_t>();
         const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
-        const auto table = build_tap_table<acc_t>(
-            "maskrcnn_ops::roi_align_max_backward", rois_acc, batch,
-            single_level(height, width, spatial_scale), pooled_h, pooled_w,
-            sampling_ratio, aligned);
+        const auto table = build_tap_table<acc_t>(op, rois_acc, batch, pyramid,
+                                                  pooled_h, pooled_w,
+                                                  sampling_ratio, aligned);
         if (grad_input.numel() == 0 || grad.numel() == 0) return;
         const at::Tensor grad_c = grad.contiguous(memory_format);
         const at::Tensor argmax_c = argmax.contiguous(memory_format);
@@ -813,7 +768,7 @@ at::Tensor roi_align_max_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       grad_c.const_data_ptr<scalar_t>(),
                                       argmax_c.const_data_ptr<int32_t>(),
                                       grad_input.mutable_data_ptr<acc_t>(), batch,
-                                      layout, pooled_h, pooled_w);
+                                      pyramid.layout(0), pooled_h, pooled_w);
       });
   if (grad_input.scalar_type() != grad.scalar_type()) {
     grad_input = grad_input.to(grad.scalar_type());

@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "../common/box_iou.h"
+#include "../common/dtypes.h"
 #include "../common/nms_common.h"
 #include "nms_kernels.cuh"
 
@@ -41,7 +42,7 @@ NmsKeep batched_nms_keep_cuda_impl(const at::Tensor& boxes, const at::Tensor& sc
   at::Tensor keep = at::zeros({n}, boxes.options().dtype(at::kBool));
   if (n == 0) return {keep, order.by_score};
   const at::Tensor starts = segment_starts(order.by_segment, idxs, image_ids);
-  const auto acc_dtype = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulate_dtype(boxes.scalar_type());
   const at::Tensor sorted = boxes.index_select(0, order.by_segment).to(acc_dtype).contiguous();
   const int64_t words = (n + kBitsPerWord - 1) / kBitsPerWord;
   // The tile grid's y dimension is limited to 65535 blocks.

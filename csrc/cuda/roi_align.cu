@@ -13,8 +13,11 @@
 //     kChannelsPerThread channel planes, which amortizes the geometry and
 //     keeps several independent loads in flight.
 // The geometry and bilinear taps are the shared code in csrc/common, so the
-// CPU tests check the arithmetic these kernels run. All index arithmetic is
-// 64-bit.
+// CPU tests check the arithmetic these kernels run; the maps are the CPU
+// kernels' Pyramid (csrc/common/roi_align_pyramid.h); the launches are the
+// launch sequences of roi_align_kernels.cuh, which the test suite's emulator
+// runs too. This file checks, allocates and dispatches. All index arithmetic
+// is 64-bit.
 //
 // Backward: atomics into a zeroed buffer (float32 for half types, rounded once
 // at the end). With torch.use_deterministic_algorithms(True) the atomics add
@@ -28,19 +31,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
 #include "../common/roi_align_checks.h"
-#include "../common/roi_align_math.h"
+#include "../common/roi_align_pyramid.h"
+#include "launch.cuh"
 #include "roi_align_kernels.cuh"
 
 namespace maskrcnn_ops {
@@ -59,45 +60,17 @@ void check_batch_indices(const char* op, const at::Tensor& rois, int64_t batch) 
               batch, ") (or NaN)");
 }
 
-PyramidSpec single_level(int64_t channels, int64_t height, int64_t width,
-                         double spatial_scale, bool channels_last) {
-  PyramidSpec spec;
-  spec.heights = {height};
-  spec.widths = {width};
-  spec.scales = {spatial_scale};
-  spec.channels = channels;
-  spec.channels_last = channels_last;
-  return spec;
-}
-
-PyramidSpec fpn_pyramid(int64_t channels, std::vector<int64_t> heights,
-                        std::vector<int64_t> widths, c10::ArrayRef<double> scales,
-                        double canonical_scale, int64_t canonical_level,
-                        bool channels_last) {
-  PyramidSpec spec;
-  spec.heights = std::move(heights);
-  spec.widths = std::move(widths);
-  spec.scales.assign(scales.begin(), scales.end());
-  spec.first_level = fpn_first_level(scales);
-  spec.channels = channels;
-  spec.canonical_scale = canonical_scale;
-  spec.canonical_level = canonical_level;
-  spec.channels_last = channels_last;
-  return spec;
-}
-
 // Forward over same-layout feature maps [N, C, H_l, W_l] (spec describes
 // them). One launch for all RoIs and levels; no host synchronization. With an
 // argmax tensor (int32, the output's shape and layout), max pooling.
 at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tensor& rois,
-                        const PyramidSpec& spec, int64_t pooled_h, int64_t pooled_w,
+                        const Pyramid<double>& spec, int64_t pooled_h, int64_t pooled_w,
                         int64_t sampling_ratio, bool aligned, at::Tensor* argmax = nullptr) {
   const at::Tensor& first = features.front();
-  const auto memory_format = spec.channels_last ? at::MemoryFormat::ChannelsLast
-                                                : at::MemoryFormat::Contiguous;
-  const int64_t num_rois = rois.size(0), batch = first.size(0), channels = spec.channels;
+  const auto memory_format = memory_format_of(spec);
+  const int64_t num_rois = rois.size(0), batch = first.size(0);
   const at::Tensor rois_acc = rois.to(accumulate_dtype(first.scalar_type())).contiguous();
-  at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w},
+  at::Tensor output = at::empty({num_rois, spec.channels, pooled_h, pooled_w},
                                 first.options().memory_format(memory_format));
   if (argmax != nullptr) {
     *argmax = at::empty(output.sizes(), first.options().dtype(at::kInt).memory_format(memory_format));
@@ -105,42 +78,49 @@ at::Tensor pool_forward(const std::vector<at::Tensor>& features, const at::Tenso
   if (output.numel() == 0) return output;
   std::vector<at::Tensor> contiguous;
   for (const auto& f : features) contiguous.push_back(f.contiguous(memory_format));
-  const int64_t work = spec.forward_work(num_rois, pooled_h, pooled_w);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         std::vector<const scalar_t*> data;
         for (const auto& f : contiguous) data.push_back(f.const_data_ptr<scalar_t>());
-        const auto maps = spec.on_device<const scalar_t, acc_t>(data);
-        if (argmax != nullptr) {
-          roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread, true>
-              <<<grid_size(work), kThreads, 0, stream>>>(
-                  maps, rois_acc.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(),
-                  argmax->mutable_data_ptr<int32_t>(), work, batch, pooled_h, pooled_w,
-                  sampling_ratio, aligned);
-        } else {
-          roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread, false>
-              <<<grid_size(work), kThreads, 0, stream>>>(
-                  maps, rois_acc.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(),
-                  nullptr, work, batch, pooled_h, pooled_w, sampling_ratio, aligned);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_forward<scalar_t, acc_t>(
+            current_stream_launch(), spec.as<acc_t>(), data.data(),
+            PoolArgs<acc_t>{rois_acc.const_data_ptr<acc_t>(), num_rois, batch, pooled_h, pooled_w,
+                            sampling_ratio, aligned},
+            output.mutable_data_ptr<scalar_t>(),
+            argmax != nullptr ? argmax->mutable_data_ptr<int32_t>() : nullptr);
       });
   return output;
+}
+
+// roi_align and roi_align_max (given argmax): one feature map.
+at::Tensor single_map_forward(const char* op, const at::Tensor& input, const at::Tensor& rois,
+                              double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                              int64_t sampling_ratio, bool aligned, at::Tensor* argmax = nullptr) {
+  check_roi_align_forward(op, input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::Tensor rois_acc = rois.to(accumulate_dtype(input.scalar_type())).contiguous();
+  check_batch_indices(op, rois_acc, input.size(0));
+  return pool_forward({input}, rois_acc,
+                      single_level_pyramid(input.size(1), input.size(2), input.size(3),
+                                           spatial_scale, use_channels_last(input)),
+                      pooled_h, pooled_w, sampling_ratio, aligned, argmax);
 }
 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t sampling_ratio, bool aligned) {
-  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::Tensor rois_acc = rois.to(accumulate_dtype(input.scalar_type())).contiguous();
-  check_batch_indices("maskrcnn_ops::roi_align", rois_acc, input.size(0));
-  return pool_forward({input}, rois_acc,
-                      single_level(input.size(1), input.size(2), input.size(3), spatial_scale,
-                                   use_channels_last(input)),
-                      pooled_h, pooled_w, sampling_ratio, aligned);
+  return single_map_forward("maskrcnn_ops::roi_align", input, rois, spatial_scale, pooled_h,
+                            pooled_w, sampling_ratio, aligned);
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cuda(
+    const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
+    int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  at::Tensor argmax;
+  at::Tensor output = single_map_forward("maskrcnn_ops::roi_align_max", input, rois, spatial_scale,
+                                         pooled_h, pooled_w, sampling_ratio, aligned, &argmax);
+  return {output, argmax};
 }
 
 at::Tensor multi_level_roi_align_forward_cuda(at::TensorList features, const at::Tensor& rois,
@@ -151,136 +131,131 @@ at::Tensor multi_level_roi_align_forward_cuda(at::TensorList features, const at:
   check_multi_level_roi_align_forward(features, rois, spatial_scales, pooled_h, pooled_w,
                                       sampling_ratio, canonical_scale);
   const c10::cuda::CUDAGuard device_guard(features[0].device());
-  std::vector<int64_t> heights, widths;
-  for (const auto& f : features) {
-    heights.push_back(f.size(2));
-    widths.push_back(f.size(3));
-  }
   return pool_forward(features.vec(), rois,
-                      fpn_pyramid(features[0].size(1), heights, widths, spatial_scales,
-                                  canonical_scale, canonical_level,
-                                  use_channels_last(features[0])),
+                      feature_pyramid(features, spatial_scales, canonical_scale, canonical_level),
                       pooled_h, pooled_w, sampling_ratio, aligned);
+}
+
+// ---------------------------------------------------------------- backward --
+
+// A backward call as its kernels read it: grad and argmax (max pooling's,
+// else null) in the maps' layout, rois in the accumulation dtype.
+struct BackwardCall {
+  const Pyramid<double>& spec;
+  at::Tensor grad, rois;
+  const int32_t* argmax;
+  int64_t batch, pooled_h, pooled_w, sampling_ratio;
+  bool aligned;
+
+  template <typename acc_t>
+  PoolArgs<acc_t> args() const {
+    return {rois.const_data_ptr<acc_t>(), rois.size(0), batch, pooled_h, pooled_w, sampling_ratio,
+            aligned};
+  }
+
+  // Level l's gradient [N, C, H_l, W_l] in the maps' layout, uninitialized.
+  at::Tensor empty_level(int64_t l, c10::ScalarType dtype) const {
+    // (at::zeros would drop the memory format from the options.)
+    return at::empty({batch, spec.channels, spec.height[l], spec.width[l]},
+                     grad.options().dtype(dtype).memory_format(memory_format_of(spec)));
+  }
+};
+
+// Float atomics into zeroed maps of the accumulation dtype (float32 for half
+// types, rounded once at the end).
+std::vector<at::Tensor> backward_atomic(const BackwardCall& call) {
+  const auto dtype = call.grad.scalar_type();
+  std::vector<at::Tensor> grad_inputs;
+  for (int64_t l = 0; l < call.spec.levels; ++l)
+    grad_inputs.push_back(call.empty_level(l, accumulate_dtype(dtype)).zero_());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "roi_align_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t*> data;
+    for (auto& t : grad_inputs) data.push_back(t.mutable_data_ptr<acc_t>());
+    launch_backward<scalar_t, acc_t>(current_stream_launch(), call.spec.as<acc_t>(),
+                                     call.grad.const_data_ptr<scalar_t>(), call.argmax,
+                                     call.args<acc_t>(), data.data());
+  });
+  for (auto& t : grad_inputs) {
+    if (t.scalar_type() != dtype) t = t.to(dtype);
+  }
+  return grad_inputs;
+}
+
+// Deterministic (torch.use_deterministic_algorithms): 64-bit fixed point in
+// one buffer for all levels, converted into maps of grad's dtype.
+std::vector<at::Tensor> backward_fixed_point(const BackwardCall& call) {
+  const auto dtype = call.grad.scalar_type();
+  std::vector<at::Tensor> grad_inputs;
+  for (int64_t l = 0; l < call.spec.levels; ++l) grad_inputs.push_back(call.empty_level(l, dtype));
+  const int64_t total = call.spec.total_numel(call.batch);
+  if (total == 0) return grad_inputs;
+  const auto options = call.grad.options();
+  at::Tensor fixed = at::zeros({total}, options.dtype(at::kLong));
+  at::Tensor scale = at::empty({}, options.dtype(at::kDouble));
+  // On the device, so nothing waits on the host.
+  const at::Tensor max_abs =
+      call.grad.numel() > 0 ? call.grad.abs().max().to(at::kDouble) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "roi_align_backward_cuda_deterministic", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        std::vector<scalar_t*> data;
+        for (auto& t : grad_inputs) data.push_back(t.mutable_data_ptr<scalar_t>());
+        launch_deterministic_backward<scalar_t, acc_t>(
+            current_stream_launch(), call.spec.as<acc_t>(), call.grad.const_data_ptr<scalar_t>(),
+            call.argmax, call.args<acc_t>(),
+            max_abs.defined() ? max_abs.const_data_ptr<double>() : nullptr,
+            reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
+            scale.mutable_data_ptr<double>(), data.data());
+      });
+  return grad_inputs;
 }
 
 // Backward over the maps spec describes: one gradient [N, C, H_l, W_l] per
 // level, in grad's dtype and layout. One launch for all RoIs and levels.
 std::vector<at::Tensor> pool_backward(const at::Tensor& grad, const at::Tensor& rois,
-                                      const PyramidSpec& spec, int64_t pooled_h,
-                                      int64_t pooled_w, int64_t batch,
-                                      int64_t sampling_ratio, bool aligned,
-                                      const at::Tensor* argmax = nullptr) {
-  const auto memory_format = spec.channels_last ? at::MemoryFormat::ChannelsLast
-                                                : at::MemoryFormat::Contiguous;
-  const int64_t channels = spec.channels, levels = spec.levels();
-  const auto acc_dtype = accumulate_dtype(grad.scalar_type());
-  const at::Tensor rois_acc = rois.to(acc_dtype).contiguous();
-  const auto options = grad.options().memory_format(memory_format);
-  const int64_t work = grad.numel();
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const std::vector<int64_t> sizes = spec.level_sizes(batch);
-  int64_t total = 0;
-  for (const int64_t size : sizes) total += size;
-  auto empty_level = [&](int64_t l, c10::ScalarType dtype) {
-    return at::empty({batch, channels, spec.heights[l], spec.widths[l]}, options.dtype(dtype));
-  };
-  const at::Tensor grad_c = grad.contiguous(memory_format);
+                                      const Pyramid<double>& spec, int64_t pooled_h,
+                                      int64_t pooled_w, int64_t batch, int64_t sampling_ratio,
+                                      bool aligned, const at::Tensor* argmax = nullptr) {
+  const auto memory_format = memory_format_of(spec);
   const at::Tensor argmax_c = argmax != nullptr ? argmax->contiguous(memory_format) : at::Tensor();
-  const int32_t* argmax_data = argmax != nullptr ? argmax_c.const_data_ptr<int32_t>() : nullptr;
+  const BackwardCall call{spec,
+                          grad.contiguous(memory_format),
+                          rois.to(accumulate_dtype(grad.scalar_type())).contiguous(),
+                          argmax != nullptr ? argmax_c.const_data_ptr<int32_t>() : nullptr,
+                          batch,
+                          pooled_h,
+                          pooled_w,
+                          sampling_ratio,
+                          aligned};
+  return at::globalContext().deterministicAlgorithms() ? backward_fixed_point(call)
+                                                       : backward_atomic(call);
+}
 
-  if (deterministic) {
-    std::vector<at::Tensor> grad_inputs;
-    for (int64_t l = 0; l < levels; ++l) grad_inputs.push_back(empty_level(l, grad.scalar_type()));
-    if (total == 0) return grad_inputs;
-    // One fixed-point buffer holds every level, back to back.
-    at::Tensor fixed = at::zeros({total}, grad.options().dtype(at::kLong));
-    at::Tensor scale = at::empty({}, grad.options().dtype(at::kDouble));
-    if (work > 0) {
-      const at::Tensor max_abs = grad.abs().max().to(at::kDouble);
-      fixed_point_scale_kernel<<<1, 1, 0, stream>>>(max_abs.const_data_ptr<double>(),
-                                                    fixed_point_bound(rois.size(0), pooled_h, pooled_w),
-                                                    scale.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      scale.fill_(1.0);
-    }
-    auto* fixed_data = reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>());
-    std::vector<unsigned long long*> level_data;
-    for (int64_t l = 0, offset = 0; l < levels; offset += sizes[l], ++l)
-      level_data.push_back(fixed_data + offset);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda_deterministic", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          if (work > 0) {
-            const FixedPointSink<acc_t> sink{scale.const_data_ptr<double>()};
-            roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
-                grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), argmax_data,
-                sink, spec.on_device<unsigned long long, acc_t>(level_data), work, batch, pooled_h,
-                pooled_w, sampling_ratio, aligned);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-          for (int64_t l = 0; l < levels; ++l) {
-            if (sizes[l] == 0) continue;
-            fixed_point_to_float_kernel<scalar_t><<<grid_size(sizes[l]), kThreads, 0, stream>>>(
-                level_data[l], scale.const_data_ptr<double>(),
-                grad_inputs[l].mutable_data_ptr<scalar_t>(), sizes[l]);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-        });
-    return grad_inputs;
-  }
-
-  // Half types gather into float32 and are rounded once at the end.
-  // (at::zeros would drop the memory format from the options.)
-  std::vector<at::Tensor> grad_inputs;
-  for (int64_t l = 0; l < levels; ++l) grad_inputs.push_back(empty_level(l, acc_dtype).zero_());
-  if (total > 0 && work > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          std::vector<acc_t*> level_data;
-          for (auto& t : grad_inputs) level_data.push_back(t.mutable_data_ptr<acc_t>());
-          roi_align_backward_kernel<scalar_t, acc_t><<<grid_size(work), kThreads, 0, stream>>>(
-              grad_c.const_data_ptr<scalar_t>(), rois_acc.const_data_ptr<acc_t>(), argmax_data,
-              FloatAtomicSink<acc_t>{}, spec.on_device<acc_t, acc_t>(level_data), work, batch,
-              pooled_h, pooled_w, sampling_ratio, aligned);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-  }
-  for (auto& t : grad_inputs) {
-    if (t.scalar_type() != grad.scalar_type()) t = t.to(grad.scalar_type());
-  }
-  return grad_inputs;
+// roi_align_backward and roi_align_max_backward (given argmax): one map.
+at::Tensor single_map_backward(const char* op, const at::Tensor& grad, const at::Tensor& rois,
+                               double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                               int64_t batch, int64_t channels, int64_t height, int64_t width,
+                               int64_t sampling_ratio, bool aligned,
+                               const at::Tensor* argmax = nullptr) {
+  check_roi_align_backward(op, grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
+                           height, width, sampling_ratio);
+  if (argmax != nullptr) check_argmax(grad, *argmax);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return pool_backward(grad, rois,
+                       single_level_pyramid(channels, height, width, spatial_scale,
+                                            use_channels_last(grad)),
+                       pooled_h, pooled_w, batch, sampling_ratio, aligned, argmax)
+      .front();
 }
 
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
                                    double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                    int64_t batch, int64_t channels, int64_t height,
                                    int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
-                           height, width, sampling_ratio);
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  return pool_backward(grad, rois,
-                       single_level(channels, height, width, spatial_scale, use_channels_last(grad)),
-                       pooled_h, pooled_w, batch, sampling_ratio, aligned)
-      .front();
-}
-
-std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cuda(
-    const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
-    int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  check_roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::Tensor rois_acc = rois.to(accumulate_dtype(input.scalar_type())).contiguous();
-  check_batch_indices("maskrcnn_ops::roi_align_max", rois_acc, input.size(0));
-  at::Tensor argmax;
-  at::Tensor output = pool_forward(
-      {input}, rois_acc,
-      single_level(input.size(1), input.size(2), input.size(3), spatial_scale,
-                   use_channels_last(input)),
-      pooled_h, pooled_w, sampling_ratio, aligned, &argmax);
-  return {output, argmax};
+  return single_map_backward("maskrcnn_ops::roi_align_backward", grad, rois, spatial_scale,
+                             pooled_h, pooled_w, batch, channels, height, width, sampling_ratio,
+                             aligned);
 }
 
 at::Tensor roi_align_max_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
@@ -288,14 +263,9 @@ at::Tensor roi_align_max_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                        int64_t pooled_h, int64_t pooled_w, int64_t batch,
                                        int64_t channels, int64_t height, int64_t width,
                                        int64_t sampling_ratio, bool aligned) {
-  check_roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels,
-                           height, width, sampling_ratio);
-  check_argmax(grad, argmax);
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  return pool_backward(grad, rois,
-                       single_level(channels, height, width, spatial_scale, use_channels_last(grad)),
-                       pooled_h, pooled_w, batch, sampling_ratio, aligned, &argmax)
-      .front();
+  return single_map_backward("maskrcnn_ops::roi_align_max_backward", grad, rois, spatial_scale,
+                             pooled_h, pooled_w, batch, channels, height, width, sampling_ratio,
+                             aligned, &argmax);
 }
 
 std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
@@ -307,8 +277,8 @@ std::vector<at::Tensor> multi_level_roi_align_backward_cuda(
                                        channels, heights, widths, sampling_ratio, canonical_scale);
   const c10::cuda::CUDAGuard device_guard(grad.device());
   return pool_backward(grad, rois,
-                       fpn_pyramid(channels, heights.vec(), widths.vec(), spatial_scales,
-                                   canonical_scale, canonical_level, use_channels_last(grad)),
+                       gradient_pyramid(grad, channels, heights, widths, spatial_scales,
+                                        canonical_scale, canonical_level),
                        pooled_h, pooled_w, batch, sampling_ratio, aligned);
 }
 

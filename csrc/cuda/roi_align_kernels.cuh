@@ -2,8 +2,11 @@
 // ATen so that the same source also compiles as host C++ under
 // tests/cuda_emulation/, where a serial grid emulator runs these very
 // kernels on the CPU (the test suite compares them with the CPU kernels; no
-// GPU is needed to check their index arithmetic and layouts). The host code
-// that allocates, checks and launches lives in roi_align.cu.
+// GPU is needed to check their index arithmetic and layouts). At the end,
+// the launch sequences of a call, templated over the launcher
+// (csrc/cuda/launch.cuh): roi_align.cu runs them on the GPU and the emulator
+// on the CPU, so the tests also check the host side of the launches. The host
+// code that checks and allocates lives in roi_align.cu.
 //
 // Compiled by nvcc, or by a host compiler after tests/cuda_emulation/
 // cuda_shim.h has defined the CUDA built-ins it uses (threadIdx, blockIdx,
@@ -11,96 +14,33 @@
 // __double2ll_rn, __longlong_as_double).
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "../common/roi_align_math.h"
+#include "../common/roi_align_pyramid.h"
+#include "launch.cuh"
 
 namespace maskrcnn_ops {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kChannelsPerThread = 4;
 
-inline unsigned int grid_size(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 30)));
-}
-
-// The feature maps of one call, passed to the kernels by value: a pointer and
-// size per level, and the FPN level mapping (unused for a single map). T is
-// the element type the kernel reads (features) or writes (gradient sinks).
+// What the kernels take by value: the maps (csrc/common/roi_align_pyramid.h)
+// and a pointer per level to element 0 of its map. T is the element type the
+// kernel reads (features) or writes (gradient sinks).
 template <typename T, typename acc_t>
-struct Pyramid {
+struct PyramidData : Pyramid<acc_t> {
   T* data[kMaxPyramidLevels];
-  int64_t height[kMaxPyramidLevels];
-  int64_t width[kMaxPyramidLevels];
-  acc_t scale[kMaxPyramidLevels];
-  int64_t levels, first_level, channels;
-  acc_t canonical_scale, canonical_level;
-  bool channels_last;
-
-  __device__ __forceinline__ int64_t level_of(const acc_t* roi) const {
-    if (levels == 1) return 0;
-    return fpn_level_index<acc_t>(roi, canonical_scale, canonical_level, first_level, levels);
-  }
-  __device__ __forceinline__ FeatureLayout layout(int64_t level) const {
-    return FeatureLayout{channels, height[level], width[level], channels_last};
-  }
-  __device__ __forceinline__ RoIAlignGeometry<acc_t> geometry(
-      const acc_t* roi, int64_t level, int64_t batch, int64_t pooled_h,
-      int64_t pooled_w, int64_t sampling_ratio, bool aligned) const {
-    return roi_geometry<acc_t>(roi, batch, height[level], width[level], scale[level],
-                               pooled_h, pooled_w, sampling_ratio, aligned);
-  }
 };
 
-// Host-side description of the maps, from which the kernels' Pyramid is made.
-struct PyramidSpec {
-  std::vector<int64_t> heights, widths;
-  std::vector<double> scales;
-  int64_t first_level = 0, channels = 0;
-  double canonical_scale = 224.0;
-  int64_t canonical_level = 4;
-  bool channels_last = false;
-
-  int64_t levels() const { return static_cast<int64_t>(heights.size()); }
-
-  template <typename T, typename acc_t>
-  Pyramid<T, acc_t> on_device(const std::vector<T*>& data) const {
-    Pyramid<T, acc_t> p{};
-    for (int64_t l = 0; l < levels(); ++l) {
-      p.data[l] = data[l];
-      p.height[l] = heights[l];
-      p.width[l] = widths[l];
-      p.scale[l] = static_cast<acc_t>(scales[l]);
-    }
-    p.levels = levels();
-    p.first_level = first_level;
-    p.channels = channels;
-    p.canonical_scale = static_cast<acc_t>(canonical_scale);
-    p.canonical_level = static_cast<acc_t>(canonical_level);
-    p.channels_last = channels_last;
-    return p;
-  }
-
-  // Threads of the forward kernel: one per (RoI, bin, channel) for
-  // channels_last, per (RoI, channel group, bin) for NCHW.
-  int64_t forward_work(int64_t num_rois, int64_t pooled_h, int64_t pooled_w) const {
-    const int64_t groups =
-        channels_last ? channels : (channels + kChannelsPerThread - 1) / kChannelsPerThread;
-    return num_rois * pooled_h * pooled_w * groups;
-  }
-
-  // Elements of each level's gradient [batch, channels, H_l, W_l].
-  std::vector<int64_t> level_sizes(int64_t batch) const {
-    std::vector<int64_t> sizes;
-    for (int64_t l = 0; l < levels(); ++l) sizes.push_back(batch * channels * heights[l] * widths[l]);
-    return sizes;
-  }
-};
+template <typename T, typename acc_t>
+PyramidData<T, acc_t> with_data(const Pyramid<acc_t>& maps, T* const* data) {
+  PyramidData<T, acc_t> p{};
+  static_cast<Pyramid<acc_t>&>(p) = maps;
+  for (int64_t l = 0; l < maps.levels; ++l) p.data[l] = data[l];
+  return p;
+}
 
 // The deterministic backward's bound on any accumulated magnitude, in units
 // of max|grad|: each bin spreads |grad| / count over count samples of total
@@ -142,14 +82,13 @@ __device__ __forceinline__ Bin decompose(int64_t index, int64_t channels,
 // to argmax (-1 for a RoI without samples); otherwise the average.
 template <typename scalar_t, typename acc_t, int CPT, bool kMax>
 __global__ void roi_align_forward_kernel(
-    Pyramid<const scalar_t, acc_t> maps, const acc_t* __restrict__ rois,
+    PyramidData<const scalar_t, acc_t> maps, const acc_t* __restrict__ rois,
     scalar_t* __restrict__ output, int32_t* __restrict__ argmax, int64_t work,
     int64_t batch, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
     bool aligned) {
   const int group = maps.channels_last ? 1 : CPT;
   const int64_t channels = maps.channels;
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  MRO_GRID_STRIDE(index, work) {
     const Bin bin = decompose(index, channels, pooled_h, pooled_w,
                               maps.channels_last, group);
     const int64_t level = maps.level_of(rois + bin.k * 5);
@@ -260,11 +199,10 @@ template <typename scalar_t, typename acc_t, typename Sink>
 __global__ void roi_align_backward_kernel(
     const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois,
     const int32_t* __restrict__ argmax, Sink sink,
-    Pyramid<typename Sink::element_t, acc_t> maps, int64_t work, int64_t batch,
+    PyramidData<typename Sink::element_t, acc_t> maps, int64_t work, int64_t batch,
     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   const auto sink_bound = sink.bind();
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       index < work; index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  MRO_GRID_STRIDE(index, work) {
     const Bin bin = decompose(index, maps.channels, pooled_h, pooled_w,
                               maps.channels_last, 1);
     const int64_t level = maps.level_of(rois + bin.k * 5);
@@ -307,9 +245,10 @@ __global__ void roi_align_backward_kernel(
 // Largest power of two such that the largest possible accumulated magnitude,
 // max|grad| * bound, times the scale stays below 2^62.
 // The exponent is capped so the scale stays finite for tiny float64 grads.
+// max_abs_grad is null for an empty grad (scale 1: the sums are all zero).
 __global__ void fixed_point_scale_kernel(const double* max_abs_grad, double bound,
                                          double* scale) {
-  const double m = *max_abs_grad;
+  const double m = max_abs_grad != nullptr ? *max_abs_grad : 0.0;
   if (!(m - m == 0.0)) {
     *scale = 0.0;  // NaN or Inf in grad
   } else if (m == 0.0) {
@@ -324,11 +263,98 @@ __global__ void fixed_point_to_float_kernel(const unsigned long long* __restrict
                                             const double* scale, scalar_t* __restrict__ out,
                                             int64_t n) {
   const double s = *scale;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  MRO_GRID_STRIDE(i, n) {
     const double value = s == 0.0 ? __longlong_as_double(static_cast<long long>(fixed[i]))
                                   : static_cast<double>(static_cast<long long>(fixed[i])) / s;
     out[i] = static_cast<scalar_t>(value);
+  }
+}
+
+// ------------------------------------------------ launch sequences (host) --
+//
+// The launches of one call, for roi_align.cu (StreamLaunch) and the emulator
+// (EmulatedLaunch). The caller has checked the arguments and owns the
+// memory; `maps` describes the feature maps (and so the gradients) in the
+// accumulation type.
+
+// What every launch of a call is given besides the maps and its buffers.
+template <typename acc_t>
+struct PoolArgs {
+  const acc_t* rois;  // [num_rois, 5] in acc_t
+  int64_t num_rois, batch, pooled_h, pooled_w, sampling_ratio;
+  bool aligned;
+};
+
+// Threads of the backward kernel: one per element of grad [K, C, PH, PW].
+template <typename acc_t>
+int64_t backward_work(const Pyramid<acc_t>& maps, const PoolArgs<acc_t>& a) {
+  return a.num_rois * maps.channels * a.pooled_h * a.pooled_w;
+}
+
+// Forward: output (and, for max pooling, argmax; null for the average)
+// [K, C, PH, PW] in the maps' layout, from one feature map per level. One
+// launch for all RoIs and levels. Threads: one per (RoI, bin, channel) for
+// channels_last, per (RoI, channel group, bin) for NCHW.
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_forward(const Launch& launch, const Pyramid<acc_t>& maps,
+                    const scalar_t* const* features, const PoolArgs<acc_t>& a, scalar_t* output,
+                    int32_t* argmax) {
+  const int64_t groups = maps.channels_last
+                             ? maps.channels
+                             : (maps.channels + kChannelsPerThread - 1) / kChannelsPerThread;
+  const int64_t work = a.num_rois * a.pooled_h * a.pooled_w * groups;
+  if (work == 0) return;
+  const auto kernel = argmax != nullptr
+                          ? roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread, true>
+                          : roi_align_forward_kernel<scalar_t, acc_t, kChannelsPerThread, false>;
+  launch(grid_size(work), kThreads, kernel, with_data(maps, features), a.rois, output, argmax, work,
+         a.batch, a.pooled_h, a.pooled_w, a.sampling_ratio, a.aligned);
+}
+
+// Backward with float atomics: adds grad (argmax: as launch_forward) into
+// grad_inputs, one zeroed acc_t map per level in the maps' layout.
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_backward(const Launch& launch, const Pyramid<acc_t>& maps, const scalar_t* grad,
+                     const int32_t* argmax, const PoolArgs<acc_t>& a, acc_t* const* grad_inputs) {
+  const int64_t work = backward_work(maps, a);
+  if (work == 0 || maps.total_numel(a.batch) == 0) return;
+  launch(grid_size(work), kThreads, roi_align_backward_kernel<scalar_t, acc_t, FloatAtomicSink<acc_t>>,
+         grad, a.rois, argmax, FloatAtomicSink<acc_t>{}, with_data(maps, grad_inputs), work, a.batch,
+         a.pooled_h, a.pooled_w, a.sampling_ratio, a.aligned);
+}
+
+// Deterministic backward: the sums in 64-bit fixed point, then converted to
+// scalar_t, which overwrites every element of grad_inputs (one map per level
+// in the maps' layout). Scratch: `fixed`, zeroed, one word per element of
+// every level, level after level (Pyramid::total_numel); `scale`, one double.
+// max_abs_grad: max|grad| as a double in device memory, read only when grad
+// has elements.
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_deterministic_backward(const Launch& launch, const Pyramid<acc_t>& maps,
+                                   const scalar_t* grad, const int32_t* argmax,
+                                   const PoolArgs<acc_t>& a, const double* max_abs_grad,
+                                   unsigned long long* fixed, double* scale,
+                                   scalar_t* const* grad_inputs) {
+  const int64_t work = backward_work(maps, a);
+  unsigned long long* level_fixed[kMaxPyramidLevels] = {};
+  int64_t total = 0;
+  for (int64_t l = 0; l < maps.levels; ++l) {
+    level_fixed[l] = fixed + total;
+    total += maps.numel(l, a.batch);
+  }
+  if (total == 0) return;
+  launch(1, 1, fixed_point_scale_kernel, work > 0 ? max_abs_grad : nullptr,
+         fixed_point_bound(a.num_rois, a.pooled_h, a.pooled_w), scale);
+  if (work > 0) {
+    launch(grid_size(work), kThreads, roi_align_backward_kernel<scalar_t, acc_t, FixedPointSink<acc_t>>,
+           grad, a.rois, argmax, FixedPointSink<acc_t>{scale}, with_data(maps, level_fixed), work,
+           a.batch, a.pooled_h, a.pooled_w, a.sampling_ratio, a.aligned);
+  }
+  for (int64_t l = 0; l < maps.levels; ++l) {
+    const int64_t n = maps.numel(l, a.batch);
+    if (n == 0) continue;
+    launch(grid_size(n), kThreads, fixed_point_to_float_kernel<scalar_t>, level_fixed[l], scale,
+           grad_inputs[l], n);
   }
 }
 

@@ -1,5 +1,6 @@
 // The CUDA built-ins that csrc/cuda/*_kernels.cuh use, defined for a host
-// compiler, so those kernels run on the CPU. Two launchers:
+// compiler, so those kernels, and the launch sequences written over a
+// launcher there (csrc/cuda/launch.cuh), run on the CPU. Two launchers:
 //   * emulate_launch: every (block, thread) runs the kernel body once, in
 //     order, on the calling thread. For kernels whose threads do not
 //     cooperate (no shared memory, no barrier), such as the RoIAlign
@@ -11,6 +12,7 @@
 //     the shim's atomics are not thread-safe.)
 #pragma once
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -85,6 +87,19 @@ void emulate_launch(unsigned int blocks, unsigned int threads, Kernel kernel, Ar
     }
   }
 }
+
+// The launcher of the shared launch sequences (csrc/cuda/launch.cuh), the
+// emulator's counterpart of the GPU's StreamLaunch: each launch through
+// emulate_launch. max_blocks, when not 0, caps every grid: fewer blocks than
+// a launch asks for make the kernels' grid-stride loops take several turns.
+struct EmulatedLaunch {
+  unsigned int max_blocks = 0;
+
+  template <typename Kernel, typename... Args>
+  void operator()(unsigned int blocks, unsigned int threads, Kernel kernel, Args... args) const {
+    emulate_launch(max_blocks != 0 ? std::min(blocks, max_blocks) : blocks, threads, kernel, args...);
+  }
+};
 
 // Runs a two-dimensional grid of blocks of `threads` concurrent threads.
 // A thread that returns leaves the barrier, as on the GPU a finished thread
