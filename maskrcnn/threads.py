@@ -34,8 +34,10 @@ class ThreadTuner:
       it. Only these bring the maximum back once the load goes away: one
       thread does not get faster when the other cores free up, so there is
       nothing to notice.
-    - at once when steps at the chosen count slow down. Each step longer
-      than ``slow_factor`` times the count's median at the last probe adds
+    - at once when steps with the larger count slow down (one thread is not
+      watched: its steps slow down only when the cores get busier, and then
+      more threads would be slower still). Each step longer than
+      ``slow_factor`` times the count's median at the last probe adds
       its excess to a tally of lost time; each other step halves the
       tally. When the tally exceeds ``probe`` of those medians (about what
       a probe costs), the next step starts a probe. So one very slow step
@@ -48,6 +50,12 @@ class ThreadTuner:
     Decisions that change the count, and probes started by a slowdown, are
     described by the message that ``record`` returns (and ``messages``
     keeps) for the progress bar.
+
+    OMP_WAIT_POLICY=PASSIVE, set before the process starts, makes waiting
+    threads sleep instead of spin: the larger count then fares about as
+    well as one thread beside a busy neighbour, but every step on an idle
+    machine is slower. So the tuner, not the wait policy, handles shared
+    machines.
 
     Args:
         max_threads: the largest count (torch's default: the cores).
@@ -99,7 +107,7 @@ class ThreadTuner:
         self.iterations_at[threads] = self.iterations_at.get(threads, 0) + 1
         if self.queue:
             message = self._record_probe_step(threads, seconds)
-        elif threads == self.chosen and threads in self.reference:
+        elif threads == self.chosen and threads != self.candidates[0] and threads in self.reference:
             message = self._watch(seconds)
         else:
             message = None

@@ -136,6 +136,16 @@ def test_thread_tuner_moderate_slowdown_needs_two_slow_steps():
     assert list(messages) == [21, 25] and "1.14 s with 2 threads" in messages[21]
 
 
+def test_thread_tuner_does_not_probe_when_one_thread_slows_down():
+    """With 1 thread chosen, slower steps mean busier cores: 2 threads would
+    be slower still, so only the schedule probes again."""
+    heavier = {1: 5.0, 2: 30.0}
+    tuner = ThreadTuner(max_threads=2, probe=3, min_interval=50)
+    counts, messages = drive(tuner, lambda step, threads: (heavier if step >= 20 else BUSY)[threads], range(60))
+    assert list(messages) == [3] and set(counts[4:54]) == {1}  # the first decision, then nothing until step 54
+    assert counts[54:58] == [1, 1, 1, 2]
+
+
 def test_thread_tuner_noise_does_not_cause_probe_storms():
     """A step a little slow never starts a probe; a very slow one starts
     one, which keeps 2 threads; each such false alarm doubles the lost time
