@@ -8,9 +8,9 @@ quiet machine, then with a busy neighbour: a child process spinning
 ``while True: pass``, started and stopped by this script. An OpenMP kernel
 that opens many parallel regions per call suffers there, since at every
 region's barrier its threads wait for the one that shares a core with the
-neighbour.
+neighbour. With --classes C above 1 the op is batched_nms over C classes.
 
-    python -m benchmarks.nms_under_load [--boxes 12000] [--iou 0.7] [--dtype float32]
+    python -m benchmarks.nms_under_load [--boxes 12000] [--iou 0.7] [--classes 1] [--dtype float32]
                                         [--threads 1 2] [--rounds 2] [--repeats 25] [--out DIR]
 
 Prints a table (median and 90th percentile, ms) and writes
@@ -151,7 +151,7 @@ def measure(args, dtype: torch.dtype) -> list:
     """Samples of every (implementation, load, threads) setting, over
     args.rounds rounds of quiet-then-busy, pooled (so that a change of the
     machine's other load during the run falls on both loads)."""
-    ours, theirs, agree = _nms_setup("cpu", dtype, args.boxes, 1, args.iou, False)()
+    ours, theirs, agree = _nms_setup("cpu", dtype, args.boxes, args.classes, args.iou, args.classes > 1)()
     kept = int(ours().numel())
     identical = agree()
     samples = collections.defaultdict(list)
@@ -195,6 +195,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--boxes", type=int, default=12000)
     parser.add_argument("--iou", type=float, default=0.7)
+    parser.add_argument("--classes", type=int, default=1,
+                        help="above 1: batched_nms over this many classes (random labels) instead of nms")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2, help="rounds of quiet-then-busy measurements")
@@ -215,7 +217,8 @@ def main(argv=None) -> None:
         omp_env={k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
         cpu_pressure_before=pressure_before, cpu_pressure_after=cpu_pressure(),
     )
-    workload = dict(op="nms", boxes=args.boxes, box_shape=[args.boxes, 4], scores_shape=[args.boxes],
+    workload = dict(op="nms" if args.classes == 1 else "batched_nms", classes=args.classes, boxes=args.boxes,
+                    box_shape=[args.boxes, 4], scores_shape=[args.boxes],
                     iou=args.iou, dtype=args.dtype,
                     generator="benchmarks.suite._nms_setup (benchmarks.common.random_boxes)",
                     neighbour="a child process running `while True: pass`")
