@@ -326,8 +326,9 @@ def add_train_parser(commands) -> None:
     add_device_argument(parser, "; under torchrun cuda:LOCAL_RANK")
     parser.add_argument("--workers", type=COUNT, default=0, help="data-loading processes (0: in this process)")
     parser.add_argument("--seed", type=SEED, default=0, help="data order and sampling seed")
-    parser.add_argument("--adapt-threads", action="store_true",
-                        help="CPU: choose the number of threads by timing now and then (faster on a shared machine)")
+    parser.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU: choose the number of threads by timing steps, and again at once when steps "
+                             "slow down (a busy neighbour); --no-adapt-threads keeps torch's count (default: on)")
     parser.set_defaults(run=run_train)
 
 
