@@ -19,7 +19,6 @@ with it stay small (N <= 500); the large cases use torchvision.
 
 from __future__ import annotations
 
-import importlib
 import math
 from unittest import mock
 
@@ -550,6 +549,23 @@ def test_fuzz_grid_against_torchvision(case):
     scores = (torch.randint(0, levels, (n,), generator=g).double() / levels).to(case["dtype"])
     t = case["iou_threshold"]
     assert_same(maskrcnn_ops.nms(boxes, scores, t), torchvision.ops.nms(boxes, scores, t))
+
+
+def test_cpu_buffers_across_calls():
+    """The CPU kernel keeps its buffers between calls, and releases them after
+    a segment of more than 65,536 boxes: a call of 80,000 boxes in four far
+    apart regions keeps the union of what each region keeps alone, and calls
+    before and after it give torchvision's results."""
+    small, small_scores = make_boxes(3000, seed=90, scale=300.0)
+    expected = torchvision.ops.nms(small, small_scores, 0.5)
+    assert_same(maskrcnn_ops.nms(small, small_scores, 0.5), expected)
+    regions = [make_boxes(20000, seed=91 + k, scale=3000.0) for k in range(4)]
+    boxes = torch.cat([b + 1e4 * k for k, (b, _) in enumerate(regions)])
+    scores = torch.cat([s for _, s in regions])
+    kept = keep_mask(maskrcnn_ops.nms(boxes, scores, 0.5), len(boxes))
+    for k, (b, s) in enumerate(regions):
+        assert torch.equal(kept[20000 * k : 20000 * (k + 1)], keep_mask(maskrcnn_ops.nms(b, s, 0.5), 20000))
+    assert_same(maskrcnn_ops.nms(small, small_scores, 0.5), expected)
 
 
 @pytest.mark.parametrize("iou_threshold", [0.5, 0.7])
@@ -1415,6 +1431,6 @@ def test_image_groups(boxes_per_image, limit, groups):
 def test_image_groups_default_bound_keeps_the_mask_small():
     """The default bound keeps one call's suppression mask (N * ceil(N/64)
     8-byte words) within 64 MiB."""
-    n = importlib.import_module("maskrcnn_ops.nms").NMS_BOXES_PER_CALL
+    n = maskrcnn_ops.NMS_BOXES_PER_CALL
     assert n * math.ceil(n / 64) * 8 <= 64 * 2**20
     assert maskrcnn_ops.image_groups([n // 2] * 4) == [(0, 2), (2, 4)]

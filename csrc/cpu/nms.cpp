@@ -428,14 +428,15 @@ struct Workspace {
   BoxArrays<acc_t> kept;
   KeptGrid<acc_t> grid;
 
-  static constexpr size_t kWorkspaceKeepBoxes = size_t(1) << 18;
+  static constexpr size_t kWorkspaceKeepBoxes = size_t(1) << 16;
 
   static Workspace& of_this_thread() {
     thread_local Workspace ws;
     return ws;
   }
   void trim() {
-    if (members.capacity() > kWorkspaceKeepBoxes) *this = Workspace();
+    if (members.capacity() > kWorkspaceKeepBoxes || kept.area.capacity() > kWorkspaceKeepBoxes)
+      *this = Workspace();
   }
 };
 
