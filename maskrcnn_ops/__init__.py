@@ -55,7 +55,7 @@ from .boxes import (  # noqa: E402
     encode_boxes,
     remove_small_boxes,
 )
-from .nms import (  # noqa: E402
+from .nms_ops import (  # noqa: E402
     NMS_BOXES_PER_CALL,
     batched_nms,
     batched_nms_keep,

@@ -60,8 +60,8 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.jit.annotations import BroadcastingList2
 
-from .nms import batched_nms as _our_batched_nms
-from .nms import nms as _our_nms
+from .nms_ops import batched_nms as _our_batched_nms
+from .nms_ops import nms as _our_nms
 from .roi_align_ops import boxes_to_rois
 from .roi_align_ops import roi_align as _our_roi_align
 

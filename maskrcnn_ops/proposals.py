@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .boxes import DEFAULT_CLIP, _weights
-from .nms import NMS_BOXES_PER_CALL, batched_nms_keep, image_groups, rank_kept_per_image
+from .nms_ops import NMS_BOXES_PER_CALL, batched_nms_keep, image_groups, rank_kept_per_image
 
 _ops = torch.ops.maskrcnn_ops
 _INT64_MIN = -(2**63)

@@ -84,8 +84,7 @@ def test_no_exported_name_hides_a_submodule(package):
     """``package.X`` is one thing: no function a package exports shares its
     name with a submodule (``maskrcnn_ops.roi_align`` is the function, its
     module ``roi_align_ops``), which could otherwise be reached only through
-    importlib. maskrcnn_ops/nms.py is still to be renamed (nms_ops.py) once
-    tests/test_nms.py no longer imports it by that name."""
+    importlib."""
     module = importlib.import_module(package)
     submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
-    assert set(module.__all__) & submodules == ({"nms"} if package == "maskrcnn_ops" else set())
+    assert set(module.__all__) & submodules == set()

@@ -134,11 +134,13 @@ def test_nms_of_no_boxes(originals):
     )
 
 
-def test_batched_nms_empty_check_keeps_a_data_dependent_graph_whole(fresh_dynamo, monkeypatch):
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+def test_batched_nms_empty_check_keeps_a_data_dependent_graph_whole(fresh_dynamo):
     """Boxes selected by a score mask have a count known only at run time:
     the patched batched_nms must not guard on it (torchvision's own
-    `boxes.numel() == 0` would stop a fullgraph compile there)."""
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    `boxes.numel() == 0` would stop a fullgraph compile there). The config
+    is patched with its own API: monkeypatch and mock restore a config
+    option by deleting it."""
 
     def confident_boxes_kept(boxes, scores, idxs):
         confident = scores > 0.4
