@@ -10,7 +10,8 @@ and picture) and keeps what the thread tuner said in the progress output.
 
 Writes DIR/demo_under_load.json: the CPU model (lscpu), core count, wall
 times, the ratio busy / quiet, the tuner's messages, and per run the CPU
-pressure before it and the CPU time other processes used while it ran. The
+pressure before it, the demo's CPU time and the CPU time other processes
+(not the demo, not the busy neighbour) used while it ran. The
 default DIR is a new temporary folder (runs leave nothing in the source
 tree). Run it on an otherwise idle machine.
 """
@@ -22,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,12 @@ from benchmarks.nms_under_load import BusyNeighbour, OtherLoad, cpu_model, cpu_p
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (the demo runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_demo(out: Path, iterations, neighbour: bool) -> dict:
     """Runs the demo once into ``out``; returns its wall time and what it printed about threads."""
     command = [sys.executable, "-m", "maskrcnn", "demo", "--out", str(out)]
@@ -41,14 +49,15 @@ def run_demo(out: Path, iterations, neighbour: bool) -> dict:
     pressure = cpu_pressure()
     with BusyNeighbour() if neighbour else contextlib.nullcontext() as busy:
         with OtherLoad(busy.pid if busy else None) as other:
-            start = time.perf_counter()
+            start, children = time.perf_counter(), _children_cpu_seconds()
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
+            seconds, demo_cpu = time.perf_counter() - start, _children_cpu_seconds() - children
     if done.returncode != 0:
         raise SystemExit(f"demo failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     output = done.stdout + done.stderr
     return dict(neighbour=neighbour, wall_seconds=round(seconds, 1), pressure_before=pressure,
-                other_cpu_seconds=round(other.seconds, 1), steal_seconds=round(other.steal, 1),
+                demo_cpu_seconds=round(demo_cpu, 1), other_cpu_seconds=round(max(0.0, other.seconds - demo_cpu), 1),
+                steal_seconds=round(other.steal, 1),
                 tuner_messages=sorted(set(re.findall(r"thread tuner: [^\r\n]*", output))),
                 summary=[line for line in output.splitlines() if line.strip() and "|" not in line][-8:])
 
