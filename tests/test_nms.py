@@ -569,26 +569,43 @@ def test_cpu_buffers_across_calls():
 
 
 @pytest.mark.parametrize("iou_threshold", [0.5, 0.7])
-def test_grid_large_segments_in_parallel(iou_threshold):
-    """batched_nms over 6 classes of about 2,000 boxes (grid segments, run by
-    the CPU kernel's threads in parallel): the same with one thread and two,
-    and each class's result is torchvision's nms of that class."""
-    boxes, scores = make_boxes(12000, seed=70, scale=2000.0)
-    idxs = make_labels(12000, 6, seed=70)
+def test_segments_in_parallel(iou_threshold):
+    """Calls of >= 32,768 boxes run their segments on the CPU kernel's
+    threads: batched_nms over 6 classes of 6,000 boxes (grid segments) and
+    batched_nms_keep over 500 (image, class) segments of about 80 (tested
+    against every kept box): the same with one thread and two, and each
+    segment's result that of nms on its boxes alone (and torchvision's for
+    one large class)."""
+    boxes, scores = make_boxes(36000, seed=70, scale=6000.0)
+    idxs = make_labels(36000, 6, seed=70)
+    small_boxes, small_scores = make_boxes(40000, seed=71, scale=300.0)
+    classes, images = make_labels(40000, 50, seed=71), make_labels(40000, 10, seed=72)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = maskrcnn_ops.batched_nms(boxes, scores, idxs, iou_threshold)
-        torch.set_num_threads(2)
-        two = maskrcnn_ops.batched_nms(boxes, scores, idxs, iou_threshold)
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            results.append((
+                maskrcnn_ops.batched_nms(boxes, scores, idxs, iou_threshold),
+                maskrcnn_ops.batched_nms_keep(small_boxes, small_scores, classes, iou_threshold, images),
+            ))
     finally:
         torch.set_num_threads(threads)
-    assert_same(one, two)
-    kept = keep_mask(one, 12000)
+    (large, keep), (large_two, keep_two) = results
+    assert_same(large, large_two)
+    assert torch.equal(keep, keep_two)
+    kept = keep_mask(large, 36000)
     for c in range(6):
         members = torch.nonzero(idxs == c).flatten()
-        expected = torchvision.ops.nms(boxes[members], scores[members], iou_threshold)
-        assert torch.equal(kept[members], keep_mask(expected, len(members)))
+        alone = maskrcnn_ops.nms(boxes[members], scores[members], iou_threshold)
+        assert torch.equal(kept[members], keep_mask(alone, len(members)))
+        if c == 0:
+            assert_same(alone, torchvision.ops.nms(boxes[members], scores[members], iou_threshold))
+    segment = images * 50 + classes
+    by_segment = torch.argsort(segment, stable=True).split(torch.bincount(segment, minlength=500).tolist())
+    for members in by_segment:
+        alone = maskrcnn_ops.nms(small_boxes[members], small_scores[members], iou_threshold)
+        assert torch.equal(keep[members], keep_mask(alone, len(members)))
 
 
 # ------------------------------------------------------------ batched_nms --
@@ -1343,7 +1360,8 @@ def test_repeated_calls_are_identical(device, deterministic_mode):
 
 def test_cpu_independent_of_thread_count():
     """CPU results are the same with one thread and with two, for a large
-    single-class case and for many small segments (processed in parallel)."""
+    single-class case and for many small segments (a call too small for the
+    kernel's threads; test_segments_in_parallel has larger ones)."""
     boxes, scores = make_boxes(9000, seed=23, scale=1500.0)
     idxs = make_labels(9000, 50, seed=23)
     threads = torch.get_num_threads()

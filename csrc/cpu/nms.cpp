@@ -599,9 +599,12 @@ CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const c10::optional<at::Tens
   return order;
 }
 
-// Calls with fewer boxes than this run on the calling thread: a parallel
-// region costs more than it saves, and much more when a core is busy.
-constexpr int64_t kParallelMinBoxes = 4096;
+// Calls with fewer boxes than this run on the calling thread. When one of
+// its threads shares a core with another process, a parallel region ends
+// only once the scheduler has given that thread its turn, which can take a
+// time slice or two: more than the threads save on fewer boxes
+// (benchmarks/nms_under_load.py --classes 80 --boxes 20000 shows it).
+constexpr int64_t kParallelMinBoxes = 32768;
 
 NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& scores,
                                   const c10::optional<at::Tensor>& idxs,
