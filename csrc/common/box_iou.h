@@ -1,6 +1,6 @@
 // Box area and the IoU test of NMS, shared by the CPU and CUDA kernels.
-
-// are converted to float32 before any arithmetic, so the IoU is computed in
+// The functions take acc_t (accumulate_dtype in dtypes.h): half and bfloat16
+// boxes are converted to float32 before any arithmetic, so the IoU is computed in
 // float32 (float64 for float64 boxes).
 #pragma once
 

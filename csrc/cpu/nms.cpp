@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "../common/box_iou.h"
+#include "../common/dtypes.h"
 #include "../common/nms_common.h"
 
 namespace maskrcnn_ops {
@@ -617,8 +618,9 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
   const int64_t* position = order.by_segment.data();
   std::vector<char> keep_sorted(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms_cpu", [&] {
+    // The IoU's precision: accumulate_dtype (common/dtypes.h), as on CUDA.
     using acc_t = at::opmath_type<scalar_t>;
-    // The boxes in processing order, in the IoU's precision.
+    // The boxes in processing order, in that precision.
     std::vector<acc_t> sorted(4 * n);
     const scalar_t* in = boxes.const_data_ptr<scalar_t>();
     const int64_t s0 = boxes.stride(0), s1 = boxes.stride(1);
