@@ -5,8 +5,9 @@
 :func:`maskrcnn_ops.roi_align` or :func:`maskrcnn_ops.nms` with dynamic
 shapes (NMS returns a data-dependent number of indices, an unbacked size).
 
-ONNX has standard operators for both, so ``torch.onnx.export(..., dynamo=True)``
-maps our ops onto them through the translation table built here::
+ONNX has standard operators for both, and box coding is elementwise
+arithmetic, so ``torch.onnx.export(..., dynamo=True)`` maps our ops onto
+standard ONNX through the translation table built here::
 
     onnx_program = torch.onnx.export(
         model, args, dynamo=True,
@@ -35,6 +36,15 @@ maskrcnn_ops op                    ONNX
                                    ``RoiAlign`` over that level's RoIs
                                    (``NonZero``, ``Gather``) scattered into
                                    the output (``ScatterND``)
+``decode_boxes``                   the kernel's arithmetic on (x, y) pairs
+                                   (``Div``, ``Where`` for the clamp at clip,
+                                   ``Exp``, ``Mul``, ``Add``, ``Sub``) over
+                                   deltas [K, C, 4] against boxes [K, 1, 4]
+``rpn_decode_filter``              the same decode against the anchors, then
+                                   the image clip (``Where``, limits
+                                   ``Gather``-ed from image_sizes) and keep =
+                                   both sides >= min_size ``And`` score >=
+                                   score_thresh (``GreaterOrEqual``)
 =================================  ==========================================
 
 Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
@@ -59,6 +69,22 @@ Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
   category masking (ours keeps it).
 - The threshold is an ONNX float32 (ours compares in float64): an IoU within
   float32 rounding of the threshold may be decided differently.
+- Box decoding does the kernel's operations (``csrc/common/box_coder.h``) in
+  the same order and type: float64 for float64 deltas, float32 for the
+  others (boxes, anchors, scores and image sizes are cast to it; weights,
+  clip, min_size and score_thresh are constants rounded to it, as the
+  kernel's casts), outputs in the deltas' dtype. Clamps are ``Where``
+  selections, so NaN stays NaN as in ours (and is never kept); +inf dw is
+  clamped at clip and -inf gives a side of 0. Only ``Exp`` differs:
+  onnxruntime's is within 1 ulp of the libm exp ours calls in float32, 2 ulps
+  in float64, so a coordinate may differ by a few eps of max(|x1|, |x2|)
+  of its box (``y`` alike; measured under 2 eps, the tests allow 4). Half
+  types, computed in float32 and rounded as ours, almost always come out
+  equal (at most 1 ulp apart).
+- ``rpn_decode_filter`` rounds the decoded boxes to the deltas' dtype, clips
+  (x to [0, width], y to [0, height]), rounds again and tests the stored
+  boxes, as the kernel. Scores compare exactly; a box whose side is within
+  the decode's difference of min_size may be flagged differently.
 """
 
 from __future__ import annotations
@@ -258,14 +284,121 @@ def _batched_nms_to_onnx(boxes, scores, idxs, iou_threshold: float):
     return op.Gather(kept, order)
 
 
+def _box_coding_type(deltas):
+    """The type box coding computes in: float64 for float64 deltas, float32
+    for the others (at::opmath_type, as the kernels)."""
+    from onnxscript import ir
+
+    return ir.DataType.DOUBLE if deltas.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _as_type(value, dtype):
+    """value cast to dtype (no Cast node when it already is)."""
+    from onnxscript import opset18 as op
+
+    return value if value.dtype == dtype else op.Cast(value, to=dtype)
+
+
+def _coding_constant(value, dtype):
+    """A constant (a float, or a list of them) rounded once to dtype, as the
+    kernels' static_cast<acc_t> of the schema's float64 arguments."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    return op.Constant(value=ir.tensor(value, dtype=dtype))
+
+
+def _pair(boxes, start: int):
+    """Columns start and start + 1 of boxes [..., 4]: [..., 2]."""
+    from onnxscript import opset18 as op
+
+    return op.Slice(boxes, [start], [start + 2], [-1])
+
+
+def _onnx_decode(deltas, boxes, weights: Sequence[float], clip: float, compute_type):
+    """decode_box (csrc/common/box_coder.h) operation by operation, on (x, y)
+    pairs: deltas [..., 4] against boxes [..., 4] (broadcast), both in
+    compute_type -> (x1, y1, x2, y2) [..., 4] in compute_type."""
+    from onnxscript import opset18 as op
+
+    size = op.Sub(_pair(boxes, 2), _pair(boxes, 0))  # (width, height)
+    half = _coding_constant(0.5, compute_type)
+    center = op.Add(_pair(boxes, 0), op.Mul(half, size))
+    scaled = op.Div(deltas, _coding_constant(list(weights), compute_type))  # (dx, dy, dw, dh)
+    # dw, dh clamped from above at clip; NaN stays NaN, as the kernel's test.
+    upper = _coding_constant(clip, compute_type)
+    log_scale = _pair(scaled, 2)
+    log_scale = op.Where(op.Greater(log_scale, upper), upper, log_scale)
+    predicted_center = op.Add(op.Mul(_pair(scaled, 0), size), center)
+    half_size = op.Mul(half, op.Mul(op.Exp(log_scale), size))
+    return op.Concat(op.Sub(predicted_center, half_size), op.Add(predicted_center, half_size), axis=-1)
+
+
+def _decode_boxes_to_onnx(deltas, boxes, weights: Sequence[float], clip: float):
+    """maskrcnn_ops::decode_boxes(deltas [K, 4 * C], boxes [K, 4]) -> [K, 4 * C]
+    in deltas's type: deltas as [K, C, 4] against boxes [K, 1, 4]."""
+    from onnxscript import opset18 as op
+
+    compute_type = _box_coding_type(deltas)
+    # [K, C, 4] with C = (4 * C) / 4 spelled out: a -1 cannot be inferred when K is 0.
+    classes = op.Div(op.Shape(deltas, start=1, end=2), op.Constant(value_ints=[4]))
+    per_class = op.Concat(op.Shape(deltas, start=0, end=1), classes, op.Constant(value_ints=[4]), axis=0)
+    decoded = _onnx_decode(
+        op.Reshape(_as_type(deltas, compute_type), per_class),
+        op.Unsqueeze(_as_type(boxes, compute_type), [1]),
+        weights,
+        clip,
+        compute_type,
+    )
+    return _as_type(op.Reshape(decoded, op.Shape(deltas)), deltas.dtype)
+
+
+def _rpn_decode_filter_to_onnx(
+    deltas,
+    anchors,
+    scores,
+    image_sizes,
+    weights: Sequence[float],
+    clip: float,
+    min_size: float,
+    score_thresh: float,
+):
+    """maskrcnn_ops::rpn_decode_filter(deltas [N, M, 4], anchors [N, M, 4],
+    scores [N, M], image_sizes [N, 2]) -> (boxes [N, M, 4] in deltas's type,
+    keep bool [N, M]): decode, round to deltas's type, clip to the image,
+    round again (RpnDecodeFilterRow's rule), then the size and score test
+    on the stored boxes."""
+    from onnxscript import opset18 as op
+
+    compute_type = _box_coding_type(deltas)
+    decoded = _onnx_decode(_as_type(deltas, compute_type), _as_type(anchors, compute_type), weights, clip, compute_type)
+    boxes = _as_type(_as_type(decoded, deltas.dtype), compute_type)  # rounded to deltas's type
+    # x into [0, width], y into [0, height] of each image: (height, width)
+    # [N, 2] -> (width, height, width, height) [N, 1, 4]. NaN stays NaN.
+    width_height = op.Constant(value_ints=[1, 0, 1, 0])
+    limit = op.Unsqueeze(op.Gather(_as_type(image_sizes, compute_type), width_height, axis=1), [1])
+    zero = _coding_constant(0.0, compute_type)
+    boxes = op.Where(op.Less(boxes, zero), zero, boxes)
+    stored = _as_type(op.Where(op.Greater(boxes, limit), limit, boxes), deltas.dtype)
+    boxes = _as_type(stored, compute_type)
+    # Both sides >= min_size (False for NaN) and score >= score_thresh.
+    large = op.GreaterOrEqual(op.Sub(_pair(boxes, 2), _pair(boxes, 0)), _coding_constant(min_size, compute_type))
+    wide, tall = (op.Squeeze(op.Slice(large, [i], [i + 1], [-1]), [-1]) for i in range(2))
+    scored = op.GreaterOrEqual(_as_type(scores, compute_type), _coding_constant(score_thresh, compute_type))
+    return stored, op.And(op.And(wide, tall), scored)
+
+
 def onnx_translation_table() -> Dict[Callable, Callable]:
     """The ``custom_translation_table`` for ``torch.onnx.export(...,
-    dynamo=True)``: our ops to ONNX's RoiAlign and NonMaxSuppression (see the
-    module docstring for the mapping and its semantics). Needs onnxscript."""
+    dynamo=True)``: our ops to ONNX's RoiAlign and NonMaxSuppression, and box
+    coding to elementwise ONNX (see the module docstring for the mapping and
+    its semantics). Needs onnxscript."""
     ops = torch.ops.maskrcnn_ops
     return {
         ops.roi_align.default: _roi_align_to_onnx,
         ops.nms.default: _nms_to_onnx,
         ops.batched_nms.default: _batched_nms_to_onnx,
         ops.multi_level_roi_align.default: _multi_level_roi_align_to_onnx,
+        ops.decode_boxes.default: _decode_boxes_to_onnx,
+        ops.rpn_decode_filter.default: _rpn_decode_filter_to_onnx,
     }

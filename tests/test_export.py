@@ -10,6 +10,7 @@ traced with, so the dynamic dimensions are exercised.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -390,3 +391,154 @@ def test_multi_scale_roi_align_to_onnx_matches_ours(dtype, tolerance):
     inputs = (*pyramid, pyramid_boxes(200, generator=g), boxes_image1)
     (pooled,) = run(*inputs)
     torch.testing.assert_close(pooled, module(*inputs), **tolerance)
+
+
+# ------------------------------------------------------------ box coding --
+
+# Decoding: the translation does decode_box's operations in the same order and
+# type, except Exp: onnxruntime's is within 1 ulp of the libm exp our kernels
+# call in float32, 2 ulps in float64. A half size then differs by up to 3 eps
+# of itself, and a coordinate (center -/+ half size) by up to 4 eps of the
+# larger of the two, which is at most max(|x1|, |x2|) of the decoded box
+# (for y, of y1 and y2). The tolerance is in units of eps times that scale
+# (measured: up to 1.9 over 240,000 random coordinates, 1.05 in these
+# tests). float16 and bfloat16 are computed in float32 by both and rounded
+# once (rpn_decode_filter: before and after the clip) to the half type, which
+# hides the float32 difference or moves a coordinate by one half ulp
+# (measured: 2 of those 240,000 coordinates in float16, none here).
+DECODE_EPS_MULTIPLE = {torch.float32: 4, torch.float64: 4, torch.float16: 1, torch.bfloat16: 1}
+BOX_WEIGHTS = [10.0, 10.0, 5.0, 5.0]  # the box head's
+DTYPES = [
+    pytest.param(torch.float32, id="f32"),
+    pytest.param(torch.float64, id="f64"),
+    pytest.param(torch.float16, id="f16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+
+def assert_decoded_close(got: torch.Tensor, expected: torch.Tensor, unclipped: torch.Tensor, dtype: torch.dtype):
+    """got == expected (boxes [..., 4], NaN where expected is NaN) within
+    DECODE_EPS_MULTIPLE eps of each coordinate's scale: max(|x1|, |x2|) or
+    max(|y1|, |y2|) of the decoded box before any clipping (`unclipped`)."""
+    got, expected, unclipped = (t.to(torch.float64).reshape(-1, 4) for t in (got, expected, unclipped))
+    assert torch.equal(got.isnan(), expected.isnan())
+    magnitude = unclipped.abs()
+    scale_x = torch.maximum(magnitude[:, 0], magnitude[:, 2])
+    scale_y = torch.maximum(magnitude[:, 1], magnitude[:, 3])
+    bound = DECODE_EPS_MULTIPLE[dtype] * torch.finfo(dtype).eps * torch.stack([scale_x, scale_y, scale_x, scale_y], 1)
+    compared = ~expected.isnan()
+    error = (got - expected).abs()[compared]
+    assert (error <= bound[compared]).all(), f"largest error {(error / bound[compared]).max():.2f} x the bound"
+
+
+def random_deltas(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Deltas N(0, 1), one in eight dw, dh at 50x: past the default clip
+    (log(1000 / 16) = 4.1) for weights up to 5, so exp() is clamped."""
+    deltas = torch.randn(*shape, generator=generator)
+    large = torch.rand(*shape, generator=generator) < 1 / 8
+    large[..., 0::4] = large[..., 1::4] = False
+    return torch.where(large, 50 * deltas.abs(), deltas)
+
+
+# Non-finite deltas (dx, dy, dw, dh): NaN stays NaN (and is not kept), +inf
+# dw is clamped at clip, -inf dh gives a box of no height.
+SPECIAL_DELTAS = [[math.nan, 0.0, 0.0, 0.0], [0.0, 0.0, math.inf, 0.0], [0.5, -0.5, 0.0, -math.inf]]
+
+
+class DecodeBoxes(torch.nn.Module):
+    """Calls maskrcnn_ops.decode_boxes in `dtype` (the casts are part of the
+    exported graph); the boxes come back as float64, which holds each dtype
+    exactly."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return maskrcnn_ops.decode_boxes(deltas.to(self.dtype), boxes, BOX_WEIGHTS).to(torch.float64)
+
+
+CLASSES = Dim("classes", min=1)
+DECODE_SHAPES = ({0: K, 1: 4 * CLASSES}, {0: K})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_boxes_to_onnx_matches_ours(dtype):
+    g = torch.Generator().manual_seed(11)
+    module = DecodeBoxes(dtype)
+    run = to_onnxruntime(module, (random_deltas(5, 8, generator=g), random_boxes(5, generator=g)), DECODE_SHAPES)
+    assert "Exp" in operator_types(run.model)
+
+    for classes in (1, 3, 7):
+        deltas = random_deltas(40, 4 * classes, generator=g)
+        deltas[: len(SPECIAL_DELTAS), :4] = torch.tensor(SPECIAL_DELTAS)
+        boxes = random_boxes(40, generator=g)
+        assert (deltas[:, 2::4] / BOX_WEIGHTS[2] > maskrcnn_ops.boxes.DEFAULT_CLIP).any()  # the clip is reached
+        (decoded,) = run(deltas, boxes)
+        expected = module(deltas, boxes)
+        assert decoded.shape == (40, 4 * classes) and decoded.dtype == torch.float64
+        assert_decoded_close(decoded, expected, expected, dtype)
+
+
+def test_decode_boxes_to_onnx_no_boxes():
+    module = DecodeBoxes(torch.float32)
+    g = torch.Generator().manual_seed(12)
+    run = to_onnxruntime(module, (random_deltas(5, 8, generator=g), random_boxes(5, generator=g)), DECODE_SHAPES)
+    (decoded,) = run(torch.zeros(0, 12), torch.zeros(0, 4))
+    assert decoded.shape == (0, 12)
+
+
+class FilterProposals(torch.nn.Module):
+    """Calls maskrcnn_ops::rpn_decode_filter in `dtype`, as
+    generate_proposals does (boxes come back as float64)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, deltas, anchors, scores, image_sizes):
+        boxes, keep = torch.ops.maskrcnn_ops.rpn_decode_filter(
+            deltas.to(self.dtype), anchors, scores, image_sizes, [1.0, 1.0, 1.0, 1.0], maskrcnn_ops.boxes.DEFAULT_CLIP,
+            6.0, 0.3,  # min_size, score_thresh
+        )
+        return boxes.to(torch.float64), keep
+
+
+IMAGES, PER_IMAGE = Dim("images", min=1), Dim("per_image", min=1)
+FILTER_SHAPES = ({0: IMAGES, 1: PER_IMAGE}, {0: IMAGES, 1: PER_IMAGE}, {0: IMAGES, 1: PER_IMAGE}, {0: IMAGES})
+
+
+def proposal_inputs(images: int, per_image: int, *, generator: torch.Generator):
+    """deltas, anchors, scores [images, per_image] and image sizes (height,
+    width) [images, 2] of at most 100 px: many boxes reach past the image
+    (random_boxes fills 140 px), and clipped or not some are under 6 px."""
+    deltas = random_deltas(images, per_image, 4, generator=generator) / 4
+    anchors = random_boxes(images * per_image, generator=generator).view(images, per_image, 4)
+    scores = torch.rand(images, per_image, generator=generator)
+    image_sizes = torch.randint(40, 101, (images, 2), generator=generator).to(torch.float32)
+    return deltas, anchors, scores, image_sizes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rpn_decode_filter_to_onnx_matches_ours(dtype):
+    g = torch.Generator().manual_seed(13)
+    module = FilterProposals(dtype)
+    run = to_onnxruntime(module, proposal_inputs(2, 6, generator=g), FILTER_SHAPES)
+    assert {"Exp", "GreaterOrEqual", "And"} <= operator_types(run.model)
+
+    deltas, anchors, scores, image_sizes = proposal_inputs(3, 50, generator=g)
+    deltas[0, : len(SPECIAL_DELTAS)] = torch.tensor(SPECIAL_DELTAS)
+    boxes, keep = run(deltas, anchors, scores, image_sizes)
+    expected_boxes, expected_keep = module(deltas, anchors, scores, image_sizes)
+    unclipped = maskrcnn_ops.decode_boxes(deltas.to(dtype).view(-1, 4), anchors.view(-1, 4), [1.0] * 4).view_as(deltas)
+    assert boxes.shape == (3, 50, 4) and keep.dtype == torch.bool
+    assert_decoded_close(boxes, expected_boxes, unclipped, dtype)
+    # A box whose side is within the tolerance of min_size could be flagged
+    # differently; none of these is.
+    assert torch.equal(keep, expected_keep)
+
+    # The case clips boxes and drops some for their size, some for their score.
+    limits = image_sizes.flip(1).repeat(1, 2)[:, None, :].to(torch.float64)
+    assert ((expected_boxes == 0) | (expected_boxes == limits)).any()
+    large = FilterProposals(dtype)(deltas, anchors, torch.ones_like(scores), image_sizes)[1]
+    assert (~large).any() and (large & (scores < 0.3)).any() and expected_keep.any()
