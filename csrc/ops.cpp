@@ -74,6 +74,11 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "batched_nms_keep(Tensor boxes, Tensor scores, Tensor idxs, "
       "Tensor? image_ids, float iou_threshold) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // The same for uniform segments: boxes [S, B, 4], scores [S, B]; bool keep
+  // flags [S, B] of NMS within each row (ONNX NonMaxSuppression's layout,
+  // with the rows as its batch).
+  m.def("nms_keep_rows(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 
   // Box coding (torchvision's BoxCoder): deltas [K, 4 * C] relative to boxes
   // [K, 4] -> boxes [K, 4 * C]; dw, dh clamped from above at clip.

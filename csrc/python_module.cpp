@@ -1,8 +1,11 @@
 // The importable `maskrcnn_ops._C` module. Loading it runs the static
 // TORCH_LIBRARY registrations; its attributes let maskrcnn_ops/__init__.py
-// check that the binary matches the torch it is loaded into.
+// check that the binary matches the torch it is loaded into, and carry the
+// constants the Python side shares with the kernels.
 #include <Python.h>
 #include <torch/version.h>
+
+#include "common/nms_limits.h"
 
 namespace {
 
@@ -25,7 +28,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   const int with_cuda = 0;
 #endif
   if (PyModule_AddStringConstant(module, "built_with_torch", TORCH_VERSION) < 0 ||
-      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0) {
+      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddIntConstant(module, "nms_boxes_per_call", maskrcnn_ops::kNmsBoxesPerCall) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

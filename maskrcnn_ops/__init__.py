@@ -62,6 +62,7 @@ from .nms_ops import (  # noqa: E402
     batched_nms_padded,
     image_groups,
     nms,
+    nms_keep_rows,
     rank_kept_per_image,
 )
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
@@ -90,6 +91,7 @@ __all__ = [
     "nms",
     "batched_nms",
     "batched_nms_keep",
+    "nms_keep_rows",
     "batched_nms_padded",
     "rank_kept_per_image",
     "image_groups",

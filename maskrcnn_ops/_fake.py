@@ -115,6 +115,19 @@ def _batched_nms_keep_fake(boxes, scores, idxs, image_ids, iou_threshold):
     return boxes.new_empty((boxes.size(0),), dtype=torch.bool)
 
 
+@torch.library.register_fake("maskrcnn_ops::nms_keep_rows")
+def _nms_keep_rows_fake(boxes, scores, iou_threshold):
+    torch._check(
+        boxes.dim() == 3 and boxes.size(2) == 4,
+        lambda: f"nms_keep_rows: expected boxes [S, B, 4], got {tuple(boxes.shape)}",
+    )
+    torch._check(
+        scores.dim() == 2 and scores.shape == boxes.shape[:2],
+        lambda: f"nms_keep_rows: expected scores [S, B] = {tuple(boxes.shape[:2])}, got {tuple(scores.shape)}",
+    )
+    return boxes.new_empty(boxes.shape[:2], dtype=torch.bool)
+
+
 @torch.library.register_fake("maskrcnn_ops::decode_boxes")
 def _decode_boxes_fake(deltas, boxes, weights, clip):
     torch._check(deltas.dim() == 2 and deltas.size(1) % 4 == 0, lambda: "decode_boxes: expected deltas [K, 4 * C]")

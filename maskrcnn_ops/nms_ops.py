@@ -9,15 +9,19 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _C
+
 _ops = torch.ops.maskrcnn_ops
 
 # A caller that holds many images' boxes keeps at most this many in one NMS
 # call (unless a single image has more): the CUDA kernel's suppression mask is
-# quadratic in the boxes of a call (N * ceil(N / 64) 8-byte words: 50 MiB here,
-# 3.2 GB for 160k boxes, a batch of 16 at torchvision's training top-n), and
-# its reduction walks them serially. Segments never cross images, so calls
-# over whole images give exactly one call's result.
-NMS_BOXES_PER_CALL = 20480
+# quadratic in the boxes of a call (N * ceil(N / 64) 8-byte words: 50 MiB for
+# 20,480 boxes, 3.2 GB for 160k boxes, a batch of 16 at torchvision's training
+# top-n), and its reduction walks them serially. Segments never cross images,
+# so calls over whole images give exactly one call's result. nms_keep_rows
+# groups its rows by the same bound itself (csrc/common/nms_limits.h, where
+# the value is defined).
+NMS_BOXES_PER_CALL: int = _C.nms_boxes_per_call
 
 
 def image_groups(boxes_per_image: Sequence[int], max_boxes: int = NMS_BOXES_PER_CALL) -> List[Tuple[int, int]]:
@@ -95,6 +99,29 @@ def batched_nms_keep(
         bool [N], True for kept boxes.
     """
     return _ops.batched_nms_keep(boxes, scores, idxs, image_ids, float(iou_threshold))
+
+
+def nms_keep_rows(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Keep flags of NMS within each row of a fixed-size layout: rows
+    (image, FPN level) of RPN candidates, or (image, class) of detections.
+    Each row is processed as a segment of ``batched_nms_keep`` is (same IoU
+    arithmetic, ties by index within the row), with no host synchronization;
+    on CUDA whole rows are launched in groups of at most
+    ``NMS_BOXES_PER_CALL`` boxes.
+
+    Args:
+        boxes: [S, B, 4] (x1, y1, x2, y2), row s holding B boxes; float32,
+            float64, float16 or bfloat16 (IoU in float32, float64 for float64).
+        scores: [S, B] floating.
+        iou_threshold: a box is discarded when its IoU with a kept box of
+            higher score in its row is strictly greater than this.
+
+    Returns:
+        bool [S, B], True for kept boxes. A box with a NaN or infinite
+        coordinate, or of zero or negative area, suppresses nothing and is
+        kept (for a threshold >= 0). S or B may be 0.
+    """
+    return _ops.nms_keep_rows(boxes, scores, float(iou_threshold))
 
 
 def batched_nms_padded(

@@ -208,6 +208,15 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return order[keep[order]].to(scores.device)
 
 
+def nms_keep_rows(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Reference NMS per row: boxes [S, B, 4], scores [S, B] -> bool [S, B]
+    keep flags, each row through ``nms`` on its own."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool)
+    for row in range(scores.size(0)):
+        keep[row, nms(boxes[row], scores[row], iou_threshold).cpu()] = True
+    return keep.to(scores.device)
+
+
 def decode_boxes(deltas: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clip: float = DEFAULT_CLIP) -> Tensor:
     """Reference decode: deltas [K, 4C] against boxes [K, 4] -> [K, 4C], in
     the accumulation dtype, returned in deltas' dtype."""

@@ -1,5 +1,5 @@
 """Tests of maskrcnn_ops.nms / batched_nms / batched_nms_keep /
-batched_nms_padded and the raw dispatcher ops.
+nms_keep_rows / batched_nms_padded and the raw dispatcher ops.
 
 Oracles:
   * maskrcnn_ops.reference.nms / batched_nms: the textbook O(N^2) greedy loop
@@ -8,7 +8,9 @@ Oracles:
     Python float threshold in float64;
   * torchvision.ops.nms / batched_nms (CPU, float32 and float64): the
     interface and the exact results we promise to match;
-  * a straightforward per-image Python loop for batched_nms_padded.
+  * a straightforward per-image Python loop for batched_nms_padded;
+  * reference.nms_keep_rows (reference.nms on each row) and batched_nms_keep
+    with the row as image id for nms_keep_rows.
 
 NMS results are indices, so every comparison is exact (torch.equal): same
 boxes, same order. Every numeric test takes the ``device`` fixture
@@ -766,6 +768,204 @@ def test_batched_nms_keep_many_segments(device):
     assert torch.equal(keep.cpu(), expected)
 
 
+# ---------------------------------------------------------- nms_keep_rows --
+
+
+def make_rows(rows, per_row, *, seed=0, scale=100.0, dtype=torch.float32, device="cpu"):
+    """make_boxes' boxes and scores (duplicates, nested and zero-area boxes,
+    tied scores) laid out as rows: boxes [S, B, 4], scores [S, B]."""
+    boxes, scores = make_boxes(rows * per_row, seed=seed, scale=scale, dtype=dtype, device=device)
+    return boxes.reshape(rows, per_row, 4), scores.reshape(rows, per_row)
+
+
+def rows_as_segments(boxes, scores, iou_threshold):
+    """nms_keep_rows through batched_nms_keep: one class, image id = row."""
+    rows, per_row = scores.shape
+    image_ids = torch.arange(rows, device=scores.device).repeat_interleave(per_row)
+    keep = maskrcnn_ops.batched_nms_keep(
+        boxes.reshape(-1, 4), scores.reshape(-1), torch.zeros_like(image_ids), iou_threshold, image_ids
+    )
+    return keep.reshape(rows, per_row)
+
+
+def assert_rows_keep(keep, boxes, scores, iou_threshold, msg=""):
+    """Keep flags [S, B] on the boxes' device, equal to the per-row reference
+    and to batched_nms_keep with the row as image id."""
+    assert keep.dtype == torch.bool and keep.shape == scores.shape and keep.device == boxes.device, msg
+    assert torch.equal(keep.cpu(), reference.nms_keep_rows(boxes, scores, iou_threshold).cpu()), msg
+    assert torch.equal(keep, rows_as_segments(boxes, scores, iou_threshold)), msg
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_nms_keep_rows_matches_reference_and_batched_nms_keep(device, dtype):
+    """Rows of overlapping boxes (duplicates, nested and zero-area ones, tied
+    scores: ties by index within the row) for row counts and lengths around
+    the CUDA kernel's 64-box tiles, and thresholds from "any overlap" to
+    "nothing" and a negative one: the reference run on each row alone, and
+    batched_nms_keep with image_ids = row index."""
+    for seed, (rows, per_row) in enumerate([(1, 1), (3, 9), (2, 63), (5, 64), (4, 65), (7, 40), (2, 300)]):
+        boxes, scores = make_rows(rows, per_row, seed=seed, scale=60.0, dtype=dtype, device=device)
+        for iou_threshold in (0.0, 0.3, 0.5, 0.7, 1.0, -0.1):
+            keep = maskrcnn_ops.nms_keep_rows(boxes, scores, iou_threshold)
+            assert_rows_keep(keep, boxes, scores, iou_threshold, f"S={rows} B={per_row} t={iou_threshold}")
+    assert not keep.all()  # it suppresses
+
+
+def test_nms_keep_rows_rows_never_interact(device):
+    """The same box in every row is kept once per row; its copy with a lower
+    score in the same row is suppressed; a row of one box keeps it."""
+    box = [10.0, 10.0, 50.0, 40.0]
+    boxes = torch.tensor([[box, box, [11.0, 10.0, 50.0, 41.0]]] * 4, device=device)
+    scores = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.5, 0.5], [0.3, 0.9, 0.1]], device=device)
+    keep = maskrcnn_ops.nms_keep_rows(boxes, scores, 0.5)
+    assert keep.cpu().tolist() == [[True, False, False], [False, False, True], [True, False, False],
+                                   [False, True, False]]
+    assert maskrcnn_ops.nms_keep_rows(boxes[:, :1], scores[:, :1], 0.5).cpu().tolist() == [[True]] * 4
+
+
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_nms_keep_rows_ties_by_index(device, dtype):
+    """Equal scores in a row are processed in column order: all scores
+    equal gives the result of distinct scores decreasing along the row, and
+    of exact duplicates of equal score the first is the one kept."""
+    boxes, _ = make_rows(6, 120, seed=20, scale=80.0, dtype=dtype, device=device)
+    same = torch.full((6, 120), 0.5, dtype=dtype, device=device)
+    decreasing = torch.linspace(1, 0, 120, dtype=dtype, device=device).expand(6, 120)
+    for iou_threshold in (0.3, 0.5, 0.7):
+        keep = maskrcnn_ops.nms_keep_rows(boxes, same, iou_threshold)
+        assert torch.equal(keep, maskrcnn_ops.nms_keep_rows(boxes, decreasing, iou_threshold))
+        assert_rows_keep(keep, boxes, same, iou_threshold)
+    pair = torch.tensor([[[1.0, 2.0, 30.0, 40.0]]], dtype=dtype, device=device).expand(6, 2, 4)  # stride 0
+    assert maskrcnn_ops.nms_keep_rows(pair, same[:, :2], 0.5).cpu().tolist() == [[True, False]] * 6
+
+
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_nms_keep_rows_non_finite_and_degenerate_boxes(device, dtype, iou_threshold):
+    """NaN, infinite, zero-area and inverted boxes (BAD_BOXES) spread over
+    rows of ordinary ones: they suppress nothing and are kept (threshold >=
+    0), and every row equals the reference and batched_nms_keep."""
+    g = torch.Generator().manual_seed(21)
+    good, good_scores = make_rows(4, 30, seed=21, scale=30.0, dtype=torch.float64)
+    bad = torch.tensor(BAD_BOXES, dtype=torch.float64).repeat(4, 1, 1)  # [4, 10, 4]
+    boxes = torch.cat([good, bad], 1)
+    scores = torch.cat([good_scores, torch.rand(4, len(BAD_BOXES), generator=g, dtype=torch.float64)], 1)
+    perm = torch.stack([torch.randperm(boxes.size(1), generator=g) for _ in range(4)])
+    boxes = boxes.gather(1, perm[..., None].expand(-1, -1, 4)).to(dtype=dtype, device=device)
+    scores = scores.gather(1, perm).to(dtype=dtype, device=device)
+    keep = maskrcnn_ops.nms_keep_rows(boxes, scores, iou_threshold)
+    assert_rows_keep(keep, boxes, scores, iou_threshold)
+    assert keep.cpu()[perm >= good.size(1)].all()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["S=0", "B=0", "S=B=0"])
+def test_nms_keep_rows_empty(device, dtype, shape):
+    """S = 0 or B = 0: an empty bool [S, B] on the boxes' device."""
+    boxes = torch.zeros(*shape, 4, dtype=dtype, device=device)
+    scores = torch.zeros(shape, dtype=dtype, device=device)
+    keep = maskrcnn_ops.nms_keep_rows(boxes, scores, 0.5)
+    assert keep.shape == shape and keep.dtype == torch.bool and keep.device == boxes.device
+    assert torch.equal(keep.cpu(), reference.nms_keep_rows(boxes, scores, 0.5))
+
+
+def test_nms_keep_rows_non_contiguous_inputs(device):
+    """Strided rows (boxes and scores transposed from [B, S] storage, every
+    other row, column-major coordinates) give the result of their
+    contiguous copies."""
+    boxes, scores = make_rows(12, 50, seed=22, scale=60.0, device=device)
+    expected = maskrcnn_ops.nms_keep_rows(boxes, scores, 0.5)
+    transposed = boxes.transpose(0, 1).contiguous().transpose(0, 1)
+    scores_t = scores.t().contiguous().t()
+    assert not transposed.is_contiguous() and not scores_t.is_contiguous()
+    assert torch.equal(maskrcnn_ops.nms_keep_rows(transposed, scores_t, 0.5), expected)
+    assert torch.equal(maskrcnn_ops.nms_keep_rows(boxes[::2], scores[::2], 0.5), expected[::2])
+    column_major = boxes.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert torch.equal(maskrcnn_ops.nms_keep_rows(column_major, scores, 0.5), expected)
+    one_column = boxes[:, 3:4]  # [S, 1, 4], row stride 200
+    assert torch.equal(maskrcnn_ops.nms_keep_rows(one_column, scores[:, 3:4], 0.5),
+                       torch.ones(12, 1, dtype=torch.bool, device=device))
+
+
+@pytest.mark.parametrize("iou_threshold", [0.5, 0.7])
+def test_nms_keep_rows_large_rows_in_parallel(iou_threshold):
+    """40 rows of 1,000 proposal-like boxes (rows through the CPU kernel's
+    grid, 40,000 boxes: the call runs its rows on the kernel's threads): the
+    same with one thread and two, and equal to batched_nms_keep; one row
+    equals torchvision's nms on it."""
+    boxes, scores = make_rows(40, 1000, seed=23, scale=800.0)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            results.append(maskrcnn_ops.nms_keep_rows(boxes, scores, iou_threshold))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], rows_as_segments(boxes, scores, iou_threshold))
+    expected = keep_mask(torchvision.ops.nms(boxes[7], scores[7], iou_threshold), 1000)
+    assert torch.equal(results[0][7], expected)
+
+
+@st.composite
+def rows_cases(draw):
+    """nms_cases' degenerate boxes (lattice corners, four score levels) laid
+    out as S rows of B, S and B from 0."""
+    rows, per_row = draw(st.integers(0, 4)), draw(st.integers(0, 8))
+    coord = st.integers(0, 7).map(float)
+    n = rows * per_row
+    return dict(
+        boxes=torch.tensor([draw(coord) for _ in range(4 * n)], dtype=torch.float64).reshape(rows, per_row, 4),
+        scores=torch.tensor([draw(st.sampled_from([0.25, 0.5, 1.0])) for _ in range(n)],
+                            dtype=torch.float64).reshape(rows, per_row),
+        iou_threshold=draw(st.sampled_from([0.0, 1 / 3, 0.5, 1.0, -0.1]) | st.floats(0.0, 1.0)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=rows_cases())
+def test_fuzz_nms_keep_rows(case):
+    """nms_keep_rows agrees with the reference and batched_nms_keep on random
+    small degenerate rows."""
+    boxes, scores = case["boxes"].to(case["dtype"]), case["scores"].to(case["dtype"])
+    keep = maskrcnn_ops.nms_keep_rows(boxes, scores, case["iou_threshold"])
+    assert_rows_keep(keep, boxes, scores, case["iou_threshold"])
+
+
+@pytest.mark.parametrize(
+    "boxes_shape, scores_shape, match",
+    [
+        ((6, 4), (6,), r"expected boxes of shape \[S, B, 4\]"),
+        ((2, 3, 5), (2, 3), r"expected boxes of shape \[S, B, 4\]"),
+        ((1, 2, 3, 4), (1, 2), r"expected boxes of shape \[S, B, 4\]"),
+        ((2, 3, 4), (6,), r"expected scores of shape \[2, 3\] \(one per box\)"),
+        ((2, 3, 4), (2, 4), r"expected scores of shape \[2, 3\]"),
+        ((2, 3, 4), (3, 3), r"expected scores of shape \[2, 3\]"),
+        ((2, 3, 4), (2, 3, 1), r"expected scores of shape \[2, 3\]"),
+    ],
+    ids=["2d-boxes", "Bx5", "4d-boxes", "flat-scores", "scores-B", "scores-S", "3d-scores"],
+)
+def test_nms_keep_rows_wrong_shapes(device, boxes_shape, scores_shape, match):
+    """boxes must be [S, B, 4] and scores [S, B]: the error says which."""
+    with pytest.raises(RuntimeError, match=match):
+        maskrcnn_ops.nms_keep_rows(torch.zeros(boxes_shape, device=device), torch.zeros(scores_shape, device=device),
+                                   0.5)
+
+
+def test_nms_keep_rows_bad_dtypes_and_threshold(device):
+    """Integer boxes or scores and a NaN threshold are errors."""
+    boxes, scores = make_rows(2, 3, device=device)
+    match = "nms_keep_rows: expected floating-point boxes and scores, got"
+    with pytest.raises(RuntimeError, match=f"{match} Int and Float"):
+        maskrcnn_ops.nms_keep_rows(boxes.int(), scores, 0.5)
+    with pytest.raises(RuntimeError, match=f"{match} Float and Long"):
+        maskrcnn_ops.nms_keep_rows(boxes, scores.long(), 0.5)
+    with pytest.raises(RuntimeError, match="nms_keep_rows: iou_threshold is NaN"):
+        maskrcnn_ops.nms_keep_rows(boxes, scores, math.nan)
+
+
 # ----------------------------------------------------- batched_nms_padded --
 
 
@@ -1160,6 +1360,41 @@ def test_cuda_large_nms_matches_cpu(n):
     assert 0 < len(ours) < n
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@cuda_only
+def test_cuda_nms_keep_rows_matches_cpu(dtype):
+    """nms_keep_rows on CUDA equals the CPU op, for rows around the 64-box
+    tiles and for calls the kernel splits into groups of whole rows of at
+    most NMS_BOXES_PER_CALL boxes: 50 rows of 1,000 (groups of 20 rows),
+    rows of a third of the bound plus one (two rows a group), and rows
+    longer than the bound (a row a group)."""
+    bound = maskrcnn_ops.NMS_BOXES_PER_CALL
+    for seed, (rows, per_row) in enumerate([(3, 65), (50, 1000), (7, bound // 3 + 1), (2, bound + 100)]):
+        boxes, scores = make_rows(rows, per_row, seed=seed, scale=60.0 * math.sqrt(per_row), dtype=dtype)
+        for t in (0.0, 0.5, 0.7):
+            keep = maskrcnn_ops.nms_keep_rows(boxes.cuda(), scores.cuda(), t)
+            assert keep.device.type == "cuda" and keep.shape == (rows, per_row)
+            expected = maskrcnn_ops.nms_keep_rows(boxes, scores, t)
+            assert torch.equal(keep.cpu(), expected), f"S={rows} B={per_row} t={t}"
+            assert 0 < expected.sum() < rows * per_row
+
+
+@cuda_only
+def test_cuda_nms_keep_rows_does_not_sync():
+    """Under torch.cuda.set_sync_debug_mode("error") nms_keep_rows runs, also
+    when its rows make several groups (no host synchronization)."""
+    boxes, scores = make_rows(30, 1000, seed=4, scale=2000.0, device="cuda")
+    expected = maskrcnn_ops.nms_keep_rows(boxes, scores, 0.5)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        keep = maskrcnn_ops.nms_keep_rows(boxes, scores, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(keep, expected)
+
+
 def _cuda_batch(seed=0, n=500):
     boxes, scores = make_boxes(n, seed=seed, device="cuda")
     return boxes, scores, make_labels(n, 5, seed=seed, device="cuda"), make_labels(n, 3, seed=seed + 9, device="cuda")
@@ -1235,13 +1470,20 @@ def _opcheck_samples(device):
         "nms-empty": (ops.nms.default, (boxes[:0], scores[:0], 0.5)),
         "batched": (ops.batched_nms.default, (boxes, scores, idxs, 0.5)),
         "batched-f64": (ops.batched_nms.default, (boxes.double(), scores.double(), idxs, 0.7)),
+        "rows": (ops.nms_keep_rows.default, (boxes.view(4, 10, 4), scores.view(4, 10), 0.5)),
+        "rows-f16": (ops.nms_keep_rows.default, (boxes.view(4, 10, 4).half(), scores.view(4, 10).half(), 0.5)),
+        "rows-requires-grad": (ops.nms_keep_rows.default, (grad_boxes.view(4, 10, 4), scores.view(4, 10), 0.5)),
+        "rows-strided": (ops.nms_keep_rows.default,
+                         (boxes.view(4, 10, 4).transpose(0, 1), scores.view(4, 10).t(), 0.3)),
+        "rows-empty": (ops.nms_keep_rows.default, (boxes.view(4, 10, 4)[:, :0], scores.view(4, 10)[:, :0], 0.5)),
     }
 
 
 @pytest.mark.parametrize(
     "sample",
     ["keep", "keep-no-image-ids", "keep-requires-grad", "keep-f64",
-     "nms", "nms-f16", "nms-requires-grad", "nms-empty", "batched", "batched-f64"],
+     "nms", "nms-f16", "nms-requires-grad", "nms-empty", "batched", "batched-f64",
+     "rows", "rows-f16", "rows-requires-grad", "rows-strided", "rows-empty"],
 )
 def test_opcheck(device, sample):
     """torch.library.opcheck: schema, autograd registration (integer/bool
@@ -1277,6 +1519,22 @@ def test_compile_fixed_size_forms(device, fresh_dynamo):
         boxes, scores = make_boxes(200, seed=seed, device=device)
         args = (boxes, scores, make_labels(200, 4, seed=seed, device=device),
                 make_labels(200, 3, seed=seed + 3, device=device))
+        for actual, expected in zip(compiled(*args), fn(*args)):
+            assert torch.equal(actual, expected)
+
+
+def test_compile_nms_keep_rows(device, fresh_dynamo):
+    """torch.compile(fullgraph=True) of a function calling nms_keep_rows (a
+    fixed-size output: no graph break) equals eager, on several inputs of one
+    shape and on another shape."""
+
+    def fn(boxes, scores):
+        keep = maskrcnn_ops.nms_keep_rows(boxes, scores, 0.5)
+        return keep, (scores * keep).sum(1), keep.sum(1)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for seed, (rows, per_row) in enumerate([(4, 50), (4, 50), (4, 50), (6, 80)]):
+        args = make_rows(rows, per_row, seed=seed, device=device)
         for actual, expected in zip(compiled(*args), fn(*args)):
             assert torch.equal(actual, expected)
 

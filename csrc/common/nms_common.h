@@ -13,6 +13,20 @@
 
 namespace maskrcnn_ops {
 
+// The checks every NMS op makes once boxes and scores have their shapes:
+// floating dtypes, one device, a threshold that is a number.
+inline void check_nms_dtypes_and_threshold(const char* op, const at::Tensor& boxes,
+                                           const at::Tensor& scores, double iou_threshold) {
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()) &&
+                  at::isFloatingType(scores.scalar_type()),
+              op, ": expected floating-point boxes and scores, got ",
+              boxes.scalar_type(), " and ", scores.scalar_type());
+  TORCH_CHECK(boxes.device() == scores.device(), op,
+              ": boxes and scores must be on the same device, got ",
+              boxes.device(), " and ", scores.device());
+  TORCH_CHECK(!std::isnan(iou_threshold), op, ": iou_threshold is NaN");
+}
+
 inline void check_nms_args(const char* op, const at::Tensor& boxes,
                            const at::Tensor& scores, const at::Tensor* idxs,
                            const at::Tensor* image_ids, double iou_threshold) {
@@ -22,14 +36,7 @@ inline void check_nms_args(const char* op, const at::Tensor& boxes,
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), op,
               ": expected scores of shape [", boxes.size(0),
               "] (one per box), got ", scores.sizes());
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()) &&
-                  at::isFloatingType(scores.scalar_type()),
-              op, ": expected floating-point boxes and scores, got ",
-              boxes.scalar_type(), " and ", scores.scalar_type());
-  TORCH_CHECK(boxes.device() == scores.device(), op,
-              ": boxes and scores must be on the same device, got ",
-              boxes.device(), " and ", scores.device());
-  TORCH_CHECK(!std::isnan(iou_threshold), op, ": iou_threshold is NaN");
+  check_nms_dtypes_and_threshold(op, boxes, scores, iou_threshold);
   for (const auto& [name, t] : {std::pair{"idxs", idxs}, std::pair{"image_ids", image_ids}}) {
     if (t == nullptr) continue;
     TORCH_CHECK(t->dim() == 1 && t->size(0) == boxes.size(0), op, ": expected ",
@@ -41,6 +48,19 @@ inline void check_nms_args(const char* op, const at::Tensor& boxes,
                 " must be on the device of boxes (", boxes.device(), "), got ",
                 t->device());
   }
+}
+
+// nms_keep_rows: boxes [S, B, 4], scores [S, B].
+inline void check_nms_rows_args(const char* op, const at::Tensor& boxes,
+                                const at::Tensor& scores, double iou_threshold) {
+  TORCH_CHECK(boxes.dim() == 3 && boxes.size(2) == 4, op,
+              ": expected boxes of shape [S, B, 4] (rows of B boxes x1, y1, x2, y2), got ",
+              boxes.sizes());
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) == boxes.size(0) &&
+                  scores.size(1) == boxes.size(1),
+              op, ": expected scores of shape [", boxes.size(0), ", ", boxes.size(1),
+              "] (one per box), got ", scores.sizes());
+  check_nms_dtypes_and_threshold(op, boxes, scores, iou_threshold);
 }
 
 // Processing orders of a batched NMS.

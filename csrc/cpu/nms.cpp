@@ -1,4 +1,5 @@
-// Exact greedy NMS on CPU, plain and batched (per class and per image).
+// Exact greedy NMS on CPU, plain and batched (per class and per image), and
+// per row of a fixed-size [S, B] layout (nms_keep_rows: each row a segment).
 //
 // Boxes are walked by segment (image, class) and, inside a segment, by
 // decreasing score. A box is kept iff no box kept before it has IoU above the
@@ -539,8 +540,32 @@ key_t descending_key(float_t x) {
 
 struct CpuNmsOrder {
   std::vector<int64_t> by_score;    // indices by decreasing score, ties by index
-  std::vector<int64_t> by_segment;  // the same, grouped stably by (image_id, idx)
+  std::vector<int64_t> by_segment;  // the same, grouped stably by segment
   std::vector<int64_t> bounds;      // segment starts in by_segment, then N
+};
+
+// Where the box or score of flat index i lives in a tensor whose leading
+// dims are [N] (one row) or [S, B] (rows of B, i = row * B + column), read
+// with its strides: the op's inputs are never copied to a contiguous layout.
+class FlatIndex {
+ public:
+  FlatIndex(const at::Tensor& t, int64_t leading_dims) {
+    if (leading_dims == 1) {
+      stride_ = t.stride(0);
+      return;
+    }
+    row_length_ = std::max<int64_t>(1, t.size(1));
+    row_stride_ = t.stride(0);
+    stride_ = t.stride(1);
+    flat_ = t.size(0) <= 1 || t.stride(0) == t.size(1) * t.stride(1);
+  }
+  int64_t operator()(int64_t i) const {
+    return flat_ ? i * stride_ : (i / row_length_) * row_stride_ + (i % row_length_) * stride_;
+  }
+
+ private:
+  bool flat_ = true;  // offset i * stride_
+  int64_t row_length_ = 1, row_stride_ = 0, stride_ = 0;
 };
 
 // Keys of a 1-d integer tensor's labels (read with its stride) whose
@@ -556,9 +581,11 @@ std::vector<uint64_t> label_keys(const at::Tensor& t) {
   return keys;
 }
 
-CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const c10::optional<at::Tensor>& idxs,
-                          const c10::optional<at::Tensor>& image_ids) {
-  const int64_t n = scores.size(0);
+// The order of the scores (flat indices, read through `offset`), grouped by the
+// segment keys `labels` (one key per box in each, the major key last).
+CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const FlatIndex& offset,
+                          const std::vector<std::vector<uint64_t>>& labels) {
+  const int64_t n = scores.numel();
   CpuNmsOrder order;
   order.by_score.resize(n);
   std::iota(order.by_score.begin(), order.by_score.end(), 0);
@@ -570,21 +597,17 @@ CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const c10::optional<at::Tens
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "nms_order", [&] {
     const scalar_t* p = scores.const_data_ptr<scalar_t>();
-    const int64_t stride = scores.stride(0);
     if constexpr (std::is_same_v<scalar_t, double>) {
       sort_by_score(uint64_t(),
-                    [&](int64_t i) { return descending_key<double, uint64_t>(p[i * stride]); });
+                    [&](int64_t i) { return descending_key<double, uint64_t>(p[offset(i)]); });
     } else {
       // float, and half types (exactly representable as float).
       sort_by_score(uint32_t(), [&](int64_t i) {
-        return descending_key<float, uint32_t>(static_cast<float>(p[i * stride]));
+        return descending_key<float, uint32_t>(static_cast<float>(p[offset(i)]));
       });
     }
   });
   order.by_segment = order.by_score;
-  std::vector<std::vector<uint64_t>> labels;  // the segment keys, major last
-  for (const auto* key : {&idxs, &image_ids})
-    if (key->has_value()) labels.push_back(label_keys(**key));
   for (const auto& label : labels) {
     std::vector<uint64_t> keys(n);
     for (int64_t k = 0; k < n; ++k) keys[k] = label[order.by_segment[k]];
@@ -607,12 +630,11 @@ CpuNmsOrder cpu_nms_order(const at::Tensor& scores, const c10::optional<at::Tens
 // (benchmarks/nms_under_load.py --classes 80 --boxes 20000 shows it).
 constexpr int64_t kParallelMinBoxes = 32768;
 
-NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& scores,
-                                  const c10::optional<at::Tensor>& idxs,
-                                  const c10::optional<at::Tensor>& image_ids,
-                                  double iou_threshold) {
-  const int64_t n = boxes.size(0);
-  const CpuNmsOrder order = cpu_nms_order(scores, idxs, image_ids);
+// The greedy pass over every segment of `order`: keep flags in processing
+// order. boxes [N, 4] or [S, B, 4] (box i at `offset(i)`).
+std::vector<char> keep_in_order(const at::Tensor& boxes, const FlatIndex& offset,
+                                const CpuNmsOrder& order, double iou_threshold) {
+  const auto n = static_cast<int64_t>(order.by_segment.size());
   const std::vector<int64_t>& bounds = order.bounds;
   const auto segments = static_cast<int64_t>(bounds.size()) - 1;
   const int64_t* position = order.by_segment.data();
@@ -623,10 +645,12 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
     // The boxes in processing order, in that precision.
     std::vector<acc_t> sorted(4 * n);
     const scalar_t* in = boxes.const_data_ptr<scalar_t>();
-    const int64_t s0 = boxes.stride(0), s1 = boxes.stride(1);
-    for (int64_t k = 0; k < n; ++k)
+    const int64_t coordinate_stride = boxes.stride(-1);
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t* box = in + offset(position[k]);
       for (int64_t c = 0; c < 4; ++c)
-        sorted[4 * k + c] = static_cast<acc_t>(in[position[k] * s0 + c * s1]);
+        sorted[4 * k + c] = static_cast<acc_t>(box[c * coordinate_stride]);
+    }
     const auto t = threshold_as<acc_t>(iou_threshold);
     bool* flags = reinterpret_cast<bool*>(keep_sorted.data());
     const auto run = [&](int64_t s, Workspace<acc_t>& ws) {
@@ -654,10 +678,31 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
       ws.trim();
     });
   });
+  return keep_sorted;
+}
+
+// Keep flags at the boxes' flat positions: `keep` (bool, contiguous) from
+// the flags in processing order.
+void scatter_keep(const CpuNmsOrder& order, const std::vector<char>& keep_sorted,
+                  const at::Tensor& keep) {
+  bool* out = keep.mutable_data_ptr<bool>();
+  const auto n = static_cast<int64_t>(keep_sorted.size());
+  for (int64_t k = 0; k < n; ++k) out[order.by_segment[k]] = keep_sorted[k] != 0;
+}
+
+NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& scores,
+                                  const c10::optional<at::Tensor>& idxs,
+                                  const c10::optional<at::Tensor>& image_ids,
+                                  double iou_threshold) {
+  const int64_t n = boxes.size(0);
+  std::vector<std::vector<uint64_t>> labels;  // the segment keys, major last
+  for (const auto* key : {&idxs, &image_ids})
+    if (key->has_value()) labels.push_back(label_keys(**key));
+  const CpuNmsOrder order = cpu_nms_order(scores, FlatIndex(scores, 1), labels);
   // The keep flags at the boxes' positions, and the kept indices by score.
   at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kBool));
-  bool* out = keep.mutable_data_ptr<bool>();
-  for (int64_t k = 0; k < n; ++k) out[position[k]] = keep_sorted[k] != 0;
+  scatter_keep(order, keep_in_order(boxes, FlatIndex(boxes, 1), order, iou_threshold), keep);
+  const bool* out = keep.const_data_ptr<bool>();
   int64_t count = 0;
   for (int64_t k = 0; k < n; ++k) count += out[k];
   at::Tensor by_score = at::empty({n}, boxes.options().dtype(at::kLong));
@@ -671,6 +716,21 @@ NmsKeep batched_nms_keep_cpu_impl(const at::Tensor& boxes, const at::Tensor& sco
   return {keep, by_score, kept};
 }
 
+// nms_keep_rows: each row of boxes [S, B, 4] a segment, the rows' boxes
+// labelled by their row, through the same order and greedy pass.
+at::Tensor nms_keep_rows_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                             double iou_threshold) {
+  check_nms_rows_args("maskrcnn_ops::nms_keep_rows", boxes, scores, iou_threshold);
+  const int64_t rows = boxes.size(0), row_length = boxes.size(1);
+  std::vector<uint64_t> row_of(rows * row_length);
+  for (int64_t r = 0; r < rows; ++r)
+    std::fill_n(row_of.begin() + r * row_length, row_length, static_cast<uint64_t>(r));
+  const CpuNmsOrder order = cpu_nms_order(scores, FlatIndex(scores, 2), {row_of});
+  at::Tensor keep = at::empty({rows, row_length}, boxes.options().dtype(at::kBool));
+  scatter_keep(order, keep_in_order(boxes, FlatIndex(boxes, 2), order, iou_threshold), keep);
+  return keep;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CPU, m) {
@@ -678,6 +738,7 @@ TORCH_LIBRARY_IMPL(maskrcnn_ops, CPU, m) {
   m.impl("nms", &Ops::nms);
   m.impl("batched_nms", &Ops::batched_nms);
   m.impl("batched_nms_keep", &Ops::batched_nms_keep);
+  m.impl("nms_keep_rows", &nms_keep_rows_cpu);
 }
 
 }  // namespace maskrcnn_ops
