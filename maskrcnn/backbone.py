@@ -91,6 +91,11 @@ def _stage_out_channels(stage: nn.Sequential) -> int:
     return last_norm.weight.numel()
 
 
+# The stride of each pyramid level in input pixels (the feature maps of a
+# batch padded to a multiple of 32 are exactly its size over these).
+LEVEL_STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}
+
+
 class ResNetFPN(nn.Module):
     """ResNet body + feature pyramid.
 
@@ -106,7 +111,8 @@ class ResNetFPN(nn.Module):
             at the top-k cut), so the default keeps torchvision's layout.
 
     ``forward(x [N, 3, H, W])`` returns levels "0", "1", "2", "3" (strides 4 to
-    32) and "pool" (stride 64, a max-pool of "3"), each [N, out_channels, ., .].
+    32) and "pool" (stride 64, a max-pool of "3"), each [N, out_channels, ., .]
+    (``LEVEL_STRIDES``).
     """
 
     def __init__(self, body: ResNetBody, *, out_channels: int = 256, channels_last: bool = False) -> None:
@@ -159,4 +165,4 @@ def resnet_fpn_backbone(
     return ResNetFPN(body, out_channels=out_channels, channels_last=channels_last)
 
 
-__all__ = ["FrozenBatchNorm2d", "NORM_LAYERS", "RESNETS", "group_norm", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]
+__all__ = ["FrozenBatchNorm2d", "NORM_LAYERS", "RESNETS", "group_norm", "LEVEL_STRIDES", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 import maskrcnn_ops
 
-from .backbone import NORM_LAYERS, ResNetFPN, resnet_fpn_backbone
+from .backbone import LEVEL_STRIDES, NORM_LAYERS, ResNetFPN, resnet_fpn_backbone
 from .data.validation import validate_target
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
 from .paste import paste_masks_in_image
-from .preprocess import ImageTransform, rescale_boxes
+from .preprocess import ImageBatch, ImageTransform, rescale_boxes
 from .presets import SMALL, ModelPreset
-from .roi_heads import RoIHeadOutputs, RoIHeads, fpn_roi_pooler
+from .roi_heads import FPN_LEVEL_NAMES, PaddedRoIHeadOutputs, RoIHeadOutputs, RoIHeads, fpn_roi_pooler
 from .rpn import RegionProposalNetwork, RPNHead
 from .torchvision_keys import rename_legacy_keys_hook
 
@@ -111,12 +112,45 @@ class MaskRCNN(nn.Module):
                     "call model.eval() for detections"
                 )
             return self.losses(images, targets)
-        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        original_sizes = [(image.shape[-2], image.shape[-1]) for image in images]
         batch = self.transform(images)
-        features = self.backbone(batch.tensors)
-        proposals, _ = self.rpn(batch, features)
-        outputs = self.roi_heads(features, proposals, batch.image_sizes)
+        if torch.compiler.is_compiling():
+            # Traced: the fixed-size path, whose only data-dependent sizes
+            # are the detection counts of the per-image outputs (which need
+            # torch._dynamo.config.capture_scalar_outputs).
+            sizes = torch.tensor(batch.image_sizes, dtype=torch.int64, device=batch.tensors.device)
+            outputs = self.detect_batch_padded(ImageBatch(batch.tensors, sizes)).unpad()
+        else:
+            features = self.backbone(batch.tensors)
+            proposals, _ = self.rpn(batch, features)
+            outputs = self.roi_heads(features, proposals, batch.image_sizes)
         return to_original_images(outputs, batch.image_sizes, original_sizes)
+
+    def detect_padded(self, images: Tensor, image_sizes: Tensor) -> PaddedRoIHeadOutputs:
+        """The eval-mode detector on a padded batch, in fixed-size form and
+        with no host sync, so that it traces into one graph with dynamic
+        shapes (``maskrcnn.export``). The same detections as ``forward`` on
+        the images it was given, before mapping to their original size.
+
+        Args:
+            images: [N, 3, H, W] float RGB in [0, 1], already resized as
+                ``self.transform`` resizes (``resized_size``), each in the
+                top-left corner; what lies outside its size is ignored.
+            image_sizes: int64 [N, 2], (height, width) of each image.
+
+        Returns:
+            PaddedRoIHeadOutputs (D = ``roi_heads.detections_per_img``),
+            boxes in the images' pixels.
+        """
+        return self.detect_batch_padded(ImageBatch(self.transform.normalize_and_pad(images, image_sizes), image_sizes))
+
+    def detect_batch_padded(self, batch: ImageBatch) -> PaddedRoIHeadOutputs:
+        """``detect_padded`` on a batch the transform made; its
+        ``image_sizes`` an int64 tensor [N, 2]."""
+        features = self.backbone(batch.tensors)
+        proposals, _, num_proposals = self.rpn.forward_padded(batch, features)
+        scales = [1.0 / LEVEL_STRIDES[name] for name in FPN_LEVEL_NAMES]
+        return self.roi_heads.forward_padded(features, proposals, num_proposals, batch.image_sizes, scales)
 
     def losses(self, images: List[Tensor], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """The training losses of a batch (what ``forward`` returns in

@@ -106,16 +106,26 @@ def interpolation_matrix(start: Tensor, end: Tensor, window_start: Tensor, windo
     return weights
 
 
-def paste_by_windows(padded: Tensor, pixels: Tensor, out: Tensor) -> None:
+def paste_by_windows(padded: Tensor, pixels: Tensor, out: Tensor, *, whole_image: bool = False) -> None:
     """Writes the resized masks into ``out`` [N, H, W] (zeros) through one
     window size for all masks (see the module docstring).
 
     Args:
         padded: [N, S, S] float32 masks (already padded).
         pixels: [N, 4] int64 box pixels (x1, y1, x2, y2), inclusive.
+        whole_image: make every window the whole image instead of the
+            largest box: more work, but no size read from the data, so
+            that it traces into a graph with symbolic shapes.
     """
     num, height, width = out.shape
     x1, y1, x2, y2 = pixels.unbind(1)
+    if whole_image:
+        top = left = torch.zeros_like(x1)
+        window_h, window_w = height, width
+        rows = interpolation_matrix(y1, y2, top, window_h, padded.size(1))  # [N, H, S]
+        cols = interpolation_matrix(x1, x2, left, window_w, padded.size(2))  # [N, W, S]
+        out.copy_(torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2)))
+        return
     # One window size covering the largest visible part of any box; each
     # window starts at its box's visible top-left, moved back where it
     # would cross the image border.
@@ -198,19 +208,23 @@ def paste_masks_in_image(
         padding: zero pixels added around each mask before resizing (the box
             grows by the same factor), so the mask fades out at its border.
         method: "windows", "pixels", or None to pick the cheaper for these
-            boxes (the results are the same).
+            boxes (the results are the same); "image": windows the size of
+            the image, which reads no size from the data (the choice when
+            traced, e.g. under torch.compile).
 
     Returns:
         [N, 1, height, width] float32 masks, zero outside each box (also
         under autocast). Boxes are expected inside the image, as detections
         are after clipping; parts outside it are dropped.
     """
-    if method not in (None, "windows", "pixels"):
-        raise ValueError(f"method must be 'windows', 'pixels' or None, got {method!r}")
+    if method not in (None, "windows", "pixels", "image"):
+        raise ValueError(f"method must be 'windows', 'pixels', 'image' or None, got {method!r}")
+    if method is None and torch.compiler.is_compiling():
+        method = "image"
     height, width = image_size
     num = masks.size(0)
     out = torch.zeros(num, height, width, dtype=torch.float32, device=masks.device)
-    if num == 0 or height == 0 or width == 0:
+    if method != "image" and (num == 0 or height == 0 or width == 0):
         return out[:, None]
     side = masks.size(-1)
     padded = F.pad(masks[:, 0].float(), (padding,) * 4)  # [N, M + 2p, M + 2p]
@@ -221,7 +235,10 @@ def paste_masks_in_image(
         box_pixels = int((visible_h * visible_w).sum())
         method = "windows" if window_pixels <= RAGGED_PIXEL_COST * box_pixels else "pixels"
     with torch.autocast(out.device.type, enabled=False):  # float32 whatever the caller's autocast
-        (paste_by_windows if method == "windows" else paste_by_pixels)(padded, pixels, out)
+        if method == "pixels":
+            paste_by_pixels(padded, pixels, out)
+        else:
+            paste_by_windows(padded, pixels, out, whole_image=method == "image")
     return out[:, None]
 
 

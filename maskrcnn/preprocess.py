@@ -101,6 +101,25 @@ class ImageTransform(nn.Module):
             return image  # bilinear resampling to the same size copies every pixel: skip it
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
+    def normalize_and_pad(self, images: Tensor, image_sizes: Tensor) -> Tensor:
+        """A padded batch of resized images -> the batch ``forward`` makes of
+        them: normalized, zeros outside each image, height and width padded
+        up to multiples of ``size_divisible``. Traceable with dynamic shapes.
+
+        Args:
+            images: [N, 3, H, W] float in [0, 1], each image top-left.
+            image_sizes: int64 [N, 2] (height, width) of each image.
+        """
+        mean = torch.as_tensor(self.image_mean, dtype=images.dtype, device=images.device)
+        std = torch.as_tensor(self.image_std, dtype=images.dtype, device=images.device)
+        height, width = images.shape[-2:]
+        sizes = image_sizes.to(images.device)
+        inside = ((torch.arange(height, device=images.device) < sizes[:, :1])[:, :, None]
+                  & (torch.arange(width, device=images.device) < sizes[:, 1:])[:, None, :])  # [N, H, W]
+        normalized = torch.where(inside[:, None], (images - mean[:, None, None]) / std[:, None, None], 0)
+        step = self.size_divisible
+        return F.pad(normalized, (0, (-width) % step, 0, (-height) % step))
+
     def draw_train_min_size(self) -> int:
         """One of ``train_min_sizes``, uniformly, from one ``torch.rand``
         draw of the global RNG (torchvision's transform draws one number per

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import maskrcnn_ops
 
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
-from .postprocess import detect_objects, select_class_masks
+from .postprocess import PaddedDetections, detect_objects, detect_objects_padded, select_class_masks
 from .training import ROI_BOX_WEIGHTS, box_head_loss, mask_loss, mask_targets, sample_proposals
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")
@@ -35,6 +35,38 @@ class RoIHeadOutputs(NamedTuple):
     scores: List[Tensor]
     labels: List[Tensor]
     masks: List[Tensor]
+
+
+class PaddedRoIHeadOutputs(NamedTuple):
+    """The RoI heads' outputs for a batch in fixed-size form (D =
+    ``detections_per_img``): ``detections`` (PaddedDetections, resized-image
+    coordinates) and ``masks`` [N, D, M, M], the probabilities of each
+    detection's class (zeros past ``num_detections``)."""
+
+    detections: PaddedDetections
+    masks: Tensor
+
+    def unpad(self) -> RoIHeadOutputs:
+        """The per-image form of ``RoIHeads.forward`` (reads the counts: a
+        host sync, or unbacked sizes in a traced graph)."""
+        d = self.detections
+        limit = d.boxes.size(1)
+        boxes, scores, labels, masks = [], [], [], []
+        for i, count in enumerate(d.num_detections.tolist()):
+            torch._check(count >= 0)
+            torch._check(count <= limit)
+            boxes.append(d.boxes[i, :count])
+            scores.append(d.scores[i, :count])
+            labels.append(d.labels[i, :count])
+            masks.append(self.masks[i, :count, None])
+        return RoIHeadOutputs(boxes, scores, labels, masks)
+
+
+def padded_rois(boxes: Tensor) -> Tensor:
+    """Boxes [N, B, 4] per image -> rois [N * B, 5] (image index, x1, y1, x2, y2)."""
+    n, per_image, _ = boxes.shape
+    index = torch.arange(n, device=boxes.device, dtype=boxes.dtype).repeat_interleave(per_image)
+    return torch.cat([index[:, None], boxes.reshape(n * per_image, 4)], dim=1)
 
 
 class RoIHeads(nn.Module):
@@ -184,5 +216,46 @@ class RoIHeads(nn.Module):
         masks = self.mask_probabilities(features, detections.boxes, detections.labels, image_sizes)
         return RoIHeadOutputs(detections.boxes, detections.scores, detections.labels, masks)
 
+    def forward_padded(
+        self,
+        features: Dict[str, Tensor],
+        proposals: Tensor,
+        num_proposals: Tensor,
+        image_sizes: Tensor,
+        spatial_scales: List[float],
+    ) -> PaddedRoIHeadOutputs:
+        """``forward`` in fixed-size form, with no host sync (traceable with
+        dynamic shapes): the same detections, in the same order.
 
-__all__ = ["FPN_LEVEL_NAMES", "RoIHeadOutputs", "RoIHeads", "fpn_roi_pooler"]
+        Args:
+            features: FPN levels (the "0".."3" ones are pooled).
+            proposals: [N, P, 4], the first ``num_proposals[i]`` rows of
+                image i its proposals, in the resized image.
+            num_proposals: int64 [N].
+            image_sizes: [N, 2] (height, width) of the resized images.
+            spatial_scales: the scales of the pooled levels (1/4 .. 1/32).
+        """
+        n, slots, _ = proposals.shape
+        pooled = self.box_roi_pool(features, padded_rois(proposals), spatial_scales=spatial_scales)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        detections = detect_objects_padded(
+            class_logits.view(n, slots, -1),
+            box_deltas.view(n, slots, -1),
+            proposals,
+            num_proposals,
+            image_sizes,
+            box_coder=self.box_coder,
+            score_thresh=self.score_thresh,
+            nms_thresh=self.nms_thresh,
+            detections_per_img=self.detections_per_img,
+        )
+        logits = self.mask_predictor(
+            self.mask_head(self.mask_roi_pool(features, padded_rois(detections.boxes), spatial_scales=spatial_scales))
+        )
+        masks = select_class_masks(logits, detections.labels.reshape(-1))[:, 0]
+        filled = torch.arange(self.detections_per_img, device=masks.device) < detections.num_detections[:, None]
+        masks = torch.where(filled.reshape(-1, 1, 1), masks, 0)
+        return PaddedRoIHeadOutputs(detections, masks.view(n, self.detections_per_img, *masks.shape[-2:]))
+
+
+__all__ = ["FPN_LEVEL_NAMES", "PaddedRoIHeadOutputs", "RoIHeadOutputs", "RoIHeads", "fpn_roi_pooler", "padded_rois"]

@@ -144,21 +144,15 @@ class RegionProposalNetwork(nn.Module):
         flat_objectness, flat_deltas, num_anchors_per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
         return RPNPredictions(flat_objectness, flat_deltas, self.anchors(images, levels), num_anchors_per_level)
 
-    def proposals(self, images: ImageBatch, predictions: RPNPredictions) -> Tuple[List[Tensor], List[Tensor]]:
-        """Proposals and their objectness probabilities per image (see
-        ``forward``), with the top-n of the current mode. No gradient flows
-        into the boxes (the RoI heads take them as given, as in the paper)."""
+    def proposal_settings(self) -> Dict[str, object]:
+        """The keyword arguments of ``maskrcnn_ops.generate_proposals`` (and
+        its padded form) for the current mode."""
         pre_nms_top_n, post_nms_top_n = (
             (self.train_pre_nms_top_n, self.train_post_nms_top_n)
             if self.training
             else (self.pre_nms_top_n, self.post_nms_top_n)
         )
-        return maskrcnn_ops.generate_proposals(
-            predictions.objectness.detach().float(),
-            predictions.deltas.detach().float(),
-            predictions.anchors,
-            predictions.num_anchors_per_level,
-            images.image_sizes,
+        return dict(
             pre_nms_top_n=pre_nms_top_n,
             post_nms_top_n=post_nms_top_n,
             nms_thresh=self.nms_thresh,
@@ -166,6 +160,37 @@ class RegionProposalNetwork(nn.Module):
             min_size=self.min_size,
             weights=self.box_coder.weights,
             clip=self.box_coder.clip,
+        )
+
+    def proposals(self, images: ImageBatch, predictions: RPNPredictions) -> Tuple[List[Tensor], List[Tensor]]:
+        """Proposals and their objectness probabilities per image (see
+        ``forward``), with the top-n of the current mode. No gradient flows
+        into the boxes (the RoI heads take them as given, as in the paper)."""
+        return maskrcnn_ops.generate_proposals(
+            predictions.objectness.detach().float(),
+            predictions.deltas.detach().float(),
+            predictions.anchors,
+            predictions.num_anchors_per_level,
+            images.image_sizes,
+            **self.proposal_settings(),
+        )
+
+    def forward_padded(self, images: ImageBatch, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """``forward`` in fixed-size form, with no host sync (traceable with
+        dynamic shapes); ``images.image_sizes`` is an int64 tensor [N, 2].
+
+        Returns:
+            proposals [N, P, 4], their probabilities [N, P] (zeros past the
+            count) and counts int64 [N], P = post_nms_top_n of the mode.
+        """
+        predictions = self.predict(images, features)
+        return maskrcnn_ops.generate_proposals_padded(
+            predictions.objectness.detach().float(),
+            predictions.deltas.detach().float(),
+            predictions.anchors,
+            predictions.num_anchors_per_level,
+            images.image_sizes,
+            **self.proposal_settings(),
         )
 
     def losses(self, predictions: RPNPredictions, gt_boxes: Sequence[Tensor]) -> Dict[str, Tensor]:

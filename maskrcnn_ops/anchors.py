@@ -65,21 +65,27 @@ class AnchorGenerator(nn.Module):
             raise ValueError(
                 f"{len(grid_sizes)} feature maps for anchor generator with {len(self.cell_anchors)} levels"
             )
+        if torch.compiler.is_compiling():
+            # A traced graph computes them (its sizes are symbolic): no state.
+            return self._make_anchors(grid_sizes, strides, dtype, device)
         key = (tuple(map(tuple, grid_sizes)), tuple(map(tuple, strides)), dtype, torch.device(device))
         if key not in self._cache:
-            per_level = []
-            for (grid_h, grid_w), (stride_h, stride_w), base in zip(grid_sizes, strides, self.cell_anchors):
-                base = base.to(dtype=dtype, device=device)
-                shifts_x = torch.arange(0, grid_w, dtype=torch.int32, device=device) * stride_w
-                shifts_y = torch.arange(0, grid_h, dtype=torch.int32, device=device) * stride_h
-                shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
-                shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
-                shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
-                per_level.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
             if len(self._cache) >= self.max_cached_shapes:  # multi-scale training: bound the cache
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = torch.cat(per_level)
+            self._cache[key] = self._make_anchors(grid_sizes, strides, dtype, device)
         return self._cache[key]
+
+    def _make_anchors(self, grid_sizes, strides, dtype, device) -> Tensor:
+        per_level = []
+        for (grid_h, grid_w), (stride_h, stride_w), base in zip(grid_sizes, strides, self.cell_anchors):
+            base = base.to(dtype=dtype, device=device)
+            shifts_x = torch.arange(0, grid_w, dtype=torch.int32, device=device) * stride_w
+            shifts_y = torch.arange(0, grid_h, dtype=torch.int32, device=device) * stride_h
+            shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+            shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+            per_level.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
+        return torch.cat(per_level)
 
     def forward(self, image_list, feature_maps: List[Tensor]) -> List[Tensor]:
         image_h, image_w = image_list.tensors.shape[-2:]

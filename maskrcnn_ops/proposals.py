@@ -5,6 +5,7 @@ before the final per-image split."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import List, Sequence, Tuple, Union
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .boxes import DEFAULT_CLIP, _weights
-from .nms_ops import NMS_BOXES_PER_CALL, batched_nms_keep, image_groups, rank_kept_per_image
+from .nms_ops import nms_keep_rows, rank_kept_per_image
 
 _ops = torch.ops.maskrcnn_ops
 _INT64_MIN = -(2**63)
@@ -93,8 +94,10 @@ def _top_candidates(
     n = objectness.size(0)
     device = objectness.device
     levels = len(num_anchors_per_level)
-    width = max(max(num_anchors_per_level, default=0), 1)
-    k = min(pre_nms_top_n, width)
+    # sym_max/sym_min: in a traced graph the level sizes are symbolic, and
+    # these keep them so (max/min would fix them with a guard).
+    width = functools.reduce(torch.sym_max, num_anchors_per_level, 1)
+    k = torch.sym_min(pre_nms_top_n, width)
     if batched:
         index, pad = _level_layout(num_anchors_per_level, width, device)
         keys = _ordered_keys(objectness).index_select(1, index).masked_fill(pad, _INT64_MIN)
@@ -102,44 +105,19 @@ def _top_candidates(
         valid = ~pad.view(1, levels, width).expand(n, levels, width).gather(2, top)
         candidates = index.view(1, levels, width).expand(n, levels, width).gather(2, top)  # 0 at pads
         return candidates.view(n, levels * k), valid.view(n, levels * k)
-    candidates = torch.zeros(n, levels, k, dtype=torch.int64, device=device)
-    valid = torch.zeros(n, levels, k, dtype=torch.bool, device=device)
+    # Built by padding and stacking, not by writing into slices: a traced
+    # graph would assume the batch is not one image for the in-place copy.
+    per_level, valid_per_level = [], []
     offset = 0
-    for level, size in enumerate(num_anchors_per_level):
-        k_level = min(pre_nms_top_n, size)
+    for size in num_anchors_per_level:
+        k_level = torch.sym_min(pre_nms_top_n, size)
         top = objectness[:, offset : offset + size].topk(k_level, dim=1).indices
-        candidates[:, level, :k_level] = top + offset
-        valid[:, level, :k_level] = True
+        per_level.append(torch.nn.functional.pad(top + offset, (0, k - k_level)))
+        valid_per_level.append(torch.arange(k, device=device) < k_level)
         offset += size
-    return candidates.view(n, levels * k), valid.view(n, levels * k)
-
-
-def _nms_keep_by_image_groups(
-    boxes: Tensor, scores: Tensor, level_ids: Tensor, nms_thresh: float, *, boxes_per_call: int
-) -> Tensor:
-    """NMS within each (image, level), in calls over groups of whole images
-    (``image_groups``: bounded mask memory, exactly one call's result). The
-    group sizes come from the shapes, so there is no host sync and every
-    device runs this same loop.
-
-    Args:
-        boxes: [N, M, 4] candidates per image (NaN boxes never suppress).
-        scores: [N, M].
-        level_ids: int64 [M], the level of each candidate slot.
-        boxes_per_call: the bound of a group (see ``image_groups``).
-
-    Returns:
-        bool [N, M], True for the boxes NMS keeps.
-    """
-    n, per_image = scores.shape
-    keep = torch.empty(n, per_image, dtype=torch.bool, device=scores.device)
-    for first, last in image_groups([per_image] * n, boxes_per_call):
-        image_ids = torch.arange(last - first, device=scores.device).repeat_interleave(per_image)
-        keep[first:last] = batched_nms_keep(
-            boxes[first:last].reshape(-1, 4), scores[first:last].reshape(-1), level_ids.repeat(last - first),
-            nms_thresh, image_ids,
-        ).view(last - first, per_image)
-    return keep
+    candidates = torch.stack(per_level, dim=1)
+    valid = torch.stack(valid_per_level).reshape(1, levels * k).expand(n, levels * k)
+    return candidates.reshape(n, levels * k), valid
 
 
 def generate_proposals_padded(
@@ -156,15 +134,14 @@ def generate_proposals_padded(
     min_size: float = 1e-3,
     weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     clip: float = DEFAULT_CLIP,
-    nms_boxes_per_call: int = NMS_BOXES_PER_CALL,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """RPN post-processing for a batch, fixed-size outputs, no host sync.
 
     Per image and level: the ``pre_nms_top_n`` anchors with the highest
     objectness; their deltas decoded, clipped to the image, boxes with a side
     below ``min_size`` or a score (sigmoid of the logit) below ``score_thresh``
-    dropped, NMS at ``nms_thresh`` within each (image, level) (in calls over
-    groups of whole images, each of a bounded number of boxes); then the best
+    dropped, NMS at ``nms_thresh`` within each (image, level) (one
+    ``nms_keep_rows`` call: rows of candidates); then the best
     ``post_nms_top_n`` of each image by score. The same proposals, scores and
     order as torchvision's ``RegionProposalNetwork`` with these settings.
 
@@ -176,10 +153,6 @@ def generate_proposals_padded(
         image_sizes: [N, 2] or N pairs (height, width) of the unpadded images
             (give a tensor on the device for a call with no host sync at all:
             a Python list is copied to the device).
-        nms_boxes_per_call: the most candidates of one NMS call (whole images
-            per call; an image with more takes a call of its own). The
-            result does not depend on it, the CUDA suppression mask's memory
-            does (see ``NMS_BOXES_PER_CALL``).
 
     Returns:
         boxes [N, post_nms_top_n, 4] and scores [N, post_nms_top_n] (zeros
@@ -227,13 +200,11 @@ def generate_proposals_padded(
     )
     keep = keep & valid
 
-    # NMS within each (image, level); dropped boxes become NaN, which never
-    # suppress anything, and stay dropped through `keep`.
-    level_ids = torch.arange(levels, device=device).repeat_interleave(k)
-    nms_boxes = boxes.masked_fill(~keep[..., None], float("nan"))
-    survives = _nms_keep_by_image_groups(
-        nms_boxes, scores, level_ids, nms_thresh, boxes_per_call=nms_boxes_per_call
-    ) & keep
+    # NMS within each (image, level), the rows of k candidates; dropped
+    # boxes become NaN, which never suppress anything, and stay dropped
+    # through `keep`.
+    nms_boxes = boxes.masked_fill(~keep[..., None], float("nan")).view(n * levels, k, 4)
+    survives = nms_keep_rows(nms_boxes, scores.view(n * levels, k), nms_thresh).view(n, levels * k) & keep
 
     flat_scores = scores.reshape(-1)
     image_ids = torch.arange(n, device=device).repeat_interleave(levels * k)

@@ -1,0 +1,237 @@
+"""The detector as one graph, for deployment without Python.
+
+``DeployableDetector`` wraps an eval-mode MaskRCNN into a tensor-in,
+tensor-out module with fixed-size outputs and no host synchronization
+(``MaskRCNN.detect_padded``); from it:
+
+- ``export_program``: a ``torch.export.ExportedProgram`` with dynamic batch
+  size, height and width;
+- ``compile_package``: an AOTInductor ``.pt2`` package, which a process
+  loads with ``torch._inductor.aoti_load_package`` after importing only
+  ``maskrcnn_ops`` (for its operators);
+- ``export_onnx``: an ONNX model through the dynamo exporter and
+  ``maskrcnn_ops.onnx_translation_table()``.
+
+The program takes images already resized as the model resizes them
+(``resize_for_program``) and returns boxes and masks in those images'
+pixels; ``detections_from_outputs`` maps them back to the original images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .model import MaskRCNN
+from .paste import paste_masks_in_image
+from .preprocess import check_images, rescale_boxes, resized_size
+
+# Bounds of the dynamic dimensions of exported programs: images per batch,
+# and the side of the batch (at most the model's max_size rounded up to 32;
+# at least MIN_SIDE, which gives the coarsest pyramid level, stride 64, two
+# cells or more: the traced graph's layouts assume a level is not one cell
+# wide; resize_for_program pads smaller batches up to it).
+MAX_BATCH = 8
+MIN_SIDE = 96
+
+OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "masks")
+
+
+class DeployableDetector(nn.Module):
+    """An eval-mode MaskRCNN as a function of tensors, fixed-size outputs.
+
+    Args:
+        model: the detector (its weights are shared, not copied).
+        paste_masks: return masks pasted into the image, thresholded, as
+            uint8 [N, D, H, W] instead of the M x M probabilities in each
+            box's frame.
+        mask_threshold: the probability a pasted mask pixel must exceed.
+
+    ``forward(images, image_sizes)``:
+        images: [N, 3, H, W] float RGB in [0, 1], each image resized as the
+            model resizes (``resize_for_program``) and in the top-left
+            corner; 1 <= N <= MAX_BATCH, MIN_SIDE <= H, W <= the model's
+            ``max_size`` rounded up to 32.
+        image_sizes: int64 [N, 2], (height, width) of each image.
+    Returns ``num_detections`` int64 [N], ``boxes`` [N, D, 4] float32 (x1,
+    y1, x2, y2 in the input's pixels), ``scores`` [N, D] float32 by
+    decreasing score, ``labels`` [N, D] int64, ``masks`` [N, D, M, M]
+    float32 probabilities (or [N, D, H, W] uint8 with ``paste_masks``); rows
+    past ``num_detections`` are zeros. D = ``detections_per_img``.
+    """
+
+    def __init__(self, model: MaskRCNN, *, paste_masks: bool = False, mask_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.paste_masks = paste_masks
+        self.mask_threshold = mask_threshold
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        torch._check(images.dim() == 4 and images.size(1) == 3,
+                     lambda: f"images must be [N, 3, H, W] RGB, got {tuple(images.shape)}")
+        torch._check(image_sizes.shape == (images.size(0), 2),
+                     lambda: f"image_sizes must be [N, 2] for N = {images.size(0)}, got {tuple(image_sizes.shape)}")
+        outputs = self.model.detect_padded(images, image_sizes)
+        detections = outputs.detections
+        masks = outputs.masks
+        if self.paste_masks:
+            n, d = detections.boxes.shape[:2]
+            height, width = images.shape[-2:]
+            pasted = paste_masks_in_image(masks.reshape(n * d, 1, *masks.shape[-2:]), detections.boxes.reshape(n * d, 4),
+                                          (height, width), method="image")
+            # A mask's border (the pasting's padding) may reach past its
+            # image into the batch's padding: cut it as an image-sized paste would.
+            inside = ((torch.arange(height, device=images.device) < image_sizes[:, :1])[:, :, None]
+                      & (torch.arange(width, device=images.device) < image_sizes[:, 1:])[:, None, :])
+            masks = ((pasted.view(n, d, height, width) > self.mask_threshold) & inside[:, None]).to(torch.uint8)
+        return detections.num_detections, detections.boxes, detections.scores, detections.labels, masks
+
+
+class ProgramInputs(NamedTuple):
+    """Inputs of a DeployableDetector and how to map its outputs back.
+
+    Attributes:
+        images: [N, 3, H, W] resized images in [0, 1], zero-padded.
+        image_sizes: int64 [N, 2] resized (height, width).
+        original_sizes: the images' (height, width) before resizing.
+    """
+
+    images: Tensor
+    image_sizes: Tensor
+    original_sizes: List[Tuple[int, int]]
+
+
+def resize_for_program(images: Sequence[Tensor], *, min_size: int, max_size: int) -> ProgramInputs:
+    """Resizes [3, H_i, W_i] float images in [0, 1] as MaskRCNN's transform
+    does (short side ``min_size``, long side at most ``max_size``; bilinear,
+    half-pixel centres) and pads them into one batch for a program."""
+    check_images(images)
+    resized = []
+    for image in images:
+        size = resized_size(image.size(1), image.size(2), min_size=min_size, max_size=max_size)
+        if size != tuple(image.shape[-2:]):
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        resized.append(image)
+    height = max(max(image.size(1) for image in resized), MIN_SIDE)
+    width = max(max(image.size(2) for image in resized), MIN_SIDE)
+    batch = resized[0].new_zeros(len(resized), 3, height, width)
+    for slot, image in zip(batch, resized):
+        slot[:, : image.size(1), : image.size(2)].copy_(image)
+    sizes = torch.tensor([tuple(image.shape[-2:]) for image in resized], dtype=torch.int64)
+    return ProgramInputs(batch, sizes, [tuple(image.shape[-2:]) for image in images])
+
+
+def detections_from_outputs(
+    outputs: Sequence[Tensor], inputs: ProgramInputs, *, pasted: bool = False
+) -> List[Dict[str, Tensor]]:
+    """A program's outputs -> one dict per image as ``MaskRCNN.forward``
+    returns (boxes in the original image, masks [D_i, 1, H, W] float32
+    probabilities pasted into it). With ``pasted`` outputs (uint8 masks in
+    the resized image) the masks are resized to the original by nearest
+    neighbour and stay 0/1."""
+    num_detections, boxes, scores, labels, masks = outputs
+    results = []
+    for i, count in enumerate(num_detections.tolist()):
+        resized = tuple(inputs.image_sizes[i].tolist())
+        original = inputs.original_sizes[i]
+        image_boxes = rescale_boxes(boxes[i, :count], resized, original)
+        if pasted:
+            image_masks = masks[i, :count, : resized[0], : resized[1]]
+            image_masks = F.interpolate(image_masks[:, None].float(), size=original).to(torch.uint8)
+        else:
+            image_masks = paste_masks_in_image(masks[i, :count, None], image_boxes, original)
+        results.append(dict(boxes=image_boxes, labels=labels[i, :count], scores=scores[i, :count], masks=image_masks))
+    return results
+
+
+def dynamic_shapes(model: MaskRCNN) -> Tuple[dict, dict]:
+    """The dynamic dimensions of a program's inputs (see DeployableDetector)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    height = torch.export.Dim("height", min=MIN_SIDE, max=max_side(model))
+    width = torch.export.Dim("width", min=MIN_SIDE, max=max_side(model))
+    return {0: batch, 2: height, 3: width}, {0: batch}
+
+
+def example_inputs(model: MaskRCNN, *, batch: int = 2) -> Tuple[Tensor, Tensor]:
+    """Random inputs to trace with: ``batch`` images of the model's short
+    side. Batch, height and width differ from each other and from 1, as
+    the tracer would otherwise take them as equal or as constants."""
+    height = model.transform.min_size
+    width = max(height - 32, MIN_SIDE + 1)
+    images = torch.rand(batch, 3, height, width)
+    return images, torch.tensor([[height, width]] * batch, dtype=torch.int64)
+
+
+def max_side(model: MaskRCNN) -> int:
+    """The largest height or width a program of ``model`` takes: its
+    ``max_size`` rounded up to a multiple of 32."""
+    return -(-model.transform.max_size // 32) * 32
+
+
+def check_program_inputs(images: Tensor, image_sizes: Tensor, *, model: MaskRCNN) -> None:
+    """Raises a one-line ValueError unless ``images`` and ``image_sizes``
+    are inputs a program of ``model`` takes (see DeployableDetector)."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.size(1) != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [N, 3, H, W] (RGB), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point with values in [0, 1], got {images.dtype}")
+    n, _, height, width = images.shape
+    if n == 0:
+        raise ValueError("an empty batch: give at least one image")
+    if n > MAX_BATCH:
+        raise ValueError(f"a batch of {n} images; a program takes at most {MAX_BATCH}")
+    largest = max_side(model)
+    if not (MIN_SIDE <= height <= largest and MIN_SIDE <= width <= largest):
+        raise ValueError(f"images of {height} x {width}; a program of this model takes sides from {MIN_SIDE} to "
+                         f"{largest} (resize with resize_for_program)")
+    if image_sizes.shape != (n, 2) or image_sizes.dtype != torch.int64:
+        raise ValueError(f"image_sizes must be int64 [{n}, 2], got {image_sizes.dtype} {tuple(image_sizes.shape)}")
+    if bool((image_sizes < 1).any()) or bool((image_sizes[:, 0] > height).any()) or bool((image_sizes[:, 1] > width).any()):
+        raise ValueError(f"image_sizes {image_sizes.tolist()} must lie within the batch's {height} x {width}")
+
+
+def export_program(model: MaskRCNN, *, paste_masks: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``DeployableDetector(model)`` with dynamic N, H, W."""
+    module = DeployableDetector(model, paste_masks=paste_masks)
+    images_dims, sizes_dims = dynamic_shapes(model)
+    # Size-oblivious: a traced size of 2 says nothing about sizes of 1, so
+    # that a batch of one image stays in the program's range.
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        return torch.export.export(module, example_inputs(model), dynamic_shapes=(images_dims, sizes_dims))
+
+
+def compile_package(
+    model: MaskRCNN, path: Path, *, paste_masks: bool = False, program: Optional[torch.export.ExportedProgram] = None
+) -> Path:
+    """An AOTInductor package of the program at ``path`` (a ``.pt2`` file).
+    ``program``: the model's ``export_program``, if already made."""
+    program = program if program is not None else export_program(model, paste_masks=paste_masks)
+    with torch.no_grad():
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
+
+def export_onnx(
+    model: MaskRCNN, path: Path, *, paste_masks: bool = False, program: Optional[torch.export.ExportedProgram] = None
+) -> Path:
+    """The program as an ONNX model at ``path``, for onnxruntime (the
+    maskrcnn_ops operators become standard ONNX ops). ``program``: the
+    model's ``export_program``, if already made."""
+    import maskrcnn_ops
+
+    program = program if program is not None else export_program(model, paste_masks=paste_masks)
+    onnx_program = torch.onnx.export(
+        program, dynamo=True, custom_translation_table=maskrcnn_ops.onnx_translation_table(),
+        input_names=["images", "image_sizes"], output_names=list(OUTPUT_NAMES),
+    )
+    onnx_program.save(str(path))
+    return Path(path)
+
+
+__all__ = ["DeployableDetector", "MAX_BATCH", "MIN_SIDE", "OUTPUT_NAMES", "ProgramInputs", "check_program_inputs",
+           "compile_package", "detections_from_outputs", "dynamic_shapes", "example_inputs", "export_onnx",
+           "export_program", "max_side", "resize_for_program"]
