@@ -450,7 +450,8 @@ def test_paste_picks_the_cheaper_method(monkeypatch):
     calls = []
     for name in ("paste_by_pixels", "paste_by_windows"):
         original = getattr(paste, name)
-        monkeypatch.setattr(paste, name, lambda *args, name=name, original=original: calls.append(name) or original(*args))
+        monkeypatch.setattr(paste, name, lambda *args, name=name, original=original, **kwargs:
+                            calls.append(name) or original(*args, **kwargs))
     masks = torch.rand(2, 1, 28, 28)
     for boxes, expected in ((torch.tensor([[0.0, 10, 400, 12], [5, 0, 7, 300]]), "paste_by_pixels"),
                             (torch.tensor([[0.0, 10, 40, 52], [5, 0, 47, 44]]), "paste_by_windows")):
@@ -491,8 +492,7 @@ def test_detect_objects_matches_torchvision(device, boxes_per_call, monkeypatch)
 def test_nms_bound_defaults_to_the_one_constant():
     """Every function that splits NMS into bounded calls defaults to
     maskrcnn_ops.NMS_BOXES_PER_CALL (an argument, not a module global)."""
-    bounds = [(maskrcnn_ops.image_groups, "max_boxes"), (maskrcnn_ops.generate_proposals_padded, "nms_boxes_per_call"),
-              (detect_objects, "nms_boxes_per_call")]
+    bounds = [(maskrcnn_ops.image_groups, "max_boxes"), (detect_objects, "nms_boxes_per_call")]
     for function, name in bounds:
         assert inspect.signature(function).parameters[name].default == maskrcnn_ops.NMS_BOXES_PER_CALL, function
 

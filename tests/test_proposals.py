@@ -32,6 +32,7 @@ section at the end.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import hypothesis
 import pytest
@@ -122,13 +123,11 @@ class Batch:
             start += count
 
 
-def ours(batch, *, pre_nms_top_n, post_nms_top_n, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3,
-         nms_boxes_per_call=NMS_BOXES_PER_CALL):
+def ours(batch, *, pre_nms_top_n, post_nms_top_n, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3):
     objectness, deltas, counts = batch.flat()
     return maskrcnn_ops.generate_proposals(
         objectness, deltas, batch.anchors(), counts, batch.image_sizes, pre_nms_top_n=pre_nms_top_n,
         post_nms_top_n=post_nms_top_n, nms_thresh=nms_thresh, score_thresh=score_thresh, min_size=min_size,
-        nms_boxes_per_call=nms_boxes_per_call,
     )
 
 
@@ -235,12 +234,9 @@ def assert_same_up_to_rounding(actual, expected, msg=""):
             used[free[0]] = True
 
 
-def compare_with_torchvision(batch, *, pre_nms_top_n, post_nms_top_n, training=False, msg="",
-                             nms_boxes_per_call=NMS_BOXES_PER_CALL, **settings):
-    """Runs both and compares; returns ours (whose NMS calls take at most
-    ``nms_boxes_per_call`` candidates)."""
-    result = ours(batch, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                  nms_boxes_per_call=nms_boxes_per_call, **settings)
+def compare_with_torchvision(batch, *, pre_nms_top_n, post_nms_top_n, training=False, msg="", **settings):
+    """Runs both and compares; returns ours."""
+    result = ours(batch, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n, **settings)
     expected = torchvision_proposals(batch, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
                                      training=training, **settings)
 
@@ -563,99 +559,146 @@ def test_negative_post_nms_top_n(device):
         maskrcnn_ops.generate_proposals_padded(**case, pre_nms_top_n=10, post_nms_top_n=-1, nms_thresh=0.7)
 
 
-# ------------------------------------------------ NMS in groups of images --
+# --------------------------------------------- NMS on (image, level) rows --
 
 
-def spy_on_nms_calls(monkeypatch):
-    """Routes generate_proposals_padded's batched_nms_keep calls through a
-    spy; returns the list that receives each call's image_ids (int64 [B],
-    on CPU)."""
+class NmsCall(NamedTuple):
+    """One nms_keep_rows call seen by the spy, its tensors on CPU."""
+
+    boxes: torch.Tensor  # [S, B, 4]
+    scores: torch.Tensor  # [S, B]
+    iou_threshold: float
+    keep: torch.Tensor  # bool [S, B], what the op returned
+
+
+def spy_on_nms_rows(monkeypatch, change_keep=None):
+    """Routes generate_proposals_padded's nms_keep_rows calls through a spy;
+    returns the list that receives an NmsCall per call. ``change_keep``, if
+    given, maps the op's keep flags to those handed back to the caller."""
     calls = []
 
-    def spy(boxes, scores, idxs, iou_threshold, image_ids=None):
-        calls.append(image_ids.cpu())
-        return maskrcnn_ops.batched_nms_keep(boxes, scores, idxs, iou_threshold, image_ids)
+    def spy(boxes, scores, iou_threshold):
+        keep = maskrcnn_ops.nms_keep_rows(boxes, scores, iou_threshold)
+        calls.append(NmsCall(boxes.cpu(), scores.cpu(), iou_threshold, keep.cpu()))
+        return keep if change_keep is None else change_keep(keep)
 
-    monkeypatch.setattr(proposals_module, "batched_nms_keep", spy)
+    monkeypatch.setattr(proposals_module, "nms_keep_rows", spy)
     return calls
 
 
-def assert_whole_image_groups(calls, *, per_image, group_sizes, bound=NMS_BOXES_PER_CALL):
-    """The NMS calls took consecutive groups of whole images of the given
-    sizes: per_image candidate slots of each image, numbered from 0 within
-    the call; and none held more than the bound, unless one image alone
-    does."""
-    assert [len(ids) for ids in calls] == [size * per_image for size in group_sizes]
-    for ids, size in zip(calls, group_sizes):
-        assert len(ids) <= max(bound, per_image)
-        assert torch.equal(ids, torch.arange(size).repeat_interleave(per_image))
+def batch_case(batch):
+    """A Batch as generate_proposals' arguments (small_case's form)."""
+    objectness, deltas, counts = batch.flat()
+    return dict(objectness=objectness, deltas=deltas, anchors=batch.anchors(), num_anchors_per_level=counts,
+                image_sizes=batch.image_sizes)
 
 
-@pytest.mark.parametrize(
-    "boxes_per_call, group_sizes",
-    [(90, [2, 2, 1]), (134, [2, 2, 1]), (45, [1] * 5), (1, [1] * 5)],
-    ids=["2-images", "2-images-not-exact", "1-image", "below-1-image"],
-)
-def test_nms_in_image_groups_equals_one_call(device, monkeypatch, boxes_per_call, group_sizes):
-    """With the NMS bound lowered so that 5 images (45 candidate slots each: 3
-    levels, k = 15) take several calls, the padded outputs are bitwise those
-    of the one call the default bound gives, the candidates of image 2 all
-    filtered (NaN deltas) included; and still the reference's proposals. The
-    NMS threshold is low enough that every other image loses candidates to
-    it, so keep flags applied to the wrong images would show."""
+def assert_image_level_rows(call, case, *, pre_nms_top_n, min_size=1e-3, score_thresh=0.0):
+    """The call's rows are the candidates of each (image, level), image by
+    image: row image * L + level holds that image's min(k, level size) best
+    anchors of the level (k = min(pre_nms_top_n, largest level)) in
+    decreasing logit order: scores their sigmoids (within two ulps), boxes
+    their deltas decoded (reference decode) and clipped to that image, NaN
+    where the box fails the size or score test; the slots past the level's
+    size are NaN boxes."""
+    objectness, deltas, anchors = (case[key].cpu() for key in ("objectness", "deltas", "anchors"))
+    levels = case["num_anchors_per_level"]
+    n = objectness.size(0)
+    k = min(pre_nms_top_n, max(levels))
+    assert call.boxes.shape == (n * len(levels), k, 4) and call.scores.shape == (n * len(levels), k)
+    eps = torch.finfo(call.scores.dtype).eps
+    for image, size in enumerate(case["image_sizes"]):
+        offset = 0
+        for level, count in enumerate(levels):
+            row, where = image * len(levels) + level, f"image {image} level {level}"
+            top = objectness[image, offset: offset + count].topk(min(k, count))
+            index, used = top.indices + offset, min(k, count)
+            scores = call.scores[row, :used]
+            torch.testing.assert_close(scores, torch.sigmoid(top.values), atol=0, rtol=2 * eps,
+                                       msg=lambda m: f"{where}: {m}")
+            expected = maskrcnn_ops.clip_boxes_to_image(reference.decode_boxes(deltas[image, index], anchors[index]),
+                                                        size)
+            kept = (((expected[:, 2] - expected[:, 0]) >= min_size) & ((expected[:, 3] - expected[:, 1]) >= min_size)
+                    & (scores >= score_thresh))
+            boxes = call.boxes[row]
+            assert torch.equal(torch.isnan(boxes[:used]).all(1), ~kept), where
+            torch.testing.assert_close(boxes[:used][kept], expected[kept], **BOX_TOL, msg=lambda m: f"{where}: {m}")
+            assert torch.isnan(boxes[used:]).all(), where
+            offset += count
+
+
+def roll_rows(keep):
+    """Each row's keep flags given to the next row (the last to the first)."""
+    return keep.roll(1, dims=0)
+
+
+def test_nms_is_one_call_on_image_level_rows(device, monkeypatch):
+    """Five images (3 levels of 40, 12 and 5 anchors, k = 15), image 2's
+    deltas all NaN: one nms_keep_rows call on [15, 15, 4] rows (image,
+    level) in order (assert_image_level_rows), at the NMS threshold; image 2
+    gets no proposal, every other image loses candidates to the low NMS
+    threshold, and the proposals are the reference's (per image, per
+    level). Handing each row the next row's keep flags changes the
+    proposals, so flags applied to the wrong row would show."""
     case = small_case(50, n=5, device=device)
     case["deltas"][2] = math.nan
     settings = dict(pre_nms_top_n=15, post_nms_top_n=45, nms_thresh=0.2, score_thresh=0.1)
     without_nms = maskrcnn_ops.generate_proposals_padded(**dict(settings, nms_thresh=1.0), **case)[2].tolist()
-    calls = spy_on_nms_calls(monkeypatch)
-    one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings)
-    assert_whole_image_groups(calls, per_image=45, group_sizes=[5])
-
-    calls.clear()
-    split = maskrcnn_ops.generate_proposals_padded(**case, **settings, nms_boxes_per_call=boxes_per_call)
-    assert_whole_image_groups(calls, per_image=45, group_sizes=group_sizes, bound=boxes_per_call)
-    for actual, expected in zip(split, one_call):
-        assert torch.equal(actual, expected)
-    counts = split[2].tolist()
+    calls = spy_on_nms_rows(monkeypatch)
+    result = maskrcnn_ops.generate_proposals_padded(**case, **settings)
+    assert len(calls) == 1 and calls[0].iou_threshold == 0.2
+    assert_image_level_rows(calls[0], case, pre_nms_top_n=15, score_thresh=0.1)
+    counts = result[2].tolist()
     assert counts[2] == 0 and all(0 < kept < before for kept, before in zip(counts, without_nms) if before)
+    assert sum(before > 0 for before in without_nms) == 4
     assert_same_as_reference(maskrcnn_ops.generate_proposals(**case, **settings),
                              reference.generate_proposals(**case, **settings), torch.float32)
 
+    spy_on_nms_rows(monkeypatch, change_keep=roll_rows)
+    wrong_rows = maskrcnn_ops.generate_proposals_padded(**case, **settings)
+    assert not all(torch.equal(wrong, right) for wrong, right in zip(wrong_rows, result))
 
-def test_nms_in_image_groups_matches_torchvision(monkeypatch):
-    """A batch of five images with 5 FPN levels (500 candidate slots each),
-    the NMS in groups of 2, 2 and 1 images: torchvision's proposals, image
-    2's candidates all NaN (no proposal)."""
+
+def test_nms_rows_match_torchvision(monkeypatch):
+    """A batch of five images with 5 FPN levels (k = 100), image 2's deltas
+    all NaN: one nms_keep_rows call on [25, 100, 4] rows (image, level) in
+    order, in which NMS suppresses finite boxes of every other image; and
+    torchvision's proposals (none for image 2)."""
     batch = Batch("five", seed=51)
     objectness, deltas, _ = batch.flat()
     deltas = deltas.clone()
     deltas[2] = math.nan
     batch.set_flat(deltas=deltas)
-    calls = spy_on_nms_calls(monkeypatch)
-    _, scores = compare_with_torchvision(batch, pre_nms_top_n=100, post_nms_top_n=150, nms_boxes_per_call=1000)
-    assert_whole_image_groups(calls, per_image=500, group_sizes=[2, 2, 1], bound=1000)
+    calls = spy_on_nms_rows(monkeypatch)
+    _, scores = compare_with_torchvision(batch, pre_nms_top_n=100, post_nms_top_n=150)
     assert [len(s) > 0 for s in scores] == [True, True, False, True, True]
+    assert len(calls) == 1
+    call = calls[0]
+    assert_image_level_rows(call, batch_case(batch), pre_nms_top_n=100)
+    suppressed = (~call.keep & torch.isfinite(call.boxes).all(-1)).view(5, -1).sum(1)
+    assert [count > 0 for count in suppressed.tolist()] == [True, True, False, True, True]
 
 
-def test_default_nms_bound(device, monkeypatch):
-    """At the default bound, a batch of 5 images of 9,000 candidate slots (3
-    levels, k = 3000) runs NMS in calls of 2, 2 and 1 images, none above
-    the bound, whose suppression mask (N * ceil(N / 64) 8-byte words) stays
-    within 64 MiB; the result is bitwise that of one unbounded call."""
-    bound = NMS_BOXES_PER_CALL
-    assert bound * math.ceil(bound / 64) * 8 <= 64 * 2**20
+def test_nms_rows_beyond_the_bound_equal_image_by_image(device, monkeypatch):
+    """Five images of 3 levels of k = 3000 candidates: one nms_keep_rows call
+    of [15, 3000, 4] rows, 45,000 boxes, more than NMS_BOXES_PER_CALL (so
+    the CUDA op launches them in groups of rows), gives each image the
+    proposals it gets alone (9,000 boxes, within the bound): rows of
+    different images never interact. Scores within two ulps (sigmoid may
+    round an element of a longer tensor otherwise), boxes equal."""
     case = small_case(52, n=5, levels=(3000, 3000, 3000), device=device)
     settings = dict(pre_nms_top_n=3000, post_nms_top_n=1000, nms_thresh=0.7)
-    calls = spy_on_nms_calls(monkeypatch)
-    split = maskrcnn_ops.generate_proposals_padded(**case, **settings)
-    assert_whole_image_groups(calls, per_image=9000, group_sizes=[2, 2, 1])
-
-    calls.clear()
-    one_call = maskrcnn_ops.generate_proposals_padded(**case, **settings, nms_boxes_per_call=10**9)
-    assert_whole_image_groups(calls, per_image=9000, group_sizes=[5], bound=10**9)
-    for actual, expected in zip(split, one_call):
-        assert torch.equal(actual, expected)
-    assert min(split[2].tolist()) > 0
+    assert 3 * 3000 <= NMS_BOXES_PER_CALL < 5 * 3 * 3000
+    calls = spy_on_nms_rows(monkeypatch)
+    together = maskrcnn_ops.generate_proposals(**case, **settings)
+    assert [tuple(call.boxes.shape) for call in calls] == [(15, 3000, 4)]
+    assert min(len(s) for s in together[1]) > 0
+    for image in range(5):
+        alone = maskrcnn_ops.generate_proposals(
+            **dict(case, objectness=case["objectness"][image: image + 1], deltas=case["deltas"][image: image + 1],
+                   image_sizes=case["image_sizes"][image: image + 1]), **settings)
+        assert_same_proposals(([together[0][image]], [together[1][image]]), alone, box_tol=dict(atol=0, rtol=0),
+                              msg=f"image {image}")
 
 
 def test_empty_batch(device):
@@ -894,17 +937,15 @@ def test_opcheck_with_grad_inputs(device):
 # ------------------------------------------------------------ torch.compile --
 
 
-@pytest.mark.parametrize("boxes_per_call", [NMS_BOXES_PER_CALL, 1], ids=["one-nms-call", "nms-call-per-image"])
-def test_compile_generate_proposals_padded(device, fresh_dynamo, boxes_per_call):
+def test_compile_generate_proposals_padded(device, fresh_dynamo):
     """torch.compile(fullgraph=True, backend="aot_eager") traces the whole
-    padded form (top-k, gathers, the fused op, batched NMS keep flags,
+    padded form (top-k, gathers, the fused op, nms_keep_rows keep flags,
     ranking) without a graph break, and equals eager on several inputs of
-    the same shapes (the per-level layout cache warm or cold); also with the
-    NMS split into one call per image."""
+    the same shapes (the per-level layout cache warm or cold)."""
     def fn(objectness, deltas, anchors, image_sizes):
         return maskrcnn_ops.generate_proposals_padded(
             objectness, deltas, anchors, [40, 12, 5], image_sizes, pre_nms_top_n=15, post_nms_top_n=20,
-            nms_thresh=0.7, score_thresh=0.05, nms_boxes_per_call=boxes_per_call)
+            nms_thresh=0.7, score_thresh=0.05)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for seed in range(3):
