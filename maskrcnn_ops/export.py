@@ -31,6 +31,12 @@ maskrcnn_ops op                    ONNX
                                    the category; C = largest category + 1),
                                    then the kept boxes ordered by decreasing
                                    score, equal scores by index (``TopK``)
+``nms_keep_rows``                  ``NonMaxSuppression`` with the rows as its
+                                   batch: boxes [S, B, 4], scores [S, 1, B]
+                                   = minus each box's rank in its row
+                                   (``TopK``, ``ScatterElements``), at most
+                                   B kept per row; the selected (row, box)
+                                   pairs set in a False [S, B] (``ScatterND``)
 ``multi_level_roi_align``          each RoI's FPN level computed in the graph
 (``MultiScaleRoIAlign``)           (the kernel's formula), then per level a
                                    ``RoiAlign`` over that level's RoIs
@@ -45,7 +51,19 @@ maskrcnn_ops op                    ONNX
                                    ``Gather``-ed from image_sizes) and keep =
                                    both sides >= min_size ``And`` score >=
                                    score_thresh (``GreaterOrEqual``)
+``aten::sort.stable``              ``TopK`` over the whole dimension
+``aten::searchsorted.Tensor``      the number of the sequence's entries
+                                   below (right: not above) each value
+                                   (``Less``, ``ReduceSum``)
+``aten::repeat_interleave``        ``Expand`` with the count after dim,
+(``.self_int``)                    ``Reshape``
 =================================  ==========================================
+
+The three ATen ops are ones our code calls (``rank_kept_per_image``, the
+image index of proposals, RoIs and detections) that torchlib (onnxscript
+0.7) leaves untranslated, or, for ``repeat_interleave`` with a symbolic
+count, puts the count on the wrong axis of its Expand (it fails in
+onnxruntime).
 
 Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
 
@@ -60,15 +78,30 @@ Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
   integer could change level (the formula's 1e-6 margin covers the exact
   powers of two, e.g. a 224x224 box).
 - NonMaxSuppression keeps a box unless its IoU with a kept box of higher
-  score is strictly above the threshold, as ours, in float32 (boxes and
-  scores are cast). ONNX takes each box's corners in either order (it sorts
-  them); ours gives a box with x2 < x1 or y2 < y1 no area, so it never
-  suppresses. Among equal scores onnxruntime's NMS visits boxes in no set
-  order, so with ties the kept set may differ; give distinct scores for
-  identical results. A box scored NaN or -inf is dropped by ``batched_nms``'s
-  category masking (ours keeps it).
-- The threshold is an ONNX float32 (ours compares in float64): an IoU within
-  float32 rounding of the threshold may be decided differently.
+  score is strictly above the threshold, as ours, with the same float32
+  arithmetic (boxes and scores are cast; half types exactly). The
+  threshold goes in as the largest float32 not above ours, which is how
+  ours compares, so float32 and half boxes get our flags bit for bit;
+  float64 boxes, which ours compares in float64, may be decided
+  differently when an IoU is within float32 rounding of the threshold.
+  Thresholds above 1 act as 1 (nothing suppressed, as in ours); negative
+  ones are refused at export (onnxruntime takes [0, 1]).
+- A box ours cannot overlap (a NaN or infinite coordinate, zero or negative
+  width or height: also inverted boxes, which onnxruntime would sort the
+  corners of) goes in as (0, 0, 0, 0): it suppresses nothing and is never
+  suppressed, so ``nms_keep_rows`` keeps it and ``nms`` lists it, as ours.
+- Order: ``nms_keep_rows`` feeds NonMaxSuppression each box's rank in our
+  order (decreasing score, ties by index, NaN first, -0.0 equal to +0.0;
+  float64 scores compared in float64), so it visits the boxes in our order
+  whatever the ties (ranks are exact float32 for up to 2**24 boxes a row).
+  ``nms`` and ``batched_nms`` pass the scores (float32), and among equal
+  scores onnxruntime's NMS visits boxes in no set order, so with ties the
+  kept set may differ; give distinct scores for identical results. A box
+  scored NaN or -inf is dropped by ``batched_nms``'s category masking (ours
+  keeps it).
+- ``aten::sort`` is stable whether asked or not (NaN after +inf, as torch);
+  ``aten::searchsorted`` compares every value with every entry (meant for
+  few values, as ``rank_kept_per_image``'s image starts; exact without NaN).
 - Box decoding does the kernel's operations (``csrc/common/box_coder.h``) in
   the same order and type: float64 for float64 deltas, float32 for the
   others (boxes, anchors, scores and image sizes are cast to it; weights,
@@ -89,6 +122,7 @@ Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Sequence
 
 import torch
@@ -230,21 +264,82 @@ def _multi_level_roi_align_to_onnx(
     return pooled if compute_type == first.dtype else op.Cast(pooled, to=first.dtype)
 
 
-def _kept_by_onnx_nms(boxes, scores_per_class, iou_threshold: float, score_threshold=None):
-    """ONNX NonMaxSuppression of boxes [N, 4] (any float type) with one row of
-    scores per class [C, N], at most N kept per class, in float32 (the only
-    type onnxruntime's NonMaxSuppression takes). Returns the kept box indices
-    int64 [K], class by class, by decreasing score within a class."""
+def _opmath_type(value):
+    """float64 for float64 values, float32 for the others (at::opmath_type):
+    the type box coding computes in and NMS orders scores in, as the kernels."""
+    from onnxscript import ir
+
+    return ir.DataType.DOUBLE if value.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _as_type(value, dtype):
+    """value cast to dtype (no Cast node when it already is)."""
+    from onnxscript import opset18 as op
+
+    return value if value.dtype == dtype else op.Cast(value, to=dtype)
+
+
+def _pair(boxes, start: int):
+    """Columns start and start + 1 of boxes [..., 4]: [..., 2]."""
+    from onnxscript import opset18 as op
+
+    return op.Slice(boxes, [start], [start + 2], [-1])
+
+
+def _onnx_nms_boxes(boxes):
+    """Boxes [..., 4] as NonMaxSuppression takes them: in float32 (the only
+    type onnxruntime's takes; half types convert exactly, as our kernels
+    convert them), and (0, 0, 0, 0) for each box that cannot overlap
+    anything in ours (``can_overlap`` in csrc/common/box_iou.h: no finite
+    positive width, height and area, so NaN, infinite, empty and inverted
+    boxes). onnxruntime finds no intersection with such a point, so it
+    neither suppresses nor is suppressed, as in ours; left as they are,
+    onnxruntime would sort an inverted box's corners and give it an area.
+    ONNX calls the corners (y1, x1, y2, x2); the IoU is the same with x and
+    y swapped, so our (x1, y1, x2, y2) go in as they are."""
     from onnxscript import ir
     from onnxscript import opset18 as op
 
-    # ONNX calls the corners (y1, x1, y2, x2); the IoU is the same with x and
-    # y swapped, so our (x1, y1, x2, y2) go in as they are.
+    boxes = op.Cast(boxes, to=ir.DataType.FLOAT)
+    size = op.Sub(_pair(boxes, 2), _pair(boxes, 0))  # (width, height)
+    width, height = (op.Slice(size, [i], [i + 1], [-1]) for i in range(2))
+    zero = op.Constant(value_float=0.0)
+    overlaps = op.And(  # False where a side is NaN
+        op.And(op.Greater(width, zero), op.Greater(height, zero)), op.Not(op.IsInf(op.Mul(width, height)))
+    )
+    return op.Where(overlaps, boxes, zero)
+
+
+def _onnx_iou_threshold(iou_threshold: float):
+    """NonMaxSuppression's iou_threshold input: the largest float32 not above
+    ours (``threshold_as<float>`` in csrc/common/box_iou.h), so that its
+    float32 test ``iou > t`` decides as ours does for IoUs computed in
+    float32. onnxruntime rejects thresholds outside [0, 1]: one above 1
+    suppresses nothing in ours (IoU <= 1), as 1 does; a negative one has no
+    translation (ours then suppresses boxes that do not even touch)."""
+    from onnxscript import opset18 as op
+
+    if not iou_threshold >= 0:
+        raise ValueError(f"maskrcnn_ops ONNX export: NMS iou_threshold must be >= 0, got {iou_threshold}")
+    threshold = torch.tensor(min(iou_threshold, 1.0), dtype=torch.float32)
+    if threshold.item() > iou_threshold:
+        threshold = torch.nextafter(threshold, torch.tensor(-math.inf))
+    return op.Constant(value_floats=[threshold.item()])
+
+
+def _kept_by_onnx_nms(boxes, scores_per_class, iou_threshold: float, score_threshold=None):
+    """ONNX NonMaxSuppression of boxes [N, 4] (any float type) with one row of
+    scores per class [C, N], at most N kept per class, in float32. Returns
+    the kept box indices int64 [K], class by class, by decreasing score
+    within a class."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
     inputs = [
-        op.Unsqueeze(op.Cast(boxes, to=ir.DataType.FLOAT), [0]),  # [1, N, 4]
+        op.Unsqueeze(_onnx_nms_boxes(boxes), [0]),  # [1, N, 4]
         op.Unsqueeze(op.Cast(scores_per_class, to=ir.DataType.FLOAT), [0]),  # [1, C, N]
         op.Shape(boxes, start=0, end=1),  # max_output_boxes_per_class: N
-        op.Constant(value_floats=[iou_threshold]),
+        _onnx_iou_threshold(iou_threshold),
     ]
     if score_threshold is not None:
         inputs.append(op.Constant(value_floats=[score_threshold]))
@@ -284,19 +379,145 @@ def _batched_nms_to_onnx(boxes, scores, idxs, iou_threshold: float):
     return op.Gather(kept, order)
 
 
-def _box_coding_type(deltas):
-    """The type box coding computes in: float64 for float64 deltas, float32
-    for the others (at::opmath_type, as the kernels)."""
+def _stable_sort_indices(values, sort_type, axis: int, descending: bool):
+    """Indices int64 of torch.sort(values, dim=axis, descending=descending,
+    stable=True), the values compared in sort_type (float32, float64, int32
+    or int64: the types onnxruntime's TopK takes): equal values in index
+    order (-0.0 equal to +0.0), NaN after +inf (first when descending, last
+    otherwise), all NaNs equal."""
     from onnxscript import ir
-
-    return ir.DataType.DOUBLE if deltas.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
-
-
-def _as_type(value, dtype):
-    """value cast to dtype (no Cast node when it already is)."""
     from onnxscript import opset18 as op
 
-    return value if value.dtype == dtype else op.Cast(value, to=dtype)
+    values = _as_type(values, sort_type)
+    count = op.Shape(values, start=axis, end=axis + 1)  # [1]
+    if not sort_type.is_floating_point():
+        return op.TopK(values, count, axis=axis, largest=descending, sorted=1)[1]
+    # TopK puts equal values in index order (ONNX says so) but leaves NaN's
+    # place open (onnxruntime 1.32 happens to sort it as torch): NaN goes in
+    # as +inf, then a second TopK of the NaN flags in that order moves the
+    # NaNs past every number, keeping the order within both.
+    nan = op.IsNaN(values)
+    inf = op.CastLike(op.Constant(value_float=math.inf), values)
+    by_value = op.TopK(op.Where(nan, inf, values), count, axis=axis, largest=descending, sorted=1)[1]
+    nan_flags = op.GatherElements(op.Cast(nan, to=ir.DataType.INT64), by_value, axis=axis)
+    return op.GatherElements(by_value, op.TopK(nan_flags, count, axis=axis, largest=descending, sorted=1)[1],
+                             axis=axis)
+
+
+def _sort_type(dtype):
+    """The type a tensor of `dtype` is sorted in, exactly: itself where
+    onnxruntime's TopK takes it, else float32 (half types) or int64 (other
+    integers and bool)."""
+    from onnxscript import ir
+
+    if dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT32, ir.DataType.INT64):
+        return dtype
+    return ir.DataType.FLOAT if dtype.is_floating_point() else ir.DataType.INT64
+
+
+def _processing_rank(scores):
+    """Position of each box in its row's NMS order, int64 [S, B], for scores
+    [S, B]: by decreasing score, ties by index, NaN first (ours:
+    torch.sort(descending=True, stable=True)), compared in float64 for
+    float64 scores and in float32 otherwise."""
+    from onnxscript import opset18 as op
+
+    order = _stable_sort_indices(scores, _opmath_type(scores), 1, descending=True)  # box at each position
+    count = op.Squeeze(op.Shape(scores, start=1, end=2))
+    positions = op.Expand(
+        op.Unsqueeze(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)), [0]), op.Shape(scores)
+    )
+    return op.ScatterElements(positions, order, positions, axis=1)  # the inverse permutation of order
+
+
+def _nms_keep_rows_to_onnx(boxes, scores, iou_threshold: float):
+    """maskrcnn_ops::nms_keep_rows(boxes [S, B, 4], scores [S, B]) -> bool
+    [S, B] as ONNX NonMaxSuppression with the rows as its batch (boxes
+    [S, B, 4], scores [S, 1, B], at most B kept per row), then the selected
+    (row, box) pairs scattered into a False [S, B] (ScatterND). The scores
+    NonMaxSuppression sees are minus each box's position in our processing
+    order (float32, exact for B up to 2**24): distinct, so onnxruntime
+    visits the boxes in our order whatever the ties and NaNs."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    selected = op.NonMaxSuppression(
+        _onnx_nms_boxes(boxes),
+        op.Unsqueeze(op.Neg(op.Cast(_processing_rank(scores), to=ir.DataType.FLOAT)), [1]),  # [S, 1, B]
+        op.Shape(boxes, start=1, end=2),  # max_output_boxes_per_class: B
+        _onnx_iou_threshold(iou_threshold),
+        center_point_box=0,
+    )  # [K, 3] (row, 0, box)
+    kept = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)  # [K, 2] (row, box)
+    none_kept = op.ConstantOfShape(op.Shape(scores), value=ir.tensor([False]))
+    return op.ScatterND(none_kept, kept, op.Expand(op.Constant(value=ir.tensor(True)), op.Shape(kept, start=0, end=1)))
+
+
+def _sort_to_onnx(self, stable: bool = False, dim: int = -1, descending: bool = False):
+    """aten::sort.stable(self, *, stable, dim, descending) -> (values,
+    indices), which torchlib lacks (rank_kept_per_image calls it): TopK over
+    the whole dimension, stable whether or not asked (see
+    _stable_sort_indices), the values gathered from self."""
+    from onnxscript import opset18 as op
+
+    if len(self.shape) == 0:
+        return op.Identity(self), op.Constant(value_int=0)
+    axis = dim % len(self.shape)
+    indices = _stable_sort_indices(self, _sort_type(self.dtype), axis, descending)
+    return op.GatherElements(self, indices, axis=axis), indices
+
+
+def _searchsorted_to_onnx(sorted_sequence, self, out_int32: bool = False, right: bool = False, side=None,
+                          sorter=None):
+    """aten::searchsorted.Tensor(sorted_sequence [..., N], self [..., M]) ->
+    int64 (int32 with out_int32) [..., M], which torchlib lacks
+    (rank_kept_per_image calls it): the number of entries of the sequence
+    below each value (not above, for right / side="right"), counted with a
+    [..., M, N] comparison, O(M * N), meant for few values. Exact without
+    NaN (torch puts a NaN value past the end; here no entry is below it)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    if sorter is not None:
+        sorted_sequence = op.GatherElements(sorted_sequence, sorter, axis=-1)
+    values = op.Unsqueeze(self, [-1])  # [..., M, 1]
+    if len(sorted_sequence.shape) > 1:
+        sorted_sequence = op.Unsqueeze(sorted_sequence, [-2])  # [..., 1, N]
+    right = side == "right" if side is not None else right
+    before = op.LessOrEqual(sorted_sequence, values) if right else op.Less(sorted_sequence, values)
+    count = op.ReduceSum(op.Cast(before, to=ir.DataType.INT64), [-1], keepdims=0)
+    return op.Cast(count, to=ir.DataType.INT32) if out_int32 else count
+
+
+def _repeat_interleave_to_onnx(self, repeats, dim=None, output_size=None):
+    """aten::repeat_interleave.self_int(self, repeats, dim, *, output_size):
+    each entry along dim repeated `repeats` times. torchlib's translation
+    (onnxscript 0.7.2) puts a symbolic `repeats` on the wrong axis of its
+    Expand, which fails at run time (the image index of proposals, RoIs and
+    detections of a dynamic batch hits it): here it goes after dim, for an
+    int or a symbolic count."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    if dim is None:  # flattened
+        self, dim, rank = op.Reshape(self, [-1]), 0, 1
+    else:
+        rank = len(self.shape)
+    axis = dim % rank
+    repeats = op.Reshape(repeats if isinstance(repeats, ir.Value) else op.Constant(value_int=repeats), [1])
+    # Tiles [1] * (axis + 1), repeats, [1] * (rank - axis - 1): the count on the new axis after `axis`.
+    after = [op.Constant(value_ints=[1] * (rank - axis - 1))] if axis < rank - 1 else []
+    tiles = op.Concat(op.Constant(value_ints=[1] * (axis + 1)), repeats, *after, axis=0)
+    tiled = op.Expand(op.Unsqueeze(self, [axis + 1]), tiles)
+    # The new size spelled out (a -1 cannot be inferred when another size is
+    # 0), and its zeros taken as sizes (allowzero), not as "keep this size".
+    shape = op.Concat(
+        op.Shape(self, start=0, end=axis),
+        op.Mul(op.Shape(self, start=axis, end=axis + 1), repeats),
+        op.Shape(self, start=axis + 1, end=rank),
+        axis=0,
+    )
+    return op.Reshape(tiled, shape, allowzero=1)
 
 
 def _coding_constant(value, dtype):
@@ -306,13 +527,6 @@ def _coding_constant(value, dtype):
     from onnxscript import opset18 as op
 
     return op.Constant(value=ir.tensor(value, dtype=dtype))
-
-
-def _pair(boxes, start: int):
-    """Columns start and start + 1 of boxes [..., 4]: [..., 2]."""
-    from onnxscript import opset18 as op
-
-    return op.Slice(boxes, [start], [start + 2], [-1])
 
 
 def _onnx_decode(deltas, boxes, weights: Sequence[float], clip: float, compute_type):
@@ -339,7 +553,7 @@ def _decode_boxes_to_onnx(deltas, boxes, weights: Sequence[float], clip: float):
     in deltas's type: deltas as [K, C, 4] against boxes [K, 1, 4]."""
     from onnxscript import opset18 as op
 
-    compute_type = _box_coding_type(deltas)
+    compute_type = _opmath_type(deltas)
     # [K, C, 4] with C = (4 * C) / 4 spelled out: a -1 cannot be inferred when K is 0.
     classes = op.Div(op.Shape(deltas, start=1, end=2), op.Constant(value_ints=[4]))
     per_class = op.Concat(op.Shape(deltas, start=0, end=1), classes, op.Constant(value_ints=[4]), axis=0)
@@ -370,7 +584,7 @@ def _rpn_decode_filter_to_onnx(
     on the stored boxes."""
     from onnxscript import opset18 as op
 
-    compute_type = _box_coding_type(deltas)
+    compute_type = _opmath_type(deltas)
     decoded = _onnx_decode(_as_type(deltas, compute_type), _as_type(anchors, compute_type), weights, clip, compute_type)
     boxes = _as_type(_as_type(decoded, deltas.dtype), compute_type)  # rounded to deltas's type
     # x into [0, width], y into [0, height] of each image: (height, width)
@@ -394,11 +608,17 @@ def onnx_translation_table() -> Dict[Callable, Callable]:
     coding to elementwise ONNX (see the module docstring for the mapping and
     its semantics). Needs onnxscript."""
     ops = torch.ops.maskrcnn_ops
+    aten = torch.ops.aten
     return {
         ops.roi_align.default: _roi_align_to_onnx,
         ops.nms.default: _nms_to_onnx,
         ops.batched_nms.default: _batched_nms_to_onnx,
+        ops.nms_keep_rows.default: _nms_keep_rows_to_onnx,
         ops.multi_level_roi_align.default: _multi_level_roi_align_to_onnx,
         ops.decode_boxes.default: _decode_boxes_to_onnx,
         ops.rpn_decode_filter.default: _rpn_decode_filter_to_onnx,
+        # ATen ops our Python code calls that torchlib does not translate (right).
+        aten.sort.stable: _sort_to_onnx,
+        aten.searchsorted.Tensor: _searchsorted_to_onnx,
+        aten.repeat_interleave.self_int: _repeat_interleave_to_onnx,
     }

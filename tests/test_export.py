@@ -15,6 +15,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.export import Dim
 
 import maskrcnn_ops
@@ -92,9 +94,13 @@ class PoolRoIs(torch.nn.Module):
 class SuppressBoxes(torch.nn.Module):
     """Calls maskrcnn_ops.nms and batched_nms."""
 
+    def __init__(self, iou_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.iou_threshold = iou_threshold
+
     def forward(self, boxes: torch.Tensor, scores: torch.Tensor, categories: torch.Tensor):
-        kept = maskrcnn_ops.nms(boxes, scores, iou_threshold=0.5)
-        kept_per_category = maskrcnn_ops.batched_nms(boxes, scores, categories, iou_threshold=0.5)
+        kept = maskrcnn_ops.nms(boxes, scores, iou_threshold=self.iou_threshold)
+        kept_per_category = maskrcnn_ops.batched_nms(boxes, scores, categories, iou_threshold=self.iou_threshold)
         return kept, kept_per_category
 
 
@@ -321,15 +327,249 @@ def test_exported_detector_tail_runs_in_onnxruntime():
     torch.testing.assert_close(kept, expected_kept, rtol=0, atol=0)
 
 
-def test_nms_to_onnx_inverted_boxes_differ_as_documented():
-    """ONNX sorts each box's corners; ours gives an inverted box no area, so
-    it neither suppresses nor is suppressed (module docstring of export.py)."""
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 1.0, 1.0]])
-    scores = torch.tensor([0.9, 0.8])
-    run = to_onnxruntime(SuppressBoxes(), (boxes, scores, torch.zeros(2, dtype=torch.int64)), NMS_SHAPES)
-    kept, _ = run(boxes, scores, torch.zeros(2, dtype=torch.int64))
-    assert kept.tolist() == [0]
-    assert maskrcnn_ops.nms(boxes, scores, 0.5).tolist() == [0, 1]
+def test_nms_to_onnx_inverted_boxes_suppress_nothing(onnx_suppression):
+    """ONNX would sort an inverted box's corners; ours gives it no
+    intersection, so it neither suppresses nor is suppressed, and the
+    translation passes it as an empty box (module docstring of export.py)."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 1.0, 1.0], [0.0, 9.0, 10.0, 1.0]])
+    scores = torch.tensor([0.9, 0.8, 0.95])
+    categories = torch.zeros(3, dtype=torch.int64)
+    kept, kept_per_category = onnx_suppression(boxes, scores, categories)
+    assert kept.tolist() == kept_per_category.tolist() == maskrcnn_ops.nms(boxes, scores, 0.5).tolist() == [2, 0, 1]
+
+
+def test_nms_to_onnx_threshold_rounds_as_ours():
+    """The IoU of these boxes is float32(0.1), just above 0.1: ours suppresses
+    at 0.1 (the threshold in float64); ONNX's float32 threshold is the
+    largest float32 not above 0.1, so it suppresses too."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 1.0]])
+    scores, categories = torch.tensor([0.9, 0.8]), torch.zeros(2, dtype=torch.int64)
+    module = SuppressBoxes(iou_threshold=0.1)
+    run = to_onnxruntime(module, (boxes, scores, categories), NMS_SHAPES)
+    assert [k.tolist() for k in run(boxes, scores, categories)] == [[0], [0]]
+    assert [k.tolist() for k in module(boxes, scores, categories)] == [[0], [0]]
+
+
+# ---------------------------------------------------------- nms_keep_rows --
+
+
+class KeepRows(torch.nn.Module):
+    """Calls maskrcnn_ops.nms_keep_rows on boxes [S, B, 4] and scores [S, B]
+    in `dtype` (the casts are part of the exported graph)."""
+
+    def __init__(self, iou_threshold: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.iou_threshold = iou_threshold
+        self.dtype = dtype
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return maskrcnn_ops.nms_keep_rows(boxes.to(self.dtype), scores.to(self.dtype), self.iou_threshold)
+
+
+ROWS, PER_ROW = Dim("rows", min=1), Dim("per_row", min=2)
+ROWS_SHAPES = ({0: ROWS, 1: PER_ROW}, {0: ROWS, 1: PER_ROW})
+
+
+def random_rows(rows: int, per_row: int, *, generator: torch.Generator):
+    """random_boxes as rows [rows, per_row, 4], scores distinct over all."""
+    boxes = random_boxes(rows * per_row, generator=generator).view(rows, per_row, 4)
+    return boxes, distinct_scores(rows * per_row, generator=generator).view(rows, per_row)
+
+
+@pytest.fixture(scope="module")
+def onnx_keep_rows():
+    """KeepRows(iou_threshold, dtype) exported on first use, traced with 3
+    rows of 20 boxes: a function of (iou_threshold, dtype)."""
+    exported = {}
+
+    def get(iou_threshold: float, dtype: torch.dtype = torch.float32):
+        if (iou_threshold, dtype) not in exported:
+            args = random_rows(3, 20, generator=torch.Generator().manual_seed(14))
+            exported[iou_threshold, dtype] = to_onnxruntime(KeepRows(iou_threshold, dtype), args, ROWS_SHAPES)
+        return exported[iou_threshold, dtype]
+
+    return get
+
+
+def assert_keep_rows_equal(run, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, dtype=torch.float32):
+    (keep,) = run(boxes, scores)
+    expected = KeepRows(iou_threshold, dtype)(boxes, scores)
+    assert keep.dtype == torch.bool and keep.shape == scores.shape
+    assert torch.equal(keep, expected), f"{(keep != expected).sum()} flags differ"
+    return expected
+
+
+@pytest.mark.parametrize(
+    "iou_threshold, dtype",
+    [
+        (0.3, torch.float32),
+        (0.5, torch.float32),
+        (0.7, torch.float32),
+        # IoU in float64 by ours, float32 by onnxruntime: these boxes have no
+        # IoU that close to the threshold.
+        (0.5, torch.float64),
+        (0.5, torch.float16),
+        (0.6, torch.bfloat16),
+    ],
+    ids=["t0.3", "t0.5", "t0.7", "f64", "f16", "bf16"],
+)
+def test_nms_keep_rows_to_onnx_matches_ours(onnx_keep_rows, iou_threshold, dtype):
+    run = onnx_keep_rows(iou_threshold, dtype)
+    assert {"NonMaxSuppression", "TopK", "ScatterND"} <= operator_types(run.model)
+    g = torch.Generator().manual_seed(15)
+    for rows, per_row in [(5, 60), (1, 300), (9, 2), (2, 1)]:
+        expected = assert_keep_rows_equal(run, *random_rows(rows, per_row, generator=g), iou_threshold, dtype)
+        assert expected.any()
+        assert per_row < 60 or not expected.all()  # the case suppresses
+
+
+def test_nms_keep_rows_to_onnx_no_rows_or_no_boxes(onnx_keep_rows):
+    run = onnx_keep_rows(0.5)
+    for rows, per_row in [(0, 10), (4, 0), (0, 0)]:
+        (keep,) = run(torch.zeros(rows, per_row, 4), torch.zeros(rows, per_row))
+        assert keep.shape == (rows, per_row) and keep.dtype == torch.bool
+
+
+# Boxes ours cannot overlap (tests/test_nms.py's BAD_BOXES), each made from
+# an ordinary box and scored above it: counted as a box (as onnxruntime counts
+# an inverted one, sorting its corners), it would suppress that box.
+def bad_versions(box: list) -> list:
+    x1, y1, x2, y2 = box
+    return [
+        [math.nan, y1, x2, y2],
+        [x1, y1, x2, math.nan],
+        [math.nan] * 4,
+        [x1, y1, math.inf, y2],
+        [-math.inf, -math.inf, math.inf, math.inf],
+        [x1, y1, x1, y2],  # zero width
+        [x2, y1, x1, y2],  # inverted x: negative area
+        [x2, y2, x1, y1],  # inverted x and y: positive area, no intersection
+    ]
+
+
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.5])
+def test_nms_keep_rows_to_onnx_nan_and_degenerate_boxes(onnx_keep_rows, iou_threshold):
+    """NaN, infinite, empty and inverted boxes suppress nothing and are kept,
+    in ours and in ONNX; the ordinary boxes they were made from are kept."""
+    g = torch.Generator().manual_seed(16)
+    rows, per_row = 4, 40
+    boxes, scores = random_rows(rows, per_row, generator=g)
+    # Each row: its first 8 boxes moved apart (away from each other and from
+    # the rest), and their bad versions scored above every ordinary box.
+    ordinary = boxes[:, :8] + 200 * torch.arange(1.0, 9.0)[:, None]
+    boxes[:, :8] = ordinary
+    bad = torch.tensor([[bad_versions(box)[i % 8] for i, box in enumerate(row)] for row in ordinary.tolist()])
+    boxes = torch.cat([boxes, bad], 1)
+    scores = torch.cat([scores, 1 + torch.rand(rows, 8, generator=g)], 1)
+    expected = assert_keep_rows_equal(onnx_keep_rows(iou_threshold), boxes, scores, iou_threshold)
+    assert expected[:, per_row:].all() and expected[:, :8].all()
+    assert not expected.all()
+
+
+def test_nms_keep_rows_to_onnx_order_ties_and_nan_scores(onnx_keep_rows):
+    """A chain of boxes where each overlaps the next (IoU 0.54) and not the
+    one after (0.25): which are kept depends on the order only. Ties go by
+    index, NaN before +inf, -0.0 ties with +0.0, as ours."""
+    corner = torch.arange(12.0)[:, None] * 3
+    chain = torch.cat([corner, torch.zeros(12, 1), corner + 10, torch.full((12, 1), 10.0)], 1)
+    nan, inf = math.nan, math.inf
+    scores = torch.tensor(
+        [
+            [0.5] * 12,
+            [inf, nan, 0.5, inf, 0.5, nan, -inf, 0.5, inf, nan, 0.5, -inf],
+            [-0.0, 0.0, 0.0, -0.0, 1.0, -0.0, 0.0, 1.0, -1.0, 0.0, -0.0, -1.0],
+            [0.3, 0.3, 0.9, 0.9, 0.1, 0.9, 0.3, 0.1, 0.1, 0.9, 0.3, 0.3],
+        ]
+    )
+    boxes = chain.expand(len(scores), 12, 4)
+    expected = assert_keep_rows_equal(onnx_keep_rows(0.5), boxes, scores, 0.5)
+    assert expected[0].tolist() == [True, False] * 6  # ties by index: 0, 2, 4, ...
+    assert expected[1, :2].tolist() == [False, True]  # NaN before +inf
+
+
+def test_nms_keep_rows_to_onnx_thresholds(onnx_keep_rows):
+    """The threshold as ours compares it: the IoU float32(0.1) of these boxes
+    is above 0.1, so one suppresses the other (onnxruntime's float32
+    threshold is rounded down); above 1 nothing is suppressed, and a
+    negative threshold has no translation."""
+    pair = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 1.0]]])
+    scores = torch.tensor([[0.9, 0.8]])
+    assert assert_keep_rows_equal(onnx_keep_rows(0.1), pair, scores, 0.1).tolist() == [[True, False]]
+    g = torch.Generator().manual_seed(17)
+    boxes, scores = random_rows(3, 50, generator=g)
+    assert assert_keep_rows_equal(onnx_keep_rows(1.5), boxes, scores, 1.5).all()
+    with pytest.raises(Exception, match="iou_threshold must be >= 0"):
+        onnx_keep_rows(-0.1)
+
+
+@st.composite
+def lattice_rows(draw):
+    """Rows of boxes with corners on a small lattice (duplicates, nested,
+    empty and inverted boxes, IoUs equal to the thresholds), a few NaN and
+    infinite coordinates, and scores with ties and NaN: test_nms.py's
+    rows_cases, harder on order and rounding."""
+    rows, per_row = draw(st.integers(0, 4)), draw(st.integers(0, 8))
+    coordinate = st.integers(0, 7).map(float) | st.sampled_from([math.nan, math.inf, -math.inf])
+    score = st.sampled_from([0.25, 0.5, 1.0, math.nan, math.inf, -0.0, 0.0])
+    n = rows * per_row
+    return dict(
+        boxes=torch.tensor([draw(coordinate) for _ in range(4 * n)]).reshape(rows, per_row, 4),
+        scores=torch.tensor([draw(score) for _ in range(n)]).reshape(rows, per_row),
+        iou_threshold=draw(st.sampled_from([0.0, 1 / 3, 0.5, 1.0])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=lattice_rows())
+def test_fuzz_nms_keep_rows_to_onnx(onnx_keep_rows, case):
+    """The exported op (one program per threshold and dtype, traced once)
+    equals ours on small degenerate rows, including S or B = 0."""
+    run = onnx_keep_rows(case["iou_threshold"], case["dtype"])
+    assert_keep_rows_equal(run, case["boxes"], case["scores"], case["iou_threshold"], case["dtype"])
+
+
+# ---------------------------------------------------- ATen ops we translate --
+
+
+class RankAndRepeat(torch.nn.Module):
+    """The ATen ops the table translates, as our code calls them:
+    rank_kept_per_image (aten::sort.stable on scores and on image ids,
+    aten::searchsorted), torch.sort both ways along either dim, and
+    repeat_interleave by a symbolic count (the detector's image ids) and by
+    an int."""
+
+    def forward(self, keep, scores, image_ids, grid):
+        ranked, counts = maskrcnn_ops.rank_kept_per_image(keep, scores, image_ids, 3, 5)
+        ascending = torch.sort(grid, dim=0, stable=True)
+        descending = torch.sort(grid, descending=True, stable=True)
+        image_of_column = torch.arange(grid.size(0)).repeat_interleave(grid.size(1))
+        return ranked, counts, *ascending, *descending, image_of_column, grid.repeat_interleave(2, dim=1)
+
+
+def tied_values(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Values of four levels (many ties) with NaN, +-inf and -0.0 among them."""
+    values = (torch.rand(*shape, generator=generator) * 4).floor() / 4
+    special = torch.tensor([math.nan, math.inf, -math.inf, -0.0])
+    pick = torch.randint(0, 12, shape, generator=generator)
+    return torch.where(pick < 4, special[pick.clamp(max=3)], values)
+
+
+def test_aten_sort_searchsorted_and_repeat_interleave_to_onnx():
+    g = torch.Generator().manual_seed(18)
+
+    def inputs(n: int, rows: int, columns: int):
+        # Image ids from -1 to 3: rank_kept_per_image ignores those outside [0, 3).
+        return (torch.rand(n, generator=g) < 0.7, tied_values(n, generator=g),
+                torch.randint(-1, 4, (n,), generator=g), tied_values(rows, columns, generator=g))
+
+    module = RankAndRepeat()
+    entries, rows, columns = Dim("entries", min=2), Dim("grid_rows", min=2), Dim("grid_columns", min=2)
+    run = to_onnxruntime(module, inputs(20, 3, 4), ({0: entries}, {0: entries}, {0: entries}, {0: rows, 1: columns}))
+    for sizes in [(200, 9, 31), (7, 40, 2), (1, 1, 1), (0, 0, 3), (5, 3, 0)]:
+        args = inputs(*sizes)
+        for got, expected in zip(run(*args), module(*args)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 class PoolPyramid(torch.nn.Module):
