@@ -5,8 +5,10 @@
              [--iterations N | --epochs N] [--batch-size N] [--lr LR] [--warmup N] [--out DIR]
              [--resume FILE] [--amp] [--device D] ...   (torchrun: one process per GPU or CPU share)
     evaluate --weights FILE [--dataset shapes | coco --images DIR --annotations FILE] [--out FILE]
-    predict  IMAGE|FOLDER... --weights FILE --out DIR [--score-threshold T] [--device D]
-             [--mask-threshold T] [--min-size N] [--max-size N] [--batch-size N]
+    predict  IMAGE|FOLDER... (--weights FILE | --exported FILE) --out DIR [--score-threshold T]
+             [--device D] [--mask-threshold T] [--min-size N] [--max-size N] [--batch-size N]
+    export   --weights FILE --format pt2|onnx --out FILE [--min-size N] [--max-size N]
+             [--score-threshold T] [--paste-masks]
 
 Each command is a subparser with its own ``run`` function, so a command is
 added by writing one ``add_<command>_parser`` function. Numeric options are
@@ -148,17 +150,30 @@ def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
     return commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
 
+def model_overrides(args: argparse.Namespace) -> dict:
+    """The model settings given on the command line (--score-threshold,
+    --min-size, --max-size), as ``load_model`` keyword arguments."""
+    given = dict(box_score_thresh=args.score_threshold, min_size=args.min_size, max_size=args.max_size)
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
+    from .export import ExportedDetector
     from .predict import find_images, predict_files
 
-    given = dict(box_score_thresh=args.score_threshold, min_size=args.min_size, max_size=args.max_size)
-    overrides = {key: value for key, value in given.items() if value is not None}
+    overrides = model_overrides(args)
     try:
         check_output_folder(args.out)
         images = find_images(args.images)
-        model = load_model(args.weights, device=args.device, **overrides)
-        coco = predict_files(model, images, args.out, device=args.device, batch_size=args.batch_size,
+        if args.exported is not None:
+            if overrides:
+                raise ValueError("--score-threshold, --min-size and --max-size are fixed in an exported model; "
+                                 "give them to `export`")
+            model, device = ExportedDetector(args.exported), torch.device("cpu")  # --device does not apply
+        else:
+            model, device = load_model(args.weights, device=args.device, **overrides), args.device
+        coco = predict_files(model, images, args.out, device=device, batch_size=args.batch_size,
                              mask_threshold=args.mask_threshold)
     except INPUT_ERRORS as error:
         return report(error)
@@ -177,9 +192,13 @@ def add_predict_parser(commands) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
                         help="image files (any format Pillow reads) or folders of them (their image files, "
                         "sorted by name; subfolders are not searched)")
-    parser.add_argument("--weights", required=True, type=Path,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path,
                         help="our checkpoint, or a torchvision Mask R-CNN state dict (e.g. "
-                        "maskrcnn_resnet50_fpn_coco-*.pth); required")
+                        "maskrcnn_resnet50_fpn_coco-*.pth); this or --exported is required")
+    source.add_argument("--exported", type=Path,
+                        help="a .pt2 or .onnx file written by `export` (runs on the CPU without the model's "
+                        "Python code); this or --weights is required")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing); required")
     parser.add_argument("--score-threshold", type=PROBABILITY, default=None,
                         help="minimum detection score, in [0, 1] (default: the model's, 0.05 for torchvision "
@@ -195,6 +214,52 @@ def add_predict_parser(commands) -> None:
     add_device_argument(parser)
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="images per forward pass")
     parser.set_defaults(run=run_predict)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .export import compile_package, export_onnx
+
+    overrides = model_overrides(args)
+    try:
+        if args.out.suffix != f".{args.format}":
+            raise ValueError(f"--out {args.out} must end in .{args.format} for --format {args.format}")
+        check_output_file(args.out)
+        model = load_model(args.weights, device="cpu", **overrides)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write = compile_package if args.format == "pt2" else export_onnx
+        path = write(model, args.out, paste_masks=args.paste_masks)
+    except INPUT_ERRORS as error:
+        return report(error)
+    print(f"wrote {path} and {path}.json (images up to {model.transform.max_size} px on the long side)")
+    return 0
+
+
+def add_export_parser(commands) -> None:
+    parser = add_command(
+        commands, "export",
+        help="write the detector as one graph: an AOTInductor package (.pt2) or an ONNX model",
+        description="Exports the eval-mode detector as a program with fixed-size outputs (num_detections, boxes, "
+        "scores, labels, masks per image) and dynamic batch size and image size: --format pt2 compiles it "
+        "with AOTInductor (loaded with torch._inductor.aoti_load_package after `import maskrcnn_ops`), "
+        "--format onnx converts it for onnxruntime. OUT.json beside it holds the resizing and class names; "
+        "`predict --exported OUT` runs it.",
+    )
+    parser.add_argument("--weights", required=True, type=Path,
+                        help="our checkpoint or a torchvision Mask R-CNN state dict; required")
+    parser.add_argument("--format", required=True, choices=["pt2", "onnx"], help="artifact type; required")
+    parser.add_argument("--out", required=True, type=Path, help="the file to write (.pt2 or .onnx); required")
+    parser.add_argument("--score-threshold", type=PROBABILITY, default=None,
+                        help="minimum detection score, in [0, 1] (default: the model's)")
+    parser.add_argument("--min-size", type=IMAGE_SIDE, default=None,
+                        help="short side images are resized to, >= 32 (default: the model's)")
+    parser.add_argument("--max-size", type=IMAGE_SIDE, default=None,
+                        help="upper bound of the long side after resizing, >= 32 (default: the model's); the "
+                        "program takes images up to this size")
+    parser.add_argument("--paste-masks", action="store_true",
+                        help="output masks pasted into the image as uint8 [N, D, H, W] (default: the M x M "
+                        "probabilities in each box's frame, [N, D, M, M])")
+    parser.set_defaults(run=run_export)
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, *, shapes_images: int, shapes_seed: int) -> None:
@@ -411,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_evaluate_parser(commands)
     add_predict_parser(commands)
+    add_export_parser(commands)
     return parser
 
 

@@ -19,6 +19,7 @@ pixels; ``detections_from_outputs`` maps them back to the original images.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -39,6 +40,9 @@ MAX_BATCH = 8
 MIN_SIDE = 96
 
 OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "masks")
+
+# The version of the description written beside an artifact (write_metadata).
+FORMAT = "maskrcnn-ops exported detector 1"
 
 
 class DeployableDetector(nn.Module):
@@ -175,6 +179,11 @@ def max_side(model: MaskRCNN) -> int:
 def check_program_inputs(images: Tensor, image_sizes: Tensor, *, model: MaskRCNN) -> None:
     """Raises a one-line ValueError unless ``images`` and ``image_sizes``
     are inputs a program of ``model`` takes (see DeployableDetector)."""
+    check_inputs(images, image_sizes, max_side=max_side(model), max_batch=MAX_BATCH)
+
+
+def check_inputs(images: Tensor, image_sizes: Tensor, *, max_side: int, max_batch: int) -> None:
+    """``check_program_inputs`` with the bounds given."""
     if not isinstance(images, Tensor) or images.dim() != 4 or images.size(1) != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a float tensor [N, 3, H, W] (RGB), got {shape}")
@@ -183,9 +192,9 @@ def check_program_inputs(images: Tensor, image_sizes: Tensor, *, model: MaskRCNN
     n, _, height, width = images.shape
     if n == 0:
         raise ValueError("an empty batch: give at least one image")
-    if n > MAX_BATCH:
-        raise ValueError(f"a batch of {n} images; a program takes at most {MAX_BATCH}")
-    largest = max_side(model)
+    if n > max_batch:
+        raise ValueError(f"a batch of {n} images; a program takes at most {max_batch}")
+    largest = max_side
     if not (MIN_SIDE <= height <= largest and MIN_SIDE <= width <= largest):
         raise ValueError(f"images of {height} x {width}; a program of this model takes sides from {MIN_SIDE} to "
                          f"{largest} (resize with resize_for_program)")
@@ -205,14 +214,32 @@ def export_program(model: MaskRCNN, *, paste_masks: bool = False) -> torch.expor
         return torch.export.export(module, example_inputs(model), dynamic_shapes=(images_dims, sizes_dims))
 
 
+def metadata_path(path: Path) -> Path:
+    """Where the description of an artifact at ``path`` is kept: ``<path>.json``."""
+    return Path(f"{path}.json")
+
+
+def write_metadata(model: MaskRCNN, path: Path, *, paste_masks: bool) -> None:
+    """Writes what a runner needs besides the program (``metadata_path``):
+    how to resize images, the bounds of the inputs, the class names."""
+    metadata = dict(format=FORMAT, min_size=model.transform.min_size, max_size=model.transform.max_size,
+                    max_side=max_side(model), min_side=MIN_SIDE, max_batch=MAX_BATCH, paste_masks=paste_masks,
+                    num_classes=model.num_classes, class_names=list(model.class_names),
+                    detections_per_img=model.roi_heads.detections_per_img)
+    metadata_path(path).write_text(json.dumps(metadata, indent=1))
+
+
 def compile_package(
     model: MaskRCNN, path: Path, *, paste_masks: bool = False, program: Optional[torch.export.ExportedProgram] = None
 ) -> Path:
-    """An AOTInductor package of the program at ``path`` (a ``.pt2`` file).
-    ``program``: the model's ``export_program``, if already made."""
+    """An AOTInductor package of the program at ``path`` (a ``.pt2`` file),
+    and its description beside it (``metadata_path``). ``program``: the
+    model's ``export_program``, if already made."""
     program = program if program is not None else export_program(model, paste_masks=paste_masks)
     with torch.no_grad():
-        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+        package = Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+    write_metadata(model, package, paste_masks=paste_masks)
+    return package
 
 
 def export_onnx(
@@ -229,9 +256,63 @@ def export_onnx(
         input_names=["images", "image_sizes"], output_names=list(OUTPUT_NAMES),
     )
     onnx_program.save(str(path))
+    write_metadata(model, Path(path), paste_masks=paste_masks)
     return Path(path)
 
 
-__all__ = ["DeployableDetector", "MAX_BATCH", "MIN_SIDE", "OUTPUT_NAMES", "ProgramInputs", "check_program_inputs",
+class ExportedDetector:
+    """A ``.pt2`` (AOTInductor) or ``.onnx`` artifact of ``compile_package``
+    or ``export_onnx`` with MaskRCNN's eval interface: called on a list of
+    [3, H, W] float images in [0, 1], it returns one dict per image
+    (``boxes``, ``labels``, ``scores``, ``masks`` [D, 1, H, W]) in the
+    original images. Runs on CPU; needs maskrcnn_ops (for a .pt2, whose
+    operators it calls) or onnxruntime (for a .onnx).
+
+    Raises ValueError (one line) for a missing or unknown artifact, and for
+    images the artifact cannot take.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"exported model not found: {path}")
+        try:
+            self.metadata = json.loads(metadata_path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{metadata_path(path)}: the description written with {path} is missing or "
+                             f"unreadable ({error}); export the model again") from None
+        if self.metadata.get("format") != FORMAT:
+            raise ValueError(f"{metadata_path(path)} is not a description of format {FORMAT}")
+        self.num_classes = int(self.metadata["num_classes"])
+        self.class_names = list(self.metadata["class_names"])
+        if path.suffix == ".onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.run = lambda images, sizes: [torch.from_numpy(o) for o in session.run(
+                None, {"images": images.numpy(), "image_sizes": sizes.numpy()})]
+        elif path.suffix == ".pt2":
+            import maskrcnn_ops  # noqa: F401  (the operators the package calls)
+
+            runner = torch._inductor.aoti_load_package(str(path))
+            self.run = lambda images, sizes: list(runner(images, sizes))
+        else:
+            raise ValueError(f"{path}: expected a .pt2 or .onnx file from `python -m maskrcnn export`")
+
+    def eval(self) -> "ExportedDetector":
+        return self
+
+    def __call__(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
+        meta = self.metadata
+        if len(images) > meta["max_batch"]:
+            raise ValueError(f"{len(images)} images in one call; the exported model takes at most {meta['max_batch']}")
+        inputs = resize_for_program([image.cpu() for image in images], min_size=meta["min_size"],
+                                    max_size=meta["max_size"])
+        check_inputs(inputs.images, inputs.image_sizes, max_side=meta["max_side"], max_batch=meta["max_batch"])
+        return detections_from_outputs(self.run(inputs.images, inputs.image_sizes), inputs,
+                                       pasted=meta["paste_masks"])
+
+
+__all__ = ["DeployableDetector", "ExportedDetector", "FORMAT", "check_inputs", "metadata_path", "write_metadata", "MAX_BATCH", "MIN_SIDE", "OUTPUT_NAMES", "ProgramInputs", "check_program_inputs",
            "compile_package", "detections_from_outputs", "dynamic_shapes", "example_inputs", "export_onnx",
            "export_program", "max_side", "resize_for_program"]

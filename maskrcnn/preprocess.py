@@ -4,7 +4,7 @@ the original images, as torchvision's ``GeneralizedRCNNTransform``."""
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -97,8 +97,10 @@ class ImageTransform(nn.Module):
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         image = (image - mean[:, None, None]) / std[:, None, None]
         size = resized_size(image.size(1), image.size(2), min_size=min_size or self.min_size, max_size=self.max_size)
-        if size == (image.size(1), image.size(2)):
-            return image  # bilinear resampling to the same size copies every pixel: skip it
+        # Bilinear resampling to the same size copies every pixel: skip it,
+        # except in a traced graph, where the test would split the graph in two.
+        if not torch.compiler.is_compiling() and size == (image.size(1), image.size(2)):
+            return image
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
     def normalize_and_pad(self, images: Tensor, image_sizes: Tensor) -> Tensor:
@@ -162,13 +164,17 @@ class ImageTransform(nn.Module):
 
     def batch(self, resized: List[Tensor]) -> ImageBatch:
         """Pads normalized [3, H_i, W_i] images into one ImageBatch."""
-        height = max(image.size(1) for image in resized)
-        width = max(image.size(2) for image in resized)
+        # sym_max: a traced graph keeps the sizes symbolic (max() would
+        # fix which image is the largest with a guard).
+        height = functools.reduce(torch.sym_max, [image.size(1) for image in resized])
+        width = functools.reduce(torch.sym_max, [image.size(2) for image in resized])
         step = self.size_divisible
-        padded_shape = (len(resized), 3, math.ceil(height / step) * step, math.ceil(width / step) * step)
-        batch = resized[0].new_zeros(padded_shape)
-        for slot, image in zip(batch, resized):
-            slot[:, : image.size(1), : image.size(2)].copy_(image)
+        padded_h, padded_w = -(-height // step) * step, -(-width // step) * step
+        # Zero-padding each image, not copying it into a slice, so that a
+        # traced graph holds for any size (a slice that ends at the
+        # image's edge would split it by whether sizes are multiples of 32).
+        batch = torch.stack([F.pad(image, (0, padded_w - image.size(2), 0, padded_h - image.size(1)))
+                             for image in resized])
         return ImageBatch(batch, [(image.size(1), image.size(2)) for image in resized])
 
 

@@ -81,9 +81,11 @@ def subcommands(parser: argparse.ArgumentParser):
 def test_every_option_has_help_with_its_default():
     """Each option of each command explains itself and states its default
     ("default: ..." appended, or said in the text); flags default to off,
-    required options say so."""
+    required options (alone or one of a required group) say so."""
     for name, parser in subcommands(build_parser()):
         formatter = parser._get_formatter()
+        in_required_group = {id(action) for group in parser._mutually_exclusive_groups if group.required
+                             for action in group._group_actions}
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
                 continue
@@ -92,7 +94,8 @@ def test_every_option_has_help_with_its_default():
             text = formatter._get_help_string(action) % dict(default=action.default)
             if isinstance(action, argparse._StoreTrueAction):
                 continue
-            assert "default" in text or (action.required and "required" in text), f"{option}: {text!r}"
+            required = action.required or id(action) in in_required_group
+            assert "default" in text or (required and "required" in text), f"{option}: {text!r}"
         assert "default: " in parser.format_help()  # appended texts render
 
 

@@ -13,6 +13,7 @@ ones they were traced with.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from maskrcnn import export
 # Box corners: the fixed-size path runs the box head on more rows (padding
 # included), so BLAS may sum in another order (measured: within 3e-5 px).
 BOX_TOLERANCE = dict(rtol=0, atol=1e-4)
+ONNX_BOX_TOLERANCE = dict(rtol=0, atol=5e-4)
 # Mask probabilities in [0, 1], from the same features up to float rounding.
 MASK_TOLERANCE = dict(rtol=0, atol=1e-5)
 
@@ -65,13 +67,14 @@ def assert_same_detections(ours, reference) -> None:
         torch.testing.assert_close(a["masks"], b["masks"], **MASK_TOLERANCE)
 
 
-def assert_same_outputs(ours, reference) -> None:
-    """Outputs of two DeployableDetectors (eager, exported, compiled)."""
+def assert_same_outputs(ours, reference, *, box_tolerance=BOX_TOLERANCE) -> None:
+    """Outputs of two DeployableDetectors (eager, exported, compiled):
+    counts and labels equal, the rest within the tolerances."""
     names = export.OUTPUT_NAMES
     for name, a, b in zip(names, ours, reference):
         a = torch.as_tensor(a)
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        tolerance = BOX_TOLERANCE if name == "boxes" else MASK_TOLERANCE if name in ("masks", "scores") else {}
+        tolerance = box_tolerance if name == "boxes" else MASK_TOLERANCE if name in ("masks", "scores") else {}
         torch.testing.assert_close(a, b, **(tolerance or dict(rtol=0, atol=0)), msg=name)
 
 
@@ -131,28 +134,16 @@ def test_pasted_masks_mode(model, eager_reference):
 # --------------------------------------------------------- torch.compile --
 
 
-class GraphCounter:
-    """A torch.compile backend that counts the graphs it is given and runs
-    them through AOTAutograd (fake tensors and functionalization, as
-    inductor sees them, without inductor's code generation)."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        from torch._dynamo.backends.common import aot_autograd
-        from torch._functorch.aot_autograd import make_boxed_func
-
-        self.graphs += 1
-        return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward))(graph_module, example_inputs)
-
-
 def test_compile_fullgraph_equals_eager_with_a_bounded_number_of_graphs(model, fresh_dynamo):
-    """Zero graph breaks (fullgraph=True raises on one); sizes of one
-    orientation share a graph: landscape, square and portrait images make
-    at most three, whatever their sizes."""
-    counter = GraphCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    """Zero graph breaks (fullgraph=True raises on one), and images of any
+    size share a graph: the only size-dependent choice left is the one
+    PyTorch's CPU convolution makes between backends on small inputs (a
+    padded batch of at most 20 x 1024 pixels, e.g. 128 x 160), so single
+    images make at most two graphs, and a list of two images one more."""
+    # aot_eager: dynamo's graphs through AOTAutograd (fake tensors and
+    # functionalization, as inductor takes them), without inductor's slow
+    # code generation (benchmarks/deploy.py measures inductor).
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
     sizes = TRACE_SIZES + [(170, 210), (90, 90), (210, 100), (120, 150)]
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         for i, size in enumerate(sizes):
@@ -160,7 +151,8 @@ def test_compile_fullgraph_equals_eager_with_a_bounded_number_of_graphs(model, f
             assert_same_detections(compiled(images), model(images))
         batch = random_images([(150, 200), (130, 170)], seed=30)
         assert_same_detections(compiled(batch), model(batch))
-    assert counter.graphs <= 3 + 1, f"{counter.graphs} graphs"  # + 1 for the batch of two
+    graphs = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(model).forward))
+    assert 1 <= graphs <= 2 + 1, f"{graphs} graphs"
 
 
 # ---------------------------------------------------------- torch.export --
@@ -195,9 +187,14 @@ def test_exported_program_rejects_bad_input(model, program):
 # ----------------------------------------------------------- AOTInductor --
 
 
-def test_aoti_package_in_a_process_without_maskrcnn(model, program, eager_reference, tmp_path):
+@pytest.fixture(scope="module")
+def package(model, program, tmp_path_factory):
+    """The AOTInductor package of the program (compiling takes minutes: once)."""
+    return export.compile_package(model, tmp_path_factory.mktemp("aoti") / "small.pt2", program=program)
+
+
+def test_aoti_package_in_a_process_without_maskrcnn(package, eager_reference, tmp_path):
     inputs, _, padded = eager_reference
-    package = export.compile_package(model, tmp_path / "small.pt2", program=program)
     torch.save({"images": inputs.images, "image_sizes": inputs.image_sizes}, tmp_path / "inputs.pt")
     script = (
         "import sys, torch, maskrcnn_ops\n"
@@ -210,6 +207,16 @@ def test_aoti_package_in_a_process_without_maskrcnn(model, program, eager_refere
     subprocess.run([sys.executable, "-c", script, str(package), str(tmp_path / "inputs.pt"),
                     str(tmp_path / "outputs.pt")], check=True, cwd=tmp_path)
     assert_same_outputs(torch.load(tmp_path / "outputs.pt", weights_only=True), padded)
+
+
+def test_exported_detector_equals_the_model(model, package):
+    """ExportedDetector (what `predict --exported` runs) on the package:
+    the model's per-image outputs for a list of images."""
+    images = random_images([(150, 200), (200, 130)], seed=7)
+    detector = export.ExportedDetector(package)
+    with torch.no_grad():
+        assert_same_detections(detector(images), model(images))
+    assert detector.num_classes == model.num_classes
 
 
 # ------------------------------------------------------------------ ONNX --
@@ -228,4 +235,54 @@ def test_onnx_in_onnxruntime_equals_eager(model, program, eager_reference, tmp_p
         logger.setLevel(level)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"images": inputs.images.numpy(), "image_sizes": inputs.image_sizes.numpy()})
-    assert_same_outputs([torch.from_numpy(o) for o in outputs], padded)
+    # onnxruntime's convolutions and matrix products sum in another order
+    # than PyTorch's; box deltas scaled to pixels carry it (measured up to
+    # 9.2e-5 px on batches of small images).
+    assert_same_outputs([torch.from_numpy(o) for o in outputs], padded, box_tolerance=ONNX_BOX_TOLERANCE)
+
+
+# ------------------------------------------------------------------- CLI --
+
+
+def test_cli_export_then_predict_from_the_artifact(model, tmp_path, capsys):
+    """`export --format onnx` then `predict --exported`: the same pictures'
+    detections (COCO JSON) as `predict --weights`."""
+    pytest.importorskip("onnxruntime")
+    from maskrcnn.cli import main
+    from PIL import Image
+
+    weights = tmp_path / "small.pt"
+    maskrcnn.save_checkpoint(weights, model)
+    image = tmp_path / "in" / "picture.png"
+    image.parent.mkdir()
+    pixels = (random_images([(150, 200)], seed=8)[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(image)
+    artifact = tmp_path / "small.onnx"
+    assert main(["export", "--weights", str(weights), "--format", "onnx", "--out", str(artifact)]) == 0
+    assert artifact.is_file() and export.metadata_path(artifact).is_file()
+    assert main(["predict", str(image), "--exported", str(artifact), "--out", str(tmp_path / "exported")]) == 0
+    assert main(["predict", str(image), "--weights", str(weights), "--out", str(tmp_path / "eager")]) == 0
+    assert (tmp_path / "exported" / "picture.png").is_file()
+    ours = json.loads((tmp_path / "exported" / "detections.json").read_text())
+    reference = json.loads((tmp_path / "eager" / "detections.json").read_text())
+    assert len(ours["annotations"]) == len(reference["annotations"]) > 0
+    for a, b in zip(ours["annotations"], reference["annotations"]):
+        assert a["category_id"] == b["category_id"]
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    assert ours["categories"] == reference["categories"]
+
+
+def test_cli_export_errors_are_one_line(model, tmp_path, capsys):
+    from maskrcnn.cli import main
+
+    weights = tmp_path / "small.pt"
+    maskrcnn.save_checkpoint(weights, model)
+    image = tmp_path / "picture.png"
+    assert main(["export", "--weights", str(weights), "--format", "pt2", "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "must end in .pt2" in capsys.readouterr().err
+    assert main(["predict", str(image), "--exported", str(tmp_path / "missing.pt2"), "--out", str(tmp_path / "o")]) == 1
+    assert "exported model not found" in capsys.readouterr().err
+    (tmp_path / "lone.onnx").write_bytes(b"")
+    assert main(["predict", str(image), "--exported", str(tmp_path / "lone.onnx"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lone.onnx.json" in err
