@@ -91,10 +91,10 @@ class RoIHeads(nn.Module):
     def __init__(
         self,
         *,
-        box_roi_pool: nn.Module,
+        box_roi_pool: maskrcnn_ops.MultiScaleRoIAlign,
         box_head: TwoMLPHead,
         box_predictor: FastRCNNPredictor,
-        mask_roi_pool: nn.Module,
+        mask_roi_pool: maskrcnn_ops.MultiScaleRoIAlign,
         mask_head: MaskHead,
         mask_predictor: MaskPredictor,
         score_thresh: float = 0.05,
@@ -236,7 +236,7 @@ class RoIHeads(nn.Module):
             spatial_scales: the scales of the pooled levels (1/4 .. 1/32).
         """
         n, slots, _ = proposals.shape
-        pooled = self.box_roi_pool(features, padded_rois(proposals), spatial_scales=spatial_scales)
+        pooled = self.box_roi_pool.pool(features, padded_rois(proposals), spatial_scales)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         detections = detect_objects_padded(
             class_logits.view(n, slots, -1),
@@ -250,7 +250,7 @@ class RoIHeads(nn.Module):
             detections_per_img=self.detections_per_img,
         )
         logits = self.mask_predictor(
-            self.mask_head(self.mask_roi_pool(features, padded_rois(detections.boxes), spatial_scales=spatial_scales))
+            self.mask_head(self.mask_roi_pool.pool(features, padded_rois(detections.boxes), spatial_scales))
         )
         masks = select_class_masks(logits, detections.labels.reshape(-1))[:, 0]
         filled = torch.arange(self.detections_per_img, device=masks.device) < detections.num_detections[:, None]

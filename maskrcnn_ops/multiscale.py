@@ -189,32 +189,29 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def forward(
-        self,
-        x: Dict[str, Tensor],
-        boxes: BoxesArg,
-        image_shapes: Optional[List[Tuple[int, int]]] = None,
-        *,
-        spatial_scales: Optional[List[float]] = None,
-    ) -> Tensor:
-        """Args: x: the feature maps by name; boxes: one [L_i, 4] per image
-        or [K, 5] rois; image_shapes: as torchvision, to infer the scales
-        from, or ``spatial_scales``: the scales of the pooled maps (a
-        traced graph gives these, as its image sizes are symbolic)."""
-        features = [value for name, value in x.items() if name in self.featmap_names]
-        if len(features) == 0:
-            raise ValueError(f"none of the feature maps {self.featmap_names} is in the input (it has {list(x)})")
-        if (image_shapes is None) == (spatial_scales is None):
-            raise ValueError("give exactly one of image_shapes (to infer the scales) or spatial_scales")
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        features = self._pooled_maps(x)
+        return self.pool(x, boxes, infer_scales(features, image_shapes))
+
+    def pool(self, x: Dict[str, Tensor], boxes: BoxesArg, spatial_scales: List[float]) -> Tensor:
+        """``forward`` with the scales of the pooled maps given instead of
+        inferred from image sizes (a traced graph gives them, as its image
+        sizes are symbolic); boxes: one [L_i, 4] per image or [K, 5] rois."""
         return multi_scale_roi_align(
-            features,
+            self._pooled_maps(x),
             boxes,
             self.output_size,
             self.sampling_ratio,
-            spatial_scales=infer_scales(features, image_shapes) if spatial_scales is None else spatial_scales,
+            spatial_scales=spatial_scales,
             canonical_scale=self.canonical_scale,
             canonical_level=self.canonical_level,
         )
+
+    def _pooled_maps(self, x: Dict[str, Tensor]) -> List[Tensor]:
+        features = [value for name, value in x.items() if name in self.featmap_names]
+        if len(features) == 0:
+            raise ValueError(f"none of the feature maps {self.featmap_names} is in the input (it has {list(x)})")
+        return features
 
     def __repr__(self) -> str:
         return (
