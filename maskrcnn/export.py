@@ -236,7 +236,10 @@ def compile_package(
     and its description beside it (``metadata_path``). ``program``: the
     model's ``export_program``, if already made."""
     program = program if program is not None else export_program(model, paste_masks=paste_masks)
-    with torch.no_grad():
+    # check_lowerbound off: with AOTI_RUNTIME_CHECK_INPUTS=1 the package
+    # checks its inputs' shapes, and would otherwise reject one image (its
+    # default lower bound of dynamic sizes is 2).
+    with torch.no_grad(), torch._inductor.config.patch({"aot_inductor.check_lowerbound": False}):
         package = Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
     write_metadata(model, package, paste_masks=paste_masks)
     return package
