@@ -13,7 +13,7 @@ it is at the default 800x1088):
 - ours compiled: ``torch.compile(model, fullgraph=True)`` with inductor
   freezing (convolution weights prepacked), the whole forward one graph;
 - ours AOTInductor: the ``.pt2`` of ``maskrcnn.export.compile_package``
-  (without freezing, which fails there), run through ``ExportedDetector``
+  (with freezing), run through ``ExportedDetector``
   (resizing and pasting included);
 - ours in onnxruntime: the ``.onnx`` of ``export_onnx``, the same way.
 
@@ -75,10 +75,7 @@ def prepare(name: str, ours, theirs, workdir: Path):
     if name == "ours compiled":
         return torch.compile(ours, fullgraph=True)
     if name == "ours AOTInductor":
-        # Without freezing: inductor's constant folding under freezing fails
-        # on the exported program (a lifted constant it drops, torch 2.14.1).
-        with torch._inductor.config.patch(freezing=False):
-            return export.ExportedDetector(export.compile_package(ours, workdir / "model.pt2"))
+        return export.ExportedDetector(export.compile_package(ours, workdir / "model.pt2", freeze=True))
     if name == "ours onnxruntime":
         return export.ExportedDetector(export.export_onnx(ours, workdir / "model.onnx"))
     raise ValueError(name)

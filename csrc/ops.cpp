@@ -8,11 +8,14 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
   // rois: [K, 5] rows of (batch_index, x1, y1, x2, y2); any floating dtype,
   // read in the accumulation precision. Returns [K, C, pooled_height,
   // pooled_width] in input's dtype, channels_last when input is.
+  // flexible_layout: the kernels take features of any strides, so inductor
+  // passes its convolutions' channels_last outputs as they are instead of
+  // copying them to the NCHW strides of the traced eager graph.
   m.def(
       "roi_align(Tensor input, Tensor rois, float spatial_scale, "
       "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
       "bool aligned) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+      {at::Tag::pt2_compliant_tag, at::Tag::flexible_layout});
   // Gradient of roi_align with respect to its input: [batch_size, channels,
   // height, width] in grad's dtype. Linear in grad, so its own gradient is
   // roi_align again (see _autograd.py).
@@ -49,7 +52,7 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "multi_level_roi_align(Tensor[] features, Tensor rois, float[] spatial_scales, "
       "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, bool aligned, "
       "float canonical_scale, int canonical_level) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+      {at::Tag::pt2_compliant_tag, at::Tag::flexible_layout});
   // Its gradient: one [batch_size, channels, heights[l], widths[l]] per level.
   m.def(
       "multi_level_roi_align_backward(Tensor grad, Tensor rois, float[] spatial_scales, "

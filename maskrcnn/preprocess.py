@@ -89,13 +89,23 @@ class ImageTransform(nn.Module):
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
         self.size_divisible = int(size_divisible)
+        # Buffers, not tensors made in forward: a traced graph then takes them
+        # as inputs instead of lifted constants, which inductor's constant
+        # folding under freezing cannot resolve in an AOTInductor package.
+        # Not persistent: the state dict stays torchvision's.
+        self.register_buffer("mean_per_channel", torch.tensor(self.image_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std_per_channel", torch.tensor(self.image_std).view(3, 1, 1), persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[..., 3, H, W] in [0, 1] -> (images - mean) / std per channel."""
+        mean = self.mean_per_channel.to(dtype=images.dtype, device=images.device)
+        std = self.std_per_channel.to(dtype=images.dtype, device=images.device)
+        return (images - mean) / std
 
     def normalize_and_resize(self, image: Tensor, *, min_size: Optional[int] = None) -> Tensor:
         """[3, H, W] in [0, 1] -> normalized [3, H', W'] (bilinear, half-pixel
         centres) with short side ``min_size`` (default: ``self.min_size``)."""
-        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
-        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-        image = (image - mean[:, None, None]) / std[:, None, None]
+        image = self.normalize(image)
         size = resized_size(image.size(1), image.size(2), min_size=min_size or self.min_size, max_size=self.max_size)
         # Bilinear resampling to the same size copies every pixel: skip it,
         # except in a traced graph, where the test would split the graph in two.
@@ -112,13 +122,11 @@ class ImageTransform(nn.Module):
             images: [N, 3, H, W] float in [0, 1], each image top-left.
             image_sizes: int64 [N, 2] (height, width) of each image.
         """
-        mean = torch.as_tensor(self.image_mean, dtype=images.dtype, device=images.device)
-        std = torch.as_tensor(self.image_std, dtype=images.dtype, device=images.device)
         height, width = images.shape[-2:]
         sizes = image_sizes.to(images.device)
         inside = ((torch.arange(height, device=images.device) < sizes[:, :1])[:, :, None]
                   & (torch.arange(width, device=images.device) < sizes[:, 1:])[:, None, :])  # [N, H, W]
-        normalized = torch.where(inside[:, None], (images - mean[:, None, None]) / std[:, None, None], 0)
+        normalized = torch.where(inside[:, None], self.normalize(images), 0)
         step = self.size_divisible
         return F.pad(normalized, (0, (-width) % step, 0, (-height) % step))
 

@@ -49,9 +49,18 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"one aspect_ratios tuple per sizes tuple is needed, got {len(sizes)} and {len(aspect_ratios)}")
         self.sizes = tuple(tuple(s) for s in sizes)
         self.aspect_ratios = tuple(tuple(r) for r in aspect_ratios)
-        self.cell_anchors = [cell_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)]
+        # Buffers, so that a traced graph takes them as inputs rather than as
+        # lifted constants (which AOTInductor's freezing cannot fold); not
+        # persistent, so the state dict stays torchvision's (empty).
+        for level, (s, r) in enumerate(zip(self.sizes, self.aspect_ratios)):
+            self.register_buffer(f"cell_anchors_{level}", cell_anchors(s, r), persistent=False)
         self._cache: Dict[tuple, Tensor] = {}
         self.max_cached_shapes = 16
+
+    @property
+    def cell_anchors(self) -> List[Tensor]:
+        """Each level's zero-centred anchors, [A_l, 4] (torchvision's attribute)."""
+        return [getattr(self, f"cell_anchors_{level}") for level in range(len(self.sizes))]
 
     def num_anchors_per_location(self) -> List[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
