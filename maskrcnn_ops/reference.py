@@ -290,3 +290,90 @@ def generate_proposals(
         all_boxes.append(boxes[kept])
         all_scores.append(scores[kept])
     return all_boxes, all_scores
+
+
+PASTE_COORDINATE_LIMIT = 2.0 ** 40  # csrc/common/paste_math.h: kPasteCoordinateLimit
+
+
+def _paste_taps(offset: Tensor, length: int, source: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Where output pixels ``offset`` [L] of a box ``length`` long read a
+    padded mask ``source`` long, as upsample_bilinear2d (half-pixel centres,
+    clamped at 0; an equal size copies): (low, high, w_high)."""
+    if length == source:
+        return offset, offset, torch.zeros(offset.shape, dtype=dtype)
+    ratio = torch.tensor(source, dtype=dtype) / torch.tensor(length, dtype=dtype)
+    position = (ratio * (offset.to(dtype) + 0.5) - 0.5).clamp(min=0)
+    low = position.floor().to(torch.int64).clamp(max=source - 1)
+    high = torch.where(low < source - 1, low + 1, low)
+    return low, high, (position - low.to(dtype)).clamp(0, 1)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], *, threshold=None,
+                padding: int = 1) -> Tensor:
+    """Reference paste: masks [D, M, M] into [D, H, W] (bool with a
+    threshold), a Python loop over the masks with torchvision's geometry
+    (see ``maskrcnn_ops.paste_ops``), computed for the visible pixels only."""
+    height, width = image_size
+    dtype = _accumulate_dtype(masks.dtype)
+    num, side = masks.size(0), masks.size(-1)
+    source = side + 2 * padding
+    out = torch.zeros(num, height, width, dtype=dtype)
+    padded = torch.nn.functional.pad(masks.to(dtype).cpu(), (padding,) * 4)
+    scale = torch.tensor((side + 2 * padding) / side, dtype=dtype)
+    for n, (x1, y1, x2, y2) in enumerate(boxes.to(dtype).cpu()):
+        half_w, half_h = (x2 - x1) * 0.5 * scale, (y2 - y1) * 0.5 * scale
+        centre_x, centre_y = (x2 + x1) * 0.5, (y2 + y1) * 0.5
+        grown = torch.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h])
+        if not bool(grown.isfinite().all()):
+            continue
+        gx1, gy1, gx2, gy2 = grown.clamp(-PASTE_COORDINATE_LIMIT, PASTE_COORDINATE_LIMIT).to(torch.int64).tolist()
+        box_w, box_h = max(gx2 - gx1 + 1, 1), max(gy2 - gy1 + 1, 1)
+        top, bottom = max(gy1, 0), min(gy2 + 1, height)
+        left, right = max(gx1, 0), min(gx2 + 1, width)
+        if bottom <= top or right <= left:
+            continue
+        y_low, y_high, wy = _paste_taps(torch.arange(top, bottom) - gy1, box_h, source, dtype)
+        x_low, x_high, wx = _paste_taps(torch.arange(left, right) - gx1, box_w, source, dtype)
+        plane = padded[n]
+        upper = plane[y_low][:, x_low] * (1 - wx) + plane[y_low][:, x_high] * wx
+        lower = plane[y_high][:, x_low] * (1 - wx) + plane[y_high][:, x_high] * wx
+        out[n, top:bottom, left:right] = upper * (1 - wy)[:, None] + lower * wy[:, None]
+    if threshold is not None:
+        return (out > threshold).to(masks.device)
+    return out.to(device=masks.device, dtype=masks.dtype)
+
+
+def rle_counts(mask: Tensor) -> list:
+    """Run lengths of a binary mask [H, W] in column-major order, starting
+    with a run of zeros (COCO's uncompressed counts)."""
+    flat = mask.t().reshape(-1).to(torch.int8)
+    changes = (torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1).tolist()
+    edges = [0] + changes + [flat.numel()]
+    counts = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    return ([0] + counts) if flat.numel() and bool(flat[0]) else (counts or [0])
+
+
+def compress_rle_counts(counts: list) -> bytes:
+    """COCO's compressed string of run lengths: each count from the third
+    on as its difference from the count two before, in signed 5-bit groups
+    (least significant first), each a character 48 + group, 0x20 set while
+    more groups follow."""
+    out = bytearray()
+    for i, count in enumerate(counts):
+        x = count - (counts[i - 2] if i > 2 else 0)
+        while True:
+            group = x & 0x1F
+            x >>= 5
+            more = x != -1 if group & 0x10 else x != 0
+            out.append(48 + (group | 0x20 if more else group))
+            if not more:
+                break
+    return bytes(out)
+
+
+def masks_to_rle(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], threshold: float = 0.5, *,
+                 padding: int = 1) -> list:
+    """Reference RLE: the reference paste, binarized, run-length encoded."""
+    pasted = paste_masks(masks, boxes, image_size, threshold=threshold, padding=padding).cpu()
+    return [{"size": [int(image_size[0]), int(image_size[1])], "counts": compress_rle_counts(rle_counts(m))}
+            for m in pasted]
