@@ -165,14 +165,14 @@ def _check_paste_inputs(op, masks, boxes):
 
 
 @torch.library.register_fake("maskrcnn_ops::paste_masks")
-def _paste_masks_fake(masks, boxes, height, width, padding, threshold):
+def _paste_masks_fake(masks, boxes, height, width, padding=1, threshold=None):
     _check_paste_inputs("paste_masks", masks, boxes)
     dtype = torch.bool if threshold is not None else masks.dtype
     return masks.new_empty((masks.size(0), height, width), dtype=dtype)
 
 
 @torch.library.register_fake("maskrcnn_ops::masks_to_rle")
-def _masks_to_rle_fake(masks, boxes, height, width, padding, threshold):
+def _masks_to_rle_fake(masks, boxes, height, width, padding=1, threshold=0.5):
     _check_paste_inputs("masks_to_rle", masks, boxes)
     # The encodings' total length depends on the data: an unbacked size.
     length = torch.library.get_ctx().new_dynamic_size()

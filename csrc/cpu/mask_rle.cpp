@@ -20,7 +20,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../common/paste_checks.h"
+#include "../common/paste_ops.h"
 #include "../common/paste_math.h"
 
 namespace maskrcnn_ops {

@@ -5,17 +5,17 @@
 // runs too). So every output byte is written once, and the interpolation
 // runs only on the boxes' visible pixels. Each task takes consecutive rows,
 // mostly of one mask, and computes that mask's window and column taps once.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#include "../common/paste_checks.h"
+#include "../common/paste_ops.h"
 #include "../common/paste_math.h"
 
 namespace maskrcnn_ops {
@@ -66,29 +66,23 @@ void paste_rows(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& ou
   });
 }
 
-at::Tensor paste_masks_cpu(const at::Tensor& masks, const at::Tensor& boxes, int64_t height, int64_t width,
-                           int64_t padding, c10::optional<double> threshold) {
-  const char* op = "maskrcnn_ops::paste_masks";
-  check_paste_args(op, masks, boxes, height, width, padding);
-  if (threshold.has_value()) check_threshold(op, *threshold);
-  at::Tensor out = paste_output(masks, height, width, threshold);
-  if (out.numel() == 0) return out;
-  const at::Tensor m = masks.contiguous();
-  const at::Tensor b = boxes.to(accumulate_dtype(masks.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "paste_masks", [&] {
-    if (threshold.has_value()) {
-      paste_rows<scalar_t, bool>(m, b, out, padding, *threshold);
-    } else {
-      paste_rows<scalar_t, scalar_t>(m, b, out, padding, 0.0);
-    }
-  });
-  return out;
-}
+struct CpuBackend {
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
+  static constexpr bool kZeroFirst = false;  // paste_rows writes every pixel
+
+  template <typename mask_t, typename out_t>
+  static void run(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
+                  double threshold) {
+    paste_rows<mask_t, out_t>(masks, boxes, out, padding, threshold);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskrcnn_ops, CPU, m) {
-  m.impl("paste_masks", &paste_masks_cpu);
+  m.impl("paste_masks", &paste_masks<CpuBackend>);
 }
 
 }  // namespace maskrcnn_ops

@@ -1,7 +1,14 @@
-// Argument validation and output allocation of the mask pasting ops
-// (paste_masks, masks_to_rle), shared by the CPU and CUDA kernels. Host-only.
+// The mask pasting ops' host code, written once for both backends: argument
+// checks (also masks_to_rle's), the output, and the dtypes each tensor is
+// read in. A backend (csrc/cpu/paste.cpp, csrc/cuda/paste.cu) supplies
+//   Backend::Guard                  made from the inputs' device
+//   Backend::kZeroFirst             whether the output is zeroed before the
+//                                   kernel (CUDA: it writes the windows only)
+//   Backend::run<mask_t, out_t>(masks, boxes, out, padding, threshold)
+// and registers paste_masks<Backend> as its kernel. Host-only.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -49,6 +56,31 @@ inline at::Tensor paste_output(const at::Tensor& masks, int64_t height, int64_t 
                                const c10::optional<double>& threshold) {
   return at::empty({masks.size(0), height, width},
                    masks.options().dtype(threshold.has_value() ? at::kBool : masks.scalar_type()));
+}
+
+// masks [D, M, M], boxes [D, 4] -> [D, height, width] (see csrc/ops.cpp).
+// The kernel gets masks contiguous in their dtype and boxes contiguous in the
+// accumulation dtype.
+template <typename Backend>
+at::Tensor paste_masks(const at::Tensor& masks, const at::Tensor& boxes, int64_t height, int64_t width,
+                       int64_t padding, c10::optional<double> threshold) {
+  const char* op = "maskrcnn_ops::paste_masks";
+  check_paste_args(op, masks, boxes, height, width, padding);
+  if (threshold.has_value()) check_threshold(op, *threshold);
+  const typename Backend::Guard guard(masks.device());
+  at::Tensor out = paste_output(masks, height, width, threshold);
+  if (out.numel() == 0) return out;
+  if (Backend::kZeroFirst) out.zero_();
+  const at::Tensor m = masks.contiguous();
+  const at::Tensor b = boxes.to(accumulate_dtype(masks.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "paste_masks", [&] {
+    if (threshold.has_value()) {
+      Backend::template run<scalar_t, bool>(m, b, out, padding, *threshold);
+    } else {
+      Backend::template run<scalar_t, scalar_t>(m, b, out, padding, 0.0);
+    }
+  });
+  return out;
 }
 
 }  // namespace maskrcnn_ops
