@@ -295,52 +295,67 @@ def generate_proposals(
 PASTE_COORDINATE_LIMIT = 2.0 ** 40  # csrc/common/paste_math.h: kPasteCoordinateLimit
 
 
-def _paste_taps(offset: Tensor, length: int, source: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """Where output pixels ``offset`` [L] of a box ``length`` long read a
-    padded mask ``source`` long, as upsample_bilinear2d (half-pixel centres,
-    clamped at 0; an equal size copies): (low, high, w_high)."""
-    if length == source:
-        return offset, offset, torch.zeros(offset.shape, dtype=dtype)
-    ratio = torch.tensor(source, dtype=dtype) / torch.tensor(length, dtype=dtype)
-    position = (ratio * (offset.to(dtype) + 0.5) - 0.5).clamp(min=0)
-    low = position.floor().to(torch.int64).clamp(max=source - 1)
+def _paste_weights(pixel: Tensor, start: Tensor, end: Tensor, length: Tensor, source: int, valid: Tensor,
+                   dtype: torch.dtype) -> Tensor:
+    """Bilinear resize-and-place weights along one axis, as
+    upsample_bilinear2d (half-pixel centres, clamped at 0; an equal size
+    copies) resizing ``source`` padded pixels to each box's ``length``.
+
+    Args:
+        pixel: [L] image pixel indices; start, end, length: [D] int64, each
+            box's first and last (inclusive) pixel and its length (>= 1);
+            valid: [D] bool, boxes that paste at all.
+
+    Returns:
+        [D, L, source]: row l of box d holds the weights of pixel l over the
+        padded mask's pixels; zero rows outside the box.
+    """
+    offset = pixel[None, :] - start[:, None]  # [D, L]
+    inside = (pixel[None, :] >= start[:, None]) & (pixel[None, :] <= end[:, None]) & valid[:, None]
+    ratio = torch.full_like(length, source, dtype=dtype) / length.to(dtype)
+    position = (ratio[:, None] * (offset.to(dtype) + 0.5) - 0.5).clamp(min=0)
+    position = torch.where((length == source)[:, None], offset.to(dtype), position)
+    low = position.floor().clamp(0, source - 1).to(torch.int64)
     high = torch.where(low < source - 1, low + 1, low)
-    return low, high, (position - low.to(dtype)).clamp(0, 1)
+    w_high = (position - low.to(dtype)).clamp(0, 1)
+    taps = torch.arange(source, device=pixel.device)
+    weights = (taps == low[..., None]).to(dtype) * (1 - w_high)[..., None]
+    weights = weights + (taps == high[..., None]).to(dtype) * w_high[..., None]
+    return weights * inside[..., None].to(dtype)
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], *, threshold=None,
                 padding: int = 1) -> Tensor:
-    """Reference paste: masks [D, M, M] into [D, H, W] (bool with a
-    threshold), a Python loop over the masks with torchvision's geometry
-    (see ``maskrcnn_ops.paste_ops``), computed for the visible pixels only."""
+    """Reference paste: masks [D, M, M] into [D, H, W] (bool, pixel >
+    threshold, with a threshold; else masks' dtype) with torchvision's
+    geometry (see ``maskrcnn_ops.paste_ops``), written densely as
+    ``rows @ padded mask @ cols^T`` with interpolation matrices that are zero
+    outside each box, in the accumulation precision. No data-dependent
+    shape, so it also traces (the ONNX export's decomposition of
+    paste_masks, ``maskrcnn_ops.export``); memory is D x (H + W) x S plus the
+    D x H x W result."""
     height, width = image_size
     dtype = _accumulate_dtype(masks.dtype)
-    num, side = masks.size(0), masks.size(-1)
+    side = masks.size(-1)
     source = side + 2 * padding
-    out = torch.zeros(num, height, width, dtype=dtype)
-    padded = torch.nn.functional.pad(masks.to(dtype).cpu(), (padding,) * 4)
-    scale = torch.tensor((side + 2 * padding) / side, dtype=dtype)
-    for n, (x1, y1, x2, y2) in enumerate(boxes.to(dtype).cpu()):
-        half_w, half_h = (x2 - x1) * 0.5 * scale, (y2 - y1) * 0.5 * scale
-        centre_x, centre_y = (x2 + x1) * 0.5, (y2 + y1) * 0.5
-        grown = torch.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h])
-        if not bool(grown.isfinite().all()):
-            continue
-        gx1, gy1, gx2, gy2 = grown.clamp(-PASTE_COORDINATE_LIMIT, PASTE_COORDINATE_LIMIT).to(torch.int64).tolist()
-        box_w, box_h = max(gx2 - gx1 + 1, 1), max(gy2 - gy1 + 1, 1)
-        top, bottom = max(gy1, 0), min(gy2 + 1, height)
-        left, right = max(gx1, 0), min(gx2 + 1, width)
-        if bottom <= top or right <= left:
-            continue
-        y_low, y_high, wy = _paste_taps(torch.arange(top, bottom) - gy1, box_h, source, dtype)
-        x_low, x_high, wx = _paste_taps(torch.arange(left, right) - gx1, box_w, source, dtype)
-        plane = padded[n]
-        upper = plane[y_low][:, x_low] * (1 - wx) + plane[y_low][:, x_high] * wx
-        lower = plane[y_high][:, x_low] * (1 - wx) + plane[y_high][:, x_high] * wx
-        out[n, top:bottom, left:right] = upper * (1 - wy)[:, None] + lower * wy[:, None]
+    b = boxes.to(dtype)
+    scale = (side + 2 * padding) / side
+    half_w, half_h = (b[:, 2] - b[:, 0]) * 0.5 * scale, (b[:, 3] - b[:, 1]) * 0.5 * scale
+    centre_x, centre_y = (b[:, 2] + b[:, 0]) * 0.5, (b[:, 3] + b[:, 1]) * 0.5
+    grown = torch.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h], 1)
+    valid = grown.isfinite().all(1)
+    pixels = grown.nan_to_num(0.0).clamp(-PASTE_COORDINATE_LIMIT, PASTE_COORDINATE_LIMIT).to(torch.int64)
+    x1, y1, x2, y2 = pixels.unbind(1)
+    device = masks.device
+    rows = _paste_weights(torch.arange(height, device=device), y1, y2, (y2 - y1 + 1).clamp(min=1), source, valid,
+                          dtype)
+    cols = _paste_weights(torch.arange(width, device=device), x1, x2, (x2 - x1 + 1).clamp(min=1), source, valid,
+                          dtype)
+    padded = torch.nn.functional.pad(masks.to(dtype), (padding,) * 4)
+    out = torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2))
     if threshold is not None:
-        return (out > threshold).to(masks.device)
-    return out.to(device=masks.device, dtype=masks.dtype)
+        return out > threshold
+    return out.to(masks.dtype)
 
 
 def rle_counts(mask: Tensor) -> list:
