@@ -22,10 +22,11 @@
 namespace maskrcnn_ops {
 
 // Grown box coordinates are clamped to +-2^40 before the integer conversion:
-// a float beyond int64's range (or NaN) has no defined conversion. A box that
-// large (a trillion pixels) is far beyond any image, so boxes below the limit
-// get torchvision's pixels exactly; beyond it, the window is still clipped to
-// the image and every index stays in range.
+// a float beyond int64's range has no defined conversion (NaN and Inf never
+// get there: their boxes paste nothing). A box that large (a trillion
+// pixels) is far beyond any image, so boxes below the limit get torchvision's
+// pixels exactly; beyond it, the window is still clipped to the image and
+// every index stays in range.
 constexpr double kPasteCoordinateLimit = 1099511627776.0;  // 2^40
 
 // Where one mask goes: its integer box and the visible window (the part of
