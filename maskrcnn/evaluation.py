@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from maskrcnn.data.coco_format import box_masks_to_rles, dataset_to_coco, masks_to_rles
 from maskrcnn.data.coco_schema import load_coco_json
+from maskrcnn.model import box_masks_kept
 from maskrcnn.paste import paste_masks_in_image
 
 # COCOeval.stats[0:6], in order.
@@ -235,8 +236,8 @@ def predict_dataset(
     Args:
         paste_masks: the model's outputs with masks pasted into the images
             (``masks`` [D, 1, H, W]); False: the M x M masks (``box_masks``
-            [D, 1, M, M], the model's ``paste_masks`` off while it runs),
-            which ``evaluate_coco`` encodes without full-size masks.
+            [D, 1, M, M], ``maskrcnn.model.box_masks_kept``), which
+            ``evaluate_coco`` encodes without full-size masks.
 
     Returns:
         image id (the target's ``image_id``) -> the model's output for that
@@ -249,14 +250,10 @@ def predict_dataset(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
     predictions: Dict[int, Dict[str, Tensor]] = {}
-    pasting = model.paste_masks
-    model.paste_masks = paste_masks
-    try:
+    with contextlib.nullcontext() if paste_masks else box_masks_kept(model):
         for images, targets in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
             outputs = model([image.to(device) for image in images])
             predictions.update(collect_predictions([t["image_id"] for t in targets], outputs))
-    finally:
-        model.paste_masks = pasting
     return predictions
 
 

@@ -4,7 +4,8 @@ of the ResNet-FPN models."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,22 @@ def to_original_images(
         else:
             results.append(dict(boxes=boxes, labels=labels, scores=scores, box_masks=masks))
     return results
+
+
+@contextmanager
+def box_masks_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s eval outputs keep the M x M masks
+    (``box_masks``, see :func:`to_original_images`) instead of pasting them.
+    A model without the switch (e.g. torchvision's) is left as it is: its
+    outputs keep ``masks``, which the evaluation and the COCO JSON also take."""
+    if not hasattr(model, "paste_masks"):
+        yield
+        return
+    previous, model.paste_masks = model.paste_masks, False
+    try:
+        yield
+    finally:
+        model.paste_masks = previous
 
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -329,4 +346,4 @@ def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
 
 
 __all__ = ["LOSS_NAMES", "MaskRCNN", "maskrcnn_from_preset", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn",
-           "prepare_targets", "to_original_images"]
+           "box_masks_kept", "prepare_targets", "to_original_images"]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .coco_names import UNUSED, label_names
 from .data.coco_format import box_masks_to_rles, target_to_annotations
 from .evaluation import pasted
-from .model import MaskRCNN
+from .model import MaskRCNN, box_masks_kept
 from .visualize import draw_detections
 
 
@@ -162,23 +162,20 @@ def predict_files(
     model.eval()
     # The detections keep their M x M masks (the JSON's RLE is encoded from
     # them); each image's are pasted only to draw it.
-    pasting, model.paste_masks = model.paste_masks, False
-    try:
-        with tqdm(total=len(paths), unit="image", disable=len(paths) < 2) as progress, torch.inference_mode():
-            for start in range(0, len(paths), batch_size):
-                chunk = paths[start : start + batch_size]
-                images = [read_image(path) for path in chunk]
-                outputs = model([image.to(device) for image in images])
-                for path, name, image, found in zip(chunk, names[start:], images, outputs):
-                    found = {key: value.cpu() for key, value in found.items()}
-                    drawn = draw_detections(image, pasted(found, tuple(image.shape[-2:])), class_names=class_names,
-                                            mask_threshold=mask_threshold)
-                    drawn.save(out_dir / name)
-                    infos.append(dict(file_name=str(path), height=image.size(1), width=image.size(2)))
-                    results.append(found)
-                progress.update(len(chunk))
-    finally:
-        model.paste_masks = pasting
+    with box_masks_kept(model), tqdm(total=len(paths), unit="image", disable=len(paths) < 2) as progress, \
+            torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            images = [read_image(path) for path in chunk]
+            outputs = model([image.to(device) for image in images])
+            for path, name, image, found in zip(chunk, names[start:], images, outputs):
+                found = {key: value.cpu() for key, value in found.items()}
+                drawn = draw_detections(image, pasted(found, tuple(image.shape[-2:])), class_names=class_names,
+                                        mask_threshold=mask_threshold)
+                drawn.save(out_dir / name)
+                infos.append(dict(file_name=str(path), height=image.size(1), width=image.size(2)))
+                results.append(found)
+            progress.update(len(chunk))
     coco = detections_to_coco(infos, results, class_names=class_names, mask_threshold=mask_threshold)
     (out_dir / json_name).write_text(json.dumps(coco))
     return coco

@@ -319,16 +319,19 @@ def test_batch_of_different_sizes():
 
 
 def test_unpasted_masks_paste_to_the_outputs():
-    """paste_masks = False: the outputs keep box_masks [D, 1, M, M], which
-    pasted into each image give the default outputs' masks exactly."""
+    """Under box_masks_kept (paste_masks = False) the outputs keep box_masks
+    [D, 1, M, M], which pasted into each image give the default outputs'
+    masks exactly; the switch is restored after the block."""
     from maskrcnn.evaluation import pasted
+    from maskrcnn.model import box_masks_kept
 
     model = small_model(box_score_thresh=0.0)
     images = random_images([(96, 128), (150, 100)])
     with torch.inference_mode():
         results = model(images)
-        model.paste_masks = False
-        unpasted = model(images)
+        with box_masks_kept(model):
+            unpasted = model(images)
+    assert model.paste_masks
     for result, other, image in zip(results, unpasted, images):
         assert set(other) == {"boxes", "labels", "scores", "box_masks"} and other["box_masks"].shape[1] == 1
         assert torch.equal(pasted(other, tuple(image.shape[-2:]))["masks"], result["masks"])
