@@ -254,8 +254,10 @@ def export_onnx(
     maskrcnn_ops operators become standard ONNX ops). ``program``: the
     model's ``export_program``, if already made."""
     program = program if program is not None else export_program(model, paste_masks=paste_masks)
-    # paste_masks (with paste_masks=True) has no ONNX translation: decomposed.
-    program = program.run_decompositions(maskrcnn_ops.onnx_decompositions())
+    # paste_masks (with paste_masks=True) has no ONNX translation: decomposed
+    # (a program without it goes to the exporter untouched).
+    if any(node.target == torch.ops.maskrcnn_ops.paste_masks.default for node in program.graph.nodes):
+        program = program.run_decompositions(maskrcnn_ops.onnx_decompositions())
     onnx_program = torch.onnx.export(
         program, dynamo=True, custom_translation_table=maskrcnn_ops.onnx_translation_table(),
         input_names=["images", "image_sizes"], output_names=list(OUTPUT_NAMES),

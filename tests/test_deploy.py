@@ -18,6 +18,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,6 +240,29 @@ def test_onnx_in_onnxruntime_equals_eager(model, program, eager_reference, tmp_p
     # than PyTorch's; box deltas scaled to pixels carry it (measured up to
     # 9.2e-5 px on batches of small images).
     assert_same_outputs([torch.from_numpy(o) for o in outputs], padded, box_tolerance=ONNX_BOX_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_onnx_with_pasted_masks(model, eager_reference, tmp_path):
+    """paste_masks=True to ONNX: paste_masks goes through its dense
+    decomposition (maskrcnn_ops.onnx_decompositions); onnxruntime's uint8
+    masks equal the eager program's except pixels at 0.5 +- rounding."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    inputs, _, _ = eager_reference
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        path = export.export_onnx(model, tmp_path / "pasted.onnx", paste_masks=True)
+    finally:
+        logger.setLevel(level)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    masks = session.run(None, {"images": inputs.images.numpy(), "image_sizes": inputs.image_sizes.numpy()})[-1]
+    with torch.no_grad():
+        expected = export.DeployableDetector(model, paste_masks=True)(inputs.images, inputs.image_sizes)[-1]
+    assert masks.dtype == np.uint8 and masks.shape == tuple(expected.shape)
+    assert (torch.from_numpy(masks) == expected).float().mean() > 0.9999
 
 
 # ------------------------------------------------------------------- CLI --
