@@ -1,6 +1,6 @@
 """``python -m benchmarks``: every op family against torchvision, side by side.
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--ops roi_align nms proposals]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--ops roi_align nms proposals postprocess]
                          [--repeats 5] [--out DIR]
 
 Prints a table (op, workload, dtype, layout, ours ms, torchvision ms,
@@ -59,7 +59,9 @@ def markdown_table(env: dict, rows: list, quick: bool) -> str:
         f"torchvision {env['torchvision']}; commit {env['commit']}; {'quick run' if quick else 'full run'}. "
         "Median time after warm-up, both libraries on the same inputs in one process; "
         "'agree': same results (NMS and proposals up to torchvision's arbitrary order of equal scores; "
-        "half-precision RoIAlign against torchvision in float32, since torchvision accumulates in half).",
+        "half-precision RoIAlign against torchvision in float32, since torchvision accumulates in half; "
+        "paste_masks within 1e-5, bool except pixels within 1e-4 of the threshold; masks_to_rle byte-identical to "
+        "paste_masks + pycocotools, mask IoU > 0.999 against torchvision's paste + pycocotools).",
         "",
         "| op | workload | dtype | layout | ours ms | torchvision ms | speed-up | agree |",
         "|---|---|---|---|---:|---:|---:|---|",

@@ -291,11 +291,45 @@ def proposals_cases(device: str, quick: bool) -> List[Case]:
     return cases
 
 
+# ------------------------------------------------------------ postprocess
+
+
+def postprocess_cases(device: str, quick: bool) -> List[Case]:
+    """Mask pasting against torchvision, and masks to COCO RLE against
+    pasting + pycocotools.mask.encode (the baseline named in the workload)."""
+    from benchmarks.postprocess import paste_setup, rle_setup
+
+    image = (800, 1088)
+    cases = [
+        Case("paste_masks", "100 det 28x28 into 800x1088", "float32", "-",
+             paste_setup(device, torch.float32, 100, image)),
+        Case("paste_masks", "100 det 28x28 into 800x1088, > 0.5 (bool)", "float32", "-",
+             paste_setup(device, torch.float32, 100, image, threshold=0.5)),
+        Case("masks_to_rle", "100 det into 800x1088 vs paste_masks + pycocotools", "float32", "-",
+             rle_setup(device, 100, image, "ours")),
+        Case("masks_to_rle", "100 det into 800x1088 vs torchvision paste + pycocotools", "float32", "-",
+             rle_setup(device, 100, image, "torchvision")),
+    ]
+    if quick:
+        return cases
+    cases.append(Case("paste_masks", "100 det 28x28 into 800x1088", "float16", "-",
+                      paste_setup(device, torch.float16, 100, image)))
+    for n in (10, 30, 300):
+        cases.append(Case("paste_masks", f"{n} det 28x28 into 800x1088", "float32", "-",
+                          paste_setup(device, torch.float32, n, image), sweep="paste_masks: detections", size=n))
+    cases.append(Case("paste_masks", "100 det 28x28 into 480x640", "float32", "-",
+                      paste_setup(device, torch.float32, 100, (480, 640))))
+    cases.append(Case("masks_to_rle", "300 det into 1333x2000 vs torchvision paste + pycocotools", "float32", "-",
+                      rle_setup(device, 300, (1333, 2000), "torchvision"), repeats=2))
+    return cases
+
+
 FAMILIES: Dict[str, Callable[[str, bool], List[Case]]] = {
     "roi_align": roi_align_cases,
     "multiscale": multiscale_cases,
     "nms": nms_cases,
     "proposals": proposals_cases,
+    "postprocess": postprocess_cases,
 }
 
 

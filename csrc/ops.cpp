@@ -102,4 +102,23 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "rpn_decode_filter(Tensor deltas, Tensor anchors, Tensor scores, Tensor image_sizes, "
       "float[] weights, float clip, float min_size, float score_thresh) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+
+  // Mask pasting (torchvision's paste_masks_in_image): masks [D, M, M], each
+  // padded by `padding` zero pixels, resized bilinearly to its box [D, 4]
+  // grown by (M + 2 * padding) / M and truncated to integer pixels, and
+  // pasted into a zero image of height x width. Returns [D, height, width] in
+  // the masks' dtype, or bool (pixel > threshold) when threshold is given.
+  // Inference only: no gradient.
+  m.def(
+      "paste_masks(Tensor masks, Tensor boxes, SymInt height, SymInt width, int padding=1, "
+      "float? threshold=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // COCO run-length encoding (pycocotools' compressed string) of each mask
+  // paste_masks would paste, binarized at pixel > threshold, computed from
+  // the box windows alone. Returns (chars uint8 [total], offsets int64
+  // [D + 1]): the string of mask i is chars[offsets[i]:offsets[i + 1]]. CPU.
+  m.def(
+      "masks_to_rle(Tensor masks, Tensor boxes, SymInt height, SymInt width, int padding=1, "
+      "float threshold=0.5) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }

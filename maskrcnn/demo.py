@@ -27,7 +27,7 @@ import torch
 from .checkpoint import save_checkpoint
 from .data import ShapesDataset
 from .engine import train
-from .evaluation import METRIC_NAMES, evaluate_model, format_metrics, metrics_for_json
+from .evaluation import METRIC_NAMES, evaluate_model, format_metrics, metrics_for_json, pasted
 from .model import maskrcnn_from_preset
 from .presets import SHAPES_TRAINING, SMALL
 from .schedule import LRSchedule
@@ -114,7 +114,9 @@ def run_demo(
     evaluated = time.perf_counter()
 
     pictured = range(min(PICTURED_IMAGES, len(validation_set)))
-    sheet = detection_grid([validation_set[i][0] for i in pictured], [predictions[i] for i in pictured],
+    images = [validation_set[i][0] for i in pictured]
+    drawn = [pasted(predictions[i], tuple(image.shape[-2:])) for i, image in zip(pictured, images)]
+    sheet = detection_grid(images, drawn,
                            class_names=train_set.class_names, score_threshold=PICTURE_SCORE_THRESHOLD,
                            scale=PICTURE_SCALE)
     sheet.save(out_dir / "predictions.png")

@@ -15,8 +15,10 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from tqdm import tqdm
 
-from maskrcnn.data.coco_format import dataset_to_coco, masks_to_rles
+from maskrcnn.data.coco_format import box_masks_to_rles, dataset_to_coco, masks_to_rles
 from maskrcnn.data.coco_schema import load_coco_json
+from maskrcnn.model import box_masks_kept
+from maskrcnn.paste import paste_masks_in_image
 
 # COCOeval.stats[0:6], in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -61,9 +63,12 @@ def coco_ground_truth(ground_truth, *, class_names: Optional[Sequence[str]] = No
 
 
 def _check_prediction(image_id: int, prediction: Mapping[str, Tensor], size, with_masks: bool) -> None:
-    for key in ("boxes", "scores", "labels") + (("masks",) if with_masks else ()):
+    required = ("boxes", "scores", "labels")
+    for key in required:
         if key not in prediction:
             raise ValueError(f"prediction for image {image_id} has no '{key}' (has {sorted(prediction)})")
+    if with_masks and "masks" not in prediction and "box_masks" not in prediction:
+        raise ValueError(f"prediction for image {image_id} has no 'masks' nor 'box_masks' (has {sorted(prediction)})")
     count = prediction["boxes"].shape[0]
     shapes = (prediction["boxes"].shape, prediction["scores"].shape, prediction["labels"].shape)
     if shapes != ((count, 4), (count,), (count,)):
@@ -72,14 +77,24 @@ def _check_prediction(image_id: int, prediction: Mapping[str, Tensor], size, wit
             f"{tuple(prediction['boxes'].shape)}, {tuple(prediction['scores'].shape)}, "
             f"{tuple(prediction['labels'].shape)}"
         )
-    if with_masks:
-        masks = prediction["masks"]
-        height, width = size
-        if masks.shape not in ((count, 1, height, width), (count, height, width)):
+    if not with_masks:
+        return
+    if "box_masks" in prediction:
+        masks = prediction["box_masks"]
+        if masks.dim() not in (3, 4) or masks.shape[0] != count or masks.shape[-1] != masks.shape[-2] \
+                or (masks.dim() == 4 and masks.shape[1] != 1):
             raise ValueError(
-                f"prediction for image {image_id}: masks must be [N, 1, H, W] = [{count}, 1, {height}, {width}] "
-                f"(probabilities at the image's size), got {tuple(masks.shape)}"
+                f"prediction for image {image_id}: box_masks must be [N, 1, M, M] for N = {count} (probabilities "
+                f"in each box's frame), got {tuple(masks.shape)}"
             )
+        return
+    masks = prediction["masks"]
+    height, width = size
+    if masks.shape not in ((count, 1, height, width), (count, height, width)):
+        raise ValueError(
+            f"prediction for image {image_id}: masks must be [N, 1, H, W] = [{count}, 1, {height}, {width}] "
+            f"(probabilities at the image's size), got {tuple(masks.shape)}"
+        )
 
 
 def predictions_to_coco_results(
@@ -94,8 +109,11 @@ def predictions_to_coco_results(
 
     Args:
         predictions: image id -> ``boxes`` [N, 4] (x1, y1, x2, y2), ``scores``
-            [N], ``labels`` [N], and for "segm" ``masks`` [N, 1, H, W] (or
-            [N, H, W]) probabilities at the image's size.
+            [N], ``labels`` [N], and for "segm" either ``box_masks`` [N, 1,
+            M, M] probabilities in each box's frame (the model's output with
+            ``paste_masks=False``: encoded from the box windows by
+            ``maskrcnn_ops.masks_to_rle``, no full-size masks) or ``masks``
+            [N, 1, H, W] (or [N, H, W]) probabilities at the image's size.
         ground_truth: gives the valid image ids, sizes and categories.
         category_ids: label -> COCO category id (default: the label itself).
         mask_threshold: a pixel is in the mask when its probability > this.
@@ -127,9 +145,13 @@ def predictions_to_coco_results(
                     {"image_id": image_id, "category_id": category, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
                 )
         if "segm" in results:
-            masks = prediction["masks"]
-            binary = masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]) > mask_threshold
-            for rle, category, score in zip(masks_to_rles(binary), categories, scores):
+            if "box_masks" in prediction:
+                rles = box_masks_to_rles(prediction["box_masks"], prediction["boxes"], (info["height"], info["width"]),
+                                         mask_threshold)
+            else:
+                masks = prediction["masks"]
+                rles = masks_to_rles(masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1]) > mask_threshold)
+            for rle, category, score in zip(rles, categories, scores):
                 results["segm"].append(
                     {"image_id": image_id, "category_id": category, "segmentation": rle, "score": score}
                 )
@@ -207,13 +229,19 @@ def ground_truth_of(dataset) -> Tuple[COCO, Optional[Dict[int, int]]]:
 @torch.inference_mode()
 def predict_dataset(
     model, dataset, *, device: Union[str, torch.device] = "cpu", batch_size: int = 4, num_workers: int = 0,
-    progress: bool = False,
+    progress: bool = False, paste_masks: bool = True,
 ) -> Dict[int, Dict[str, Tensor]]:
     """Runs ``model`` (put in eval mode) over every sample of ``dataset``.
 
+    Args:
+        paste_masks: the model's outputs with masks pasted into the images
+            (``masks`` [D, 1, H, W]); False: the M x M masks (``box_masks``
+            [D, 1, M, M], ``maskrcnn.model.box_masks_kept``), which
+            ``evaluate_coco`` encodes without full-size masks.
+
     Returns:
         image id (the target's ``image_id``) -> the model's output for that
-        image (boxes, labels, scores, masks [D, 1, H, W]), on the CPU.
+        image (boxes, labels, scores, masks or box_masks), on the CPU.
     """
     from torch.utils.data import DataLoader
 
@@ -222,10 +250,21 @@ def predict_dataset(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
     predictions: Dict[int, Dict[str, Tensor]] = {}
-    for images, targets in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
-        outputs = model([image.to(device) for image in images])
-        predictions.update(collect_predictions([t["image_id"] for t in targets], outputs))
+    with contextlib.nullcontext() if paste_masks else box_masks_kept(model):
+        for images, targets in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
+            outputs = model([image.to(device) for image in images])
+            predictions.update(collect_predictions([t["image_id"] for t in targets], outputs))
     return predictions
+
+
+def pasted(prediction: Mapping[str, Tensor], image_size: Tuple[int, int]) -> Dict[str, Tensor]:
+    """A prediction with ``box_masks`` as one with ``masks`` [D, 1, H, W]
+    pasted into an image of ``image_size`` (e.g. to draw it); others as they are."""
+    if "box_masks" not in prediction:
+        return dict(prediction)
+    result = {key: value for key, value in prediction.items() if key != "box_masks"}
+    result["masks"] = paste_masks_in_image(prediction["box_masks"], prediction["boxes"], image_size)
+    return result
 
 
 def evaluate_model(
@@ -233,10 +272,12 @@ def evaluate_model(
     progress: bool = False,
 ) -> Tuple[Dict[str, Dict[str, float]], Dict[int, Dict[str, Tensor]]]:
     """COCO box and mask AP of ``model`` on ``dataset`` (see
-    ``predict_dataset`` and ``evaluate_coco``): returns (metrics, predictions)."""
+    ``predict_dataset`` and ``evaluate_coco``): returns (metrics,
+    predictions). The predictions keep the M x M masks (``box_masks``; see
+    ``pasted``), which the masks' RLE is computed from directly."""
     ground_truth, category_ids = ground_truth_of(dataset)
     predictions = predict_dataset(model, dataset, device=device, batch_size=batch_size, num_workers=num_workers,
-                                  progress=progress)
+                                  progress=progress, paste_masks=False)
     return evaluate_coco(predictions, ground_truth, category_ids=category_ids), predictions
 
 

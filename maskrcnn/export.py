@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+import maskrcnn_ops
+
 from .model import MaskRCNN
 from .paste import paste_masks_in_image
 from .preprocess import check_images, rescale_boxes, resized_size
@@ -85,13 +87,13 @@ class DeployableDetector(nn.Module):
         if self.paste_masks:
             n, d = detections.boxes.shape[:2]
             height, width = images.shape[-2:]
-            pasted = paste_masks_in_image(masks.reshape(n * d, 1, *masks.shape[-2:]), detections.boxes.reshape(n * d, 4),
-                                          (height, width), method="image")
+            pasted = maskrcnn_ops.paste_masks(masks.reshape(n * d, *masks.shape[-2:]), detections.boxes.reshape(n * d, 4),
+                                              (height, width), threshold=self.mask_threshold)
             # A mask's border (the pasting's padding) may reach past its
             # image into the batch's padding: cut it as an image-sized paste would.
             inside = ((torch.arange(height, device=images.device) < image_sizes[:, :1])[:, :, None]
                       & (torch.arange(width, device=images.device) < image_sizes[:, 1:])[:, None, :])
-            masks = ((pasted.view(n, d, height, width) > self.mask_threshold) & inside[:, None]).to(torch.uint8)
+            masks = (pasted.view(n, d, height, width) & inside[:, None]).to(torch.uint8)
         return detections.num_detections, detections.boxes, detections.scores, detections.labels, masks
 
 
@@ -260,9 +262,11 @@ def export_onnx(
     """The program as an ONNX model at ``path``, for onnxruntime (the
     maskrcnn_ops operators become standard ONNX ops). ``program``: the
     model's ``export_program``, if already made."""
-    import maskrcnn_ops
-
     program = program if program is not None else export_program(model, paste_masks=paste_masks)
+    # paste_masks (with paste_masks=True) has no ONNX translation: decomposed
+    # (a program without it goes to the exporter untouched).
+    if any(node.target == torch.ops.maskrcnn_ops.paste_masks.default for node in program.graph.nodes):
+        program = program.run_decompositions(maskrcnn_ops.onnx_decompositions())
     onnx_program = torch.onnx.export(
         program, dynamo=True, custom_translation_table=maskrcnn_ops.onnx_translation_table(),
         input_names=["images", "image_sizes"], output_names=list(OUTPUT_NAMES),

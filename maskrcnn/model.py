@@ -4,7 +4,8 @@ of the ResNet-FPN models."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,19 +24,43 @@ from .torchvision_keys import rename_legacy_keys_hook
 
 
 def to_original_images(
-    outputs: RoIHeadOutputs, resized_sizes: Sequence[Tuple[int, int]], original_sizes: Sequence[Tuple[int, int]]
+    outputs: RoIHeadOutputs, resized_sizes: Sequence[Tuple[int, int]], original_sizes: Sequence[Tuple[int, int]],
+    *, paste_masks: bool = True,
 ) -> List[Dict[str, Tensor]]:
     """Maps the RoI heads' outputs (resized-image coordinates, M x M masks)
     to the original images: per image a dict with ``boxes`` [D, 4] float32,
     ``labels`` [D] int64, ``scores`` [D] float32 and ``masks`` [D, 1, H, W]
-    float32 probabilities (torchvision's output format)."""
+    float32 probabilities (torchvision's output format). With
+    ``paste_masks=False``, ``box_masks`` [D, 1, M, M] (each box's mask
+    probabilities in its own frame) instead of ``masks``: what
+    ``maskrcnn_ops.masks_to_rle`` encodes without full-size masks, and
+    ``paste_masks_in_image`` pastes."""
     results = []
     for boxes, scores, labels, masks, resized, original in zip(*outputs, resized_sizes, original_sizes):
         boxes = rescale_boxes(boxes, resized, original)
-        results.append(
-            dict(boxes=boxes, labels=labels, scores=scores, masks=paste_masks_in_image(masks, boxes, original))
-        )
+        if paste_masks:
+            results.append(
+                dict(boxes=boxes, labels=labels, scores=scores, masks=paste_masks_in_image(masks, boxes, original))
+            )
+        else:
+            results.append(dict(boxes=boxes, labels=labels, scores=scores, box_masks=masks))
     return results
+
+
+@contextmanager
+def box_masks_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s eval outputs keep the M x M masks
+    (``box_masks``, see :func:`to_original_images`) instead of pasting them.
+    A model without the switch (e.g. torchvision's) is left as it is: its
+    outputs keep ``masks``, which the evaluation and the COCO JSON also take."""
+    if not hasattr(model, "paste_masks"):
+        yield
+        return
+    previous, model.paste_masks = model.paste_masks, False
+    try:
+        yield
+    finally:
+        model.paste_masks = previous
 
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -76,7 +101,9 @@ class MaskRCNN(nn.Module):
     [K, H, W] uint8 or bool; K may be 0) returns the losses, a dict with
     torchvision's keys (``LOSS_NAMES``) of float32 scalars to sum and
     backpropagate. The stages are attributes, so they can be run (or timed)
-    one by one as ``forward`` does.
+    one by one as ``forward`` does. Setting ``paste_masks`` to False makes
+    the eval outputs keep the M x M masks (``box_masks``, see
+    :func:`to_original_images`) instead of pasting them into the images.
 
     A model made by :func:`maskrcnn_resnet_fpn` carries ``build_kwargs``, the
     builder's keyword arguments, so that a checkpoint can rebuild it, and
@@ -94,6 +121,7 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.build_kwargs: Dict[str, object] = {}
         self.class_names: List[str] = []
+        self.paste_masks = True
         # torchvision's published weights use older key names: accept them.
         self.register_load_state_dict_pre_hook(rename_legacy_keys_hook)
 
@@ -124,7 +152,7 @@ class MaskRCNN(nn.Module):
             features = self.backbone(batch.tensors)
             proposals, _ = self.rpn(batch, features)
             outputs = self.roi_heads(features, proposals, batch.image_sizes)
-        return to_original_images(outputs, batch.image_sizes, original_sizes)
+        return to_original_images(outputs, batch.image_sizes, original_sizes, paste_masks=self.paste_masks)
 
     def detect_padded(self, images: Tensor, image_sizes: Tensor) -> PaddedRoIHeadOutputs:
         """The eval-mode detector on a padded batch, in fixed-size form and
@@ -318,4 +346,4 @@ def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
 
 
 __all__ = ["LOSS_NAMES", "MaskRCNN", "maskrcnn_from_preset", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn",
-           "prepare_targets", "to_original_images"]
+           "box_masks_kept", "prepare_targets", "to_original_images"]

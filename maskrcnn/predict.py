@@ -14,8 +14,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .coco_names import UNUSED, label_names
-from .data.coco_format import target_to_annotations
-from .model import MaskRCNN
+from .data.coco_format import box_masks_to_rles, target_to_annotations
+from .evaluation import pasted
+from .model import MaskRCNN, box_masks_kept
 from .visualize import draw_detections
 
 
@@ -98,7 +99,9 @@ def detections_to_coco(
 
     Args:
         images: per image {"file_name", "height", "width"}; ids are 1, 2, ...
-        detections: the model's output per image (masks [D, 1, H, W] probabilities).
+        detections: the model's output per image: ``box_masks`` [D, 1, M, M]
+            (encoded from the box windows by ``maskrcnn_ops.masks_to_rle``)
+            or ``masks`` [D, 1, H, W] probabilities.
         class_names: name per label (category id = label). Unused labels
             ("N/A" in the COCO table) are categories only if detected (a
             model can predict them), so every annotation has its category.
@@ -107,7 +110,12 @@ def detections_to_coco(
     coco = dict(images=[], annotations=[], categories=[])
     for image_id, (info, found) in enumerate(zip(images, detections), start=1):
         coco["images"].append(dict(id=image_id, **info))
-        target = dict(boxes=found["boxes"], labels=found["labels"], masks=found["masks"][:, 0] > mask_threshold)
+        target = dict(boxes=found["boxes"], labels=found["labels"])
+        if "box_masks" in found:
+            target["rles"] = box_masks_to_rles(found["box_masks"], found["boxes"], (info["height"], info["width"]),
+                                               mask_threshold)
+        else:
+            target["masks"] = found["masks"][:, 0] > mask_threshold
         records = target_to_annotations(target, image_id=image_id, first_annotation_id=len(coco["annotations"]) + 1)
         for record, score in zip(records, found["scores"].tolist()):
             record["score"] = score
@@ -152,14 +160,18 @@ def predict_files(
     class_names = model.class_names or label_names(model.num_classes)
     infos, results = [], []
     model.eval()
-    with tqdm(total=len(paths), unit="image", disable=len(paths) < 2) as progress, torch.inference_mode():
+    # The detections keep their M x M masks (the JSON's RLE is encoded from
+    # them); each image's are pasted only to draw it.
+    with box_masks_kept(model), tqdm(total=len(paths), unit="image", disable=len(paths) < 2) as progress, \
+            torch.inference_mode():
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             images = [read_image(path) for path in chunk]
             outputs = model([image.to(device) for image in images])
             for path, name, image, found in zip(chunk, names[start:], images, outputs):
                 found = {key: value.cpu() for key, value in found.items()}
-                drawn = draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold)
+                drawn = draw_detections(image, pasted(found, tuple(image.shape[-2:])), class_names=class_names,
+                                        mask_threshold=mask_threshold)
                 drawn.save(out_dir / name)
                 infos.append(dict(file_name=str(path), height=image.size(1), width=image.size(2)))
                 results.append(found)

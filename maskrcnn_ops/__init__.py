@@ -65,9 +65,10 @@ from .nms_ops import (  # noqa: E402
     nms_keep_rows,
     rank_kept_per_image,
 )
+from .paste_ops import masks_to_rle, paste_masks  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
-from .export import onnx_translation_table  # noqa: E402
+from .export import onnx_decompositions, onnx_translation_table  # noqa: E402
 from .patch import patch_torchvision, patched_torchvision, torchvision_is_patched, unpatch_torchvision  # noqa: E402
 from .roi_align_ops import BoxesShapeError, RoIAlign, roi_align, roi_align_max  # noqa: E402
 from .mmcv import MmcvRoIAlign, mmcv_roi_align  # noqa: E402
@@ -103,6 +104,8 @@ __all__ = [
     "boxes_large_enough",
     "remove_small_boxes",
     "AnchorGenerator",
+    "paste_masks",
+    "masks_to_rle",
     "flatten_rpn_outputs",
     "generate_proposals",
     "generate_proposals_padded",
@@ -112,4 +115,5 @@ __all__ = [
     "unpatch_torchvision",
     "torchvision_is_patched",
     "onnx_translation_table",
+    "onnx_decompositions",
 ]

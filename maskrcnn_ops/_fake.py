@@ -151,3 +151,30 @@ def _rpn_decode_filter_fake(deltas, anchors, scores, image_sizes, weights, clip,
     boxes = torch.empty_like(deltas, memory_format=torch.contiguous_format)
     keep = deltas.new_empty(deltas.shape[:2], dtype=torch.bool)
     return boxes, keep
+
+
+def _check_paste_inputs(op, masks, boxes):
+    torch._check(
+        masks.dim() == 3 and masks.size(1) == masks.size(2),
+        lambda: f"{op}: expected masks of shape [D, M, M], got {tuple(masks.shape)}",
+    )
+    torch._check(
+        boxes.dim() == 2 and boxes.size(1) == 4 and boxes.size(0) == masks.size(0),
+        lambda: f"{op}: expected boxes of shape [{masks.size(0)}, 4], got {tuple(boxes.shape)}",
+    )
+
+
+@torch.library.register_fake("maskrcnn_ops::paste_masks")
+def _paste_masks_fake(masks, boxes, height, width, padding=1, threshold=None):
+    _check_paste_inputs("paste_masks", masks, boxes)
+    dtype = torch.bool if threshold is not None else masks.dtype
+    return masks.new_empty((masks.size(0), height, width), dtype=dtype)
+
+
+@torch.library.register_fake("maskrcnn_ops::masks_to_rle")
+def _masks_to_rle_fake(masks, boxes, height, width, padding=1, threshold=0.5):
+    _check_paste_inputs("masks_to_rle", masks, boxes)
+    # The encodings' total length depends on the data: an unbacked size.
+    length = torch.library.get_ctx().new_dynamic_size()
+    chars = masks.new_empty((length,), dtype=torch.uint8)
+    return chars, masks.new_empty((masks.size(0) + 1,), dtype=torch.int64)

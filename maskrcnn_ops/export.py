@@ -59,6 +59,16 @@ maskrcnn_ops op                    ONNX
 (``.self_int``)                    ``Reshape``
 =================================  ==========================================
 
+``paste_masks`` has no ONNX counterpart and is not translated: before the
+ONNX export, ``program.run_decompositions(maskrcnn_ops.onnx_decompositions())``
+replaces it by its dense pure-PyTorch formulation
+(``maskrcnn_ops.reference.paste_masks``: interpolation matrices that are
+zero outside each box, two batched matrix products), which the exporter
+turns into standard ONNX. It gives the kernel's pixels up to float
+rounding (binarized: except values within float rounding of the threshold),
+assumes finite mask values (a NaN spreads along its matrix row), and costs
+D x H x W x (M + 2) multiply-adds instead of the boxes' areas.
+
 The three ATen ops are ones our code calls (``rank_kept_per_image``, the
 image index of proposals, RoIs and detections) that torchlib (onnxscript
 0.7) leaves untranslated, or, for ``repeat_interleave`` with a symbolic
@@ -622,3 +632,16 @@ def onnx_translation_table() -> Dict[Callable, Callable]:
         aten.searchsorted.Tensor: _searchsorted_to_onnx,
         aten.repeat_interleave.self_int: _repeat_interleave_to_onnx,
     }
+
+
+def _paste_masks_decomposition(masks, boxes, height, width, padding=1, threshold=None):
+    from .reference import paste_masks
+
+    return paste_masks(masks, boxes, (height, width), threshold=threshold, padding=padding)
+
+
+def onnx_decompositions() -> Dict[Callable, Callable]:
+    """The ``decomp_table`` for ``ExportedProgram.run_decompositions`` that
+    an ONNX export needs before ``onnx_translation_table``: our ops without
+    an ONNX translation, as traceable PyTorch (see the module docstring)."""
+    return {torch.ops.maskrcnn_ops.paste_masks.default: _paste_masks_decomposition}

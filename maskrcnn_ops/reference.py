@@ -290,3 +290,105 @@ def generate_proposals(
         all_boxes.append(boxes[kept])
         all_scores.append(scores[kept])
     return all_boxes, all_scores
+
+
+PASTE_COORDINATE_LIMIT = 2.0 ** 40  # csrc/common/paste_math.h: kPasteCoordinateLimit
+
+
+def _paste_weights(pixel: Tensor, start: Tensor, end: Tensor, length: Tensor, source: int, valid: Tensor,
+                   dtype: torch.dtype) -> Tensor:
+    """Bilinear resize-and-place weights along one axis, as
+    upsample_bilinear2d (half-pixel centres, clamped at 0; an equal size
+    copies) resizing ``source`` padded pixels to each box's ``length``.
+
+    Args:
+        pixel: [L] image pixel indices; start, end, length: [D] int64, each
+            box's first and last (inclusive) pixel and its length (>= 1);
+            valid: [D] bool, boxes that paste at all.
+
+    Returns:
+        [D, L, source]: row l of box d holds the weights of pixel l over the
+        padded mask's pixels; zero rows outside the box.
+    """
+    offset = pixel[None, :] - start[:, None]  # [D, L]
+    inside = (pixel[None, :] >= start[:, None]) & (pixel[None, :] <= end[:, None]) & valid[:, None]
+    ratio = torch.full_like(length, source, dtype=dtype) / length.to(dtype)
+    position = (ratio[:, None] * (offset.to(dtype) + 0.5) - 0.5).clamp(min=0)
+    position = torch.where((length == source)[:, None], offset.to(dtype), position)
+    low = position.floor().clamp(0, source - 1).to(torch.int64)
+    high = torch.where(low < source - 1, low + 1, low)
+    w_high = (position - low.to(dtype)).clamp(0, 1)
+    taps = torch.arange(source, device=pixel.device)
+    weights = (taps == low[..., None]).to(dtype) * (1 - w_high)[..., None]
+    weights = weights + (taps == high[..., None]).to(dtype) * w_high[..., None]
+    return weights * inside[..., None].to(dtype)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], *, threshold=None,
+                padding: int = 1) -> Tensor:
+    """Reference paste: masks [D, M, M] into [D, H, W] (bool, pixel >
+    threshold, with a threshold; else masks' dtype) with torchvision's
+    geometry (see ``maskrcnn_ops.paste_ops``), written densely as
+    ``rows @ padded mask @ cols^T`` with interpolation matrices that are zero
+    outside each box, in the accumulation precision. No data-dependent
+    shape, so it also traces (the ONNX export's decomposition of
+    paste_masks, ``maskrcnn_ops.export``); memory is D x (H + W) x S plus the
+    D x H x W result."""
+    height, width = image_size
+    dtype = _accumulate_dtype(masks.dtype)
+    side = masks.size(-1)
+    source = side + 2 * padding
+    b = boxes.to(dtype)
+    scale = (side + 2 * padding) / side
+    half_w, half_h = (b[:, 2] - b[:, 0]) * 0.5 * scale, (b[:, 3] - b[:, 1]) * 0.5 * scale
+    centre_x, centre_y = (b[:, 2] + b[:, 0]) * 0.5, (b[:, 3] + b[:, 1]) * 0.5
+    grown = torch.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h], 1)
+    valid = grown.isfinite().all(1)
+    pixels = grown.nan_to_num(0.0).clamp(-PASTE_COORDINATE_LIMIT, PASTE_COORDINATE_LIMIT).to(torch.int64)
+    x1, y1, x2, y2 = pixels.unbind(1)
+    device = masks.device
+    rows = _paste_weights(torch.arange(height, device=device), y1, y2, (y2 - y1 + 1).clamp(min=1), source, valid,
+                          dtype)
+    cols = _paste_weights(torch.arange(width, device=device), x1, x2, (x2 - x1 + 1).clamp(min=1), source, valid,
+                          dtype)
+    padded = torch.nn.functional.pad(masks.to(dtype), (padding,) * 4)
+    out = torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2))
+    if threshold is not None:
+        return out > threshold
+    return out.to(masks.dtype)
+
+
+def rle_counts(mask: Tensor) -> list:
+    """Run lengths of a binary mask [H, W] in column-major order, starting
+    with a run of zeros (COCO's uncompressed counts)."""
+    flat = mask.t().reshape(-1).to(torch.int8)
+    changes = (torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1).tolist()
+    edges = [0] + changes + [flat.numel()]
+    counts = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    return ([0] + counts) if flat.numel() and bool(flat[0]) else (counts or [0])
+
+
+def compress_rle_counts(counts: list) -> bytes:
+    """COCO's compressed string of run lengths: each count from the third
+    on as its difference from the count two before, in signed 5-bit groups
+    (least significant first), each a character 48 + group, 0x20 set while
+    more groups follow."""
+    out = bytearray()
+    for i, count in enumerate(counts):
+        x = count - (counts[i - 2] if i > 2 else 0)
+        while True:
+            group = x & 0x1F
+            x >>= 5
+            more = x != -1 if group & 0x10 else x != 0
+            out.append(48 + (group | 0x20 if more else group))
+            if not more:
+                break
+    return bytes(out)
+
+
+def masks_to_rle(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], threshold: float = 0.5, *,
+                 padding: int = 1) -> list:
+    """Reference RLE: the reference paste, binarized, run-length encoded."""
+    pasted = paste_masks(masks, boxes, image_size, threshold=threshold, padding=padding).cpu()
+    return [{"size": [int(image_size[0]), int(image_size[1])], "counts": compress_rle_counts(rle_counts(m))}
+            for m in pasted]

@@ -1,4 +1,4 @@
-"""The CUDA kernels (RoIAlign, NMS, box coding), run on the CPU by an
+"""The CUDA kernels (RoIAlign, NMS, box coding, mask pasting), run on the CPU by an
 emulator, against the CPU kernels.
 
 No GPU is needed: csrc/cuda/roi_align_kernels.cuh (the kernels, the
@@ -22,7 +22,10 @@ shared or in global memory) give the CPU kernel's keep flags. The box-coding
 kernel (csrc/cuda/launch.cuh's rows kernel, launched as box_coder.cu
 launches it, over the rows of csrc/common/box_coder.h: decode, its backward,
 encode and the RPN's fused decode-and-filter) gives the CPU kernels' results
-bit for bit (the same row code, compiled with the same flags).
+bit for bit (the same row code, compiled with the same flags). So does the
+mask pasting kernel (csrc/cuda/paste_kernels.cuh, launched as paste.cu
+launches it: window slices per block, a grid-stride loop over masks),
+against the CPU paste over csrc/common/paste_math.h.
 
 Not checked here: what only a GPU has (the device math library's exp/log2,
 concurrency of real atomics, launch limits, memory-access patterns). Those
@@ -119,10 +122,13 @@ class Guarded:
 
     def __init__(self, shape, layout, dtype, fill):
         self.numel = math.prod(shape)
-        self.canary = -12345 if dtype == torch.int32 else 1.5e300 if dtype == torch.float64 else 3.0e38
-        self.buffer = torch.full((3 * self.numel,), self.canary, dtype=dtype)
+        # bool: a byte buffer whose canary, 0x7F, no bool store writes.
+        self.canary = {torch.int32: -12345, torch.float64: 1.5e300, torch.bool: 0x7F}.get(dtype, 3.0e38)
+        self.buffer = torch.full((3 * self.numel,), self.canary, dtype=torch.uint8 if dtype == torch.bool else dtype)
         middle = self.buffer[self.numel: 2 * self.numel]
         middle.fill_(fill)
+        if dtype == torch.bool:
+            middle = middle.view(torch.bool)
         if layout == torch.channels_last:
             n, c, h, w = shape
             self.tensor = middle.view(n, h, w, c).permute(0, 3, 1, 2)
@@ -576,3 +582,55 @@ def test_rpn_decode_filter_kernel_equals_the_cpu_kernel(box_coder_emulator, dtyp
     assert torch.equal(keep, expected_keep)
     assert keep.any() and not keep.all()
     assert (boxes[2, :, 2] <= 333.0).all()  # clipped to its own image's width
+
+
+# ------------------------------------------------------------ mask pasting --
+
+
+@pytest.fixture(scope="module")
+def paste_emulator(tmp_path_factory):
+    """The emulated mask pasting kernel."""
+    return _build("paste_emulation", tmp_path_factory.mktemp("cuda_emulation"))
+
+
+def emulated_paste(lib, masks, boxes, size, *, padding=1, threshold=None, blocks=0):
+    """paste.cu's launch sequence on CPU tensors: a zeroed output (as the
+    CUDA op zeroes it) inside a Guarded buffer, so a write outside the
+    output fails the test."""
+    num, side = masks.size(0), masks.size(-1)
+    height, width = size
+    dtype = torch.bool if threshold is not None else masks.dtype
+    out = Guarded((num, height, width), torch.contiguous_format, dtype, 0)
+    shape = [ctypes.c_int64(v) for v in (num, side, padding, height, width)]
+    if dtype == torch.bool:
+        lib.mro_paste_bool(_pointer(masks), _pointer(boxes), out.pointer(), *shape, ctypes.c_double(threshold),
+                           ctypes.c_uint(blocks))
+    else:
+        getattr(lib, f"mro_paste_{SUFFIX[dtype]}")(_pointer(masks), _pointer(boxes), out.pointer(), *shape,
+                                                  ctypes.c_uint(blocks))
+    return out.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("blocks", [0, 5], ids=["launch", "grid-stride"])
+def test_paste_kernel_equals_the_cpu_kernel(paste_emulator, dtype, blocks):
+    """The CUDA paste (window slices per block, the grid-stride loop over
+    masks with fewer blocks) gives the CPU kernel's pixels bit for bit, for
+    boxes inside, across and outside the image, tiny, inverted and
+    non-finite ones, and never writes outside its output."""
+    from test_paste_ops import edge_boxes, make_boxes
+
+    boxes = torch.cat([make_boxes(30, 45, 61, seed=2, outside=True), edge_boxes()]).to(dtype)
+    masks = torch.rand(boxes.size(0), 14, 14, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    for padding in (1, 2):
+        ours = emulated_paste(paste_emulator, masks, boxes, (45, 61), padding=padding, blocks=blocks)
+        assert torch.equal(ours, ops.paste_masks(masks, boxes, 45, 61, padding, None))
+    if dtype == torch.float32:
+        binary = emulated_paste(paste_emulator, masks, boxes, (45, 61), threshold=0.5, blocks=blocks)
+        assert torch.equal(binary, ops.paste_masks(masks, boxes, 45, 61, 1, 0.5))
+
+
+def test_paste_kernel_empty_work(paste_emulator):
+    masks, boxes = torch.rand(3, 7, 7), torch.tensor([[1.0, 1, 5, 5]] * 3)
+    assert emulated_paste(paste_emulator, masks, boxes, (0, 9)).shape == (3, 0, 9)
+    assert emulated_paste(paste_emulator, masks[:0], boxes[:0], (8, 9)).shape == (0, 8, 9)

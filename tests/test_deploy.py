@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,23 +234,42 @@ def test_exported_detector_equals_the_model(model, package):
 # ------------------------------------------------------------------ ONNX --
 
 
-def test_onnx_in_onnxruntime_equals_eager(model, program, eager_reference, tmp_path):
+def onnx_outputs(model, path, inputs, **kwargs):
+    """export_onnx(model, path, **kwargs) (its progress messages silenced),
+    run in onnxruntime on the program inputs: the outputs as numpy arrays."""
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    inputs, _, padded = eager_reference
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        path = export.export_onnx(model, tmp_path / "small.onnx", program=program)
+        path = export.export_onnx(model, path, **kwargs)
     finally:
         logger.setLevel(level)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"images": inputs.images.numpy(), "image_sizes": inputs.image_sizes.numpy()})
+    return session.run(None, {"images": inputs.images.numpy(), "image_sizes": inputs.image_sizes.numpy()})
+
+
+def test_onnx_in_onnxruntime_equals_eager(model, program, eager_reference, tmp_path):
+    inputs, _, padded = eager_reference
+    outputs = onnx_outputs(model, tmp_path / "small.onnx", inputs, program=program)
     # onnxruntime's convolutions and matrix products sum in another order
     # than PyTorch's; box deltas scaled to pixels carry it (measured up to
     # 9.2e-5 px on batches of small images).
     assert_same_outputs([torch.from_numpy(o) for o in outputs], padded, box_tolerance=OTHER_BACKEND_BOX_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_onnx_with_pasted_masks(model, eager_reference, tmp_path):
+    """paste_masks=True to ONNX: paste_masks goes through its dense
+    decomposition (maskrcnn_ops.onnx_decompositions); onnxruntime's uint8
+    masks equal the eager program's except pixels at 0.5 +- rounding."""
+    inputs, _, _ = eager_reference
+    masks = onnx_outputs(model, tmp_path / "pasted.onnx", inputs, paste_masks=True)[-1]
+    with torch.no_grad():
+        expected = export.DeployableDetector(model, paste_masks=True)(inputs.images, inputs.image_sizes)[-1]
+    assert masks.dtype == np.uint8 and masks.shape == tuple(expected.shape)
+    assert (torch.from_numpy(masks) == expected).float().mean() > 0.9999
 
 
 # ------------------------------------------------------------------- CLI --

@@ -18,6 +18,7 @@ import torch
 from pycocotools.coco import COCO
 
 from maskrcnn.data import CocoDataset, ShapesDataset, mask_to_rle
+from maskrcnn import evaluation
 from maskrcnn.evaluation import METRIC_NAMES, coco_ground_truth, collect_predictions, evaluate_coco
 
 SIZES = {1: (200, 300), 2: (120, 160)}  # image id -> (height, width)
@@ -230,3 +231,36 @@ def test_collect_predictions_pairs_ids_with_detached_cpu_outputs(ground_truth_fi
     assert evaluate_coco(collected, ground_truth_file)["bbox"]["AP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="2 image ids for 1 outputs"):
         collect_predictions([1, 2], outputs[:1])
+
+
+def box_mask_predictions(seed=0):
+    """The perfect predictions' boxes with random M x M masks in each box's
+    frame (``box_masks``), and the same predictions with those masks pasted
+    (``masks``)."""
+    generator = torch.Generator().manual_seed(seed)
+    in_boxes, pasted = {}, {}
+    for image_id, prediction in perfect_predictions().items():
+        box_masks = torch.rand(prediction["boxes"].shape[0], 1, 28, 28, generator=generator)
+        common = {key: prediction[key] for key in ("boxes", "scores", "labels")}
+        in_boxes[image_id] = {**common, "box_masks": box_masks}
+        pasted[image_id] = evaluation.pasted(in_boxes[image_id], SIZES[image_id])
+    return in_boxes, pasted
+
+
+def test_box_masks_are_encoded_as_their_pasted_masks(ground_truth_file):
+    """Predictions with box_masks (the model's paste_masks=False output) give
+    the very segmentations, and metrics, of the same masks pasted."""
+    gt = evaluation.coco_ground_truth(ground_truth_file)
+    in_boxes, pasted = box_mask_predictions()
+    assert "masks" in pasted[1] and "box_masks" not in pasted[1]
+    ours = evaluation.predictions_to_coco_results(in_boxes, gt)
+    assert ours == evaluation.predictions_to_coco_results(pasted, gt)
+    assert len(ours["segm"]) == sum(p["boxes"].shape[0] for p in in_boxes.values())
+    assert evaluate_coco(in_boxes, ground_truth_file) == evaluate_coco(pasted, ground_truth_file)
+
+
+def test_bad_box_masks_are_rejected_clearly(ground_truth_file):
+    in_boxes, _ = box_mask_predictions()
+    wrong = {**in_boxes[1], "box_masks": in_boxes[1]["box_masks"][..., :-1]}
+    with pytest.raises(ValueError, match=r"box_masks must be \[N, 1, M, M\]"):
+        evaluate_coco({1: wrong}, ground_truth_file)

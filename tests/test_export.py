@@ -782,3 +782,39 @@ def test_rpn_decode_filter_to_onnx_matches_ours(dtype):
     assert ((expected_boxes == 0) | (expected_boxes == limits)).any()
     large = FilterProposals(dtype)(deltas, anchors, torch.ones_like(scores), image_sizes)[1]
     assert (~large).any() and (large & (scores < 0.3)).any() and expected_keep.any()
+
+
+# ------------------------------------------------------------ paste_masks --
+
+
+class PasteInto(torch.nn.Module):
+    """paste_masks into the image's size, probabilities and binarized."""
+
+    def forward(self, masks, boxes, image):
+        size = image.shape[-2:]
+        return maskrcnn_ops.paste_masks(masks, boxes, size), maskrcnn_ops.paste_masks(masks, boxes, size, threshold=0.5)
+
+
+def test_paste_masks_to_onnx_through_its_decomposition():
+    """paste_masks has no translation: onnx_decompositions() replaces it by
+    the dense reference before the ONNX export, whose result in onnxruntime
+    (for another image size and boxes in and out of the image) equals the op
+    within 1e-5 and, binarized, except pixels within 1e-4 of 0.5."""
+    from test_paste_ops import make_boxes
+
+    masks, boxes = torch.rand(6, 28, 28), make_boxes(6, 40, 50, outside=True)
+    shapes = ({0: Dim("detections", min=1)}, {0: Dim("detections", min=1)},
+              {1: Dim("height", min=2, max=4000), 2: Dim("width", min=2, max=4000)})
+    program = torch.export.export(PasteInto(), (masks, boxes, torch.zeros(3, 40, 50)), dynamic_shapes=shapes)
+    program = program.run_decompositions(maskrcnn_ops.onnx_decompositions())
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=maskrcnn_ops.onnx_translation_table(),
+                                     optimize=False, verbose=False)
+    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    masks, boxes, image = torch.rand(9, 28, 28), make_boxes(9, 57, 31, seed=4, outside=True), torch.zeros(3, 57, 31)
+    feed = {spec.name: t.numpy() for spec, t in zip(session.get_inputs(), (masks, boxes, image))}
+    probabilities, binary = (torch.from_numpy(np.asarray(out)) for out in session.run(None, feed))
+    expected = maskrcnn_ops.paste_masks(masks, boxes, (57, 31))
+    torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-5)
+    settled = (expected - 0.5).abs() > 1e-4
+    assert torch.equal(binary[settled], (expected > 0.5)[settled])

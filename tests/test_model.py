@@ -318,6 +318,25 @@ def test_batch_of_different_sizes():
         torch.testing.assert_close(a["masks"], b["masks"])
 
 
+def test_unpasted_masks_paste_to_the_outputs():
+    """Under box_masks_kept (paste_masks = False) the outputs keep box_masks
+    [D, 1, M, M], which pasted into each image give the default outputs'
+    masks exactly; the switch is restored after the block."""
+    from maskrcnn.evaluation import pasted
+    from maskrcnn.model import box_masks_kept
+
+    model = small_model(box_score_thresh=0.0)
+    images = random_images([(96, 128), (150, 100)])
+    with torch.inference_mode():
+        results = model(images)
+        with box_masks_kept(model):
+            unpasted = model(images)
+    assert model.paste_masks
+    for result, other, image in zip(results, unpasted, images):
+        assert set(other) == {"boxes", "labels", "scores", "box_masks"} and other["box_masks"].shape[1] == 1
+        assert torch.equal(pasted(other, tuple(image.shape[-2:]))["masks"], result["masks"])
+
+
 def test_channels_last_changes_rounding_only():
     """channels_last changes the backbone's float rounding and nothing else:
     the same features within 1e-4 relative. (With random weights that
@@ -400,64 +419,38 @@ def image_boxes(n: int, height: int, width: int, generator) -> torch.Tensor:
     return boxes
 
 
-PASTE_METHODS = [None, "windows", "pixels"]
-
-
-@pytest.mark.parametrize("method", PASTE_METHODS)
 @pytest.mark.parametrize("size", [(120, 160), (97, 61)])
-def test_paste_matches_torchvision(device, size, method):
+def test_paste_matches_torchvision(device, size):
     height, width = size
     generator = torch.Generator().manual_seed(3)
     boxes = image_boxes(60, height, width, generator)
     masks = torch.rand(60, 1, 28, 28, generator=generator)
     theirs = tv_roi_heads.paste_masks_in_image(masks, boxes, size)
-    ours = paste_masks_in_image(masks.to(device), boxes.to(device), size, method=method).cpu()
+    ours = paste_masks_in_image(masks.to(device), boxes.to(device), size).cpu()
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert mask_iou(ours > 0.5, theirs > 0.5).min() > 0.99
 
 
-@pytest.mark.parametrize("method", PASTE_METHODS)
-def test_paste_other_mask_sizes_and_padding(method):
+def test_paste_other_mask_sizes_and_padding():
     generator = torch.Generator().manual_seed(4)
     boxes = image_boxes(20, 50, 70, generator)
     masks = torch.rand(20, 1, 14, 14, generator=generator, dtype=torch.float64)
     for padding in (0, 2):
         theirs = tv_roi_heads.paste_masks_in_image(masks.float(), boxes, (50, 70), padding=padding)
-        ours = paste_masks_in_image(masks, boxes, (50, 70), padding=padding, method=method)
+        ours = paste_masks_in_image(masks, boxes, (50, 70), padding=padding)
+        assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", PASTE_METHODS)
-def test_paste_empty_and_outside(device, method):
+def test_paste_empty_and_outside(device):
     empty = paste_masks_in_image(torch.rand(0, 1, 28, 28, device=device), torch.zeros(0, 4, device=device),
-                                 (30, 40), method=method)
+                                 (30, 40))
     assert empty.shape == (0, 1, 30, 40)
     # Boxes entirely outside the image paste nothing (torchvision's loop fails there).
     outside = paste_masks_in_image(torch.ones(2, 1, 28, 28, device=device),
-                                   torch.tensor([[50.0, 5, 60, 20], [-30, -30, -10, -5]], device=device), (30, 40),
-                                   method=method)
+                                   torch.tensor([[50.0, 5, 60, 20], [-30, -30, -10, -5]], device=device), (30, 40))
     assert outside.shape == (2, 1, 30, 40) and outside.abs().sum() == 0
-    with pytest.raises(ValueError, match="method must be"):
-        paste_masks_in_image(torch.ones(1, 1, 28, 28), torch.ones(1, 4), (30, 40), method="loop")
-
-
-def test_paste_picks_the_cheaper_method(monkeypatch):
-    """One wide and one tall thin box would make the window the whole
-    image: pixels then; boxes of one size: windows (both exact)."""
-    from maskrcnn import paste
-
-    calls = []
-    for name in ("paste_by_pixels", "paste_by_windows"):
-        original = getattr(paste, name)
-        monkeypatch.setattr(paste, name, lambda *args, name=name, original=original, **kwargs:
-                            calls.append(name) or original(*args, **kwargs))
-    masks = torch.rand(2, 1, 28, 28)
-    for boxes, expected in ((torch.tensor([[0.0, 10, 400, 12], [5, 0, 7, 300]]), "paste_by_pixels"),
-                            (torch.tensor([[0.0, 10, 40, 52], [5, 0, 47, 44]]), "paste_by_windows")):
-        ours = paste.paste_masks_in_image(masks, boxes, (300, 400))
-        assert calls[-1] == expected
-        torch.testing.assert_close(ours, tv_roi_heads.paste_masks_in_image(masks, boxes, (300, 400)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("boxes_per_call", [None, 1], ids=["one-call", "image-per-call"])

@@ -4,6 +4,7 @@ writer, batching, augmentation and target validation. Every dataset yields
 
 from .coco import CocoDataset, load_rgb_image
 from .coco_format import (
+    box_masks_to_rles,
     dataset_to_coco,
     decode_segmentation,
     mask_to_rle,
@@ -27,6 +28,7 @@ __all__ = [
     "load_coco_json",
     "validate_coco",
     "load_rgb_image",
+    "box_masks_to_rles",
     "mask_to_rle",
     "masks_to_rles",
     "decode_segmentation",

@@ -27,6 +27,21 @@ def masks_to_rles(masks: Union[Tensor, np.ndarray]) -> List[Dict]:
     return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
+def box_masks_to_rles(box_masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], threshold: float = 0.5
+                      ) -> List[Dict]:
+    """Compressed RLEs of the masks that pasting ``box_masks`` [N, 1, M, M]
+    (or [N, M, M]) probabilities into their ``boxes`` [N, 4] in an image of
+    ``image_size`` would give, binarized at > ``threshold``, each
+    ``{"size": [H, W], "counts": str}``, JSON-ready: what ``masks_to_rles``
+    gives for the pasted masks, encoded by ``maskrcnn_ops.masks_to_rle``
+    from the box windows, without full-size masks."""
+    import maskrcnn_ops
+
+    masks = box_masks.reshape(box_masks.shape[0], box_masks.shape[-2], box_masks.shape[-1])
+    rles = maskrcnn_ops.masks_to_rle(masks, boxes, image_size, threshold)
+    return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
 def mask_to_rle(mask: Union[Tensor, np.ndarray]) -> Dict:
     """Compressed RLE of one binary mask [H, W]; see ``masks_to_rles``."""
     if mask.ndim != 2:
@@ -63,8 +78,9 @@ def target_to_annotations(
 
     Args:
         target: ``boxes`` [K, 4] (x1, y1, x2, y2), ``labels`` [K], ``masks``
-            [K, H, W]; optional ``area`` [K] (default: mask pixels) and
-            ``iscrowd`` [K] (default 0).
+            [K, H, W] or, already encoded, ``rles`` (K compressed RLEs as
+            ``masks_to_rles`` gives); optional ``area`` [K] (default: mask
+            pixels) and ``iscrowd`` [K] (default 0).
         image_id: the COCO image id.
         first_annotation_id: ids are consecutive from here (>= 1: COCOeval
             takes id 0 for "unmatched").
@@ -78,10 +94,15 @@ def target_to_annotations(
         raise ValueError(f"annotation ids must start at 1 or more, got {first_annotation_id}")
     boxes = target["boxes"].tolist()
     labels = target["labels"].tolist()
-    masks = target["masks"]
-    areas = target["area"].tolist() if "area" in target else masks.flatten(1).sum(dim=1).tolist()
+    rles = target["rles"] if "rles" in target else masks_to_rles(target["masks"])
+    if "area" in target:
+        areas = target["area"].tolist()
+    elif "rles" in target:
+        areas = [float(a) for a in coco_mask.area([{**r, "counts": r["counts"].encode("ascii")} for r in rles])] \
+            if rles else []
+    else:
+        areas = target["masks"].flatten(1).sum(dim=1).tolist()
     crowd = target["iscrowd"].tolist() if "iscrowd" in target else [0] * len(labels)
-    rles = masks_to_rles(masks)
     records = []
     for k, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels)):
         records.append(
