@@ -129,3 +129,18 @@ void emulate_block_launch(EmulatedDim3 grid, unsigned int threads, size_t shared
     }
   }
 }
+
+// The launcher of the shared launch sequences for kernels whose threads
+// cooperate (shared memory, __syncthreads): each launch, a one-dimensional
+// grid, through emulate_block_launch. max_threads, when not 0, caps the
+// threads of a block (those kernels loop over their work in strides of the
+// block size): fewer threads keep the emulation fast.
+struct EmulatedBlockLaunch {
+  unsigned int max_threads = 0;
+
+  template <typename Kernel, typename... Args>
+  void operator()(unsigned int blocks, unsigned int threads, Kernel kernel, Args... args) const {
+    emulate_block_launch({blocks, 1, 1}, max_threads != 0 ? std::min(threads, max_threads) : threads, 0,
+                         kernel, args...);
+  }
+};
