@@ -3,23 +3,27 @@
 // Soft-NMS is sequential within a segment: each step keeps the box of highest
 // current score and decays every other box by its IoU with it
 // (csrc/common/soft_nms.h), so a segment of m boxes with K kept costs
-// O(m * K). The boxes still in play are held as structure of arrays in index
-// order, and each step is two passes over them:
-//  1. the overlaps with the kept box, a branch-free loop the compiler
-//     vectorizes (box_iou.h's IoU);
-//  2. the decay (its exp only for boxes that overlap: the weight of overlap 0
-//     is exactly 1 with either method), the removal of the kept box and of
-//     boxes that fall below the score threshold by a stable in-place
-//     compaction (so the arrays stay in index order and shrink), and the next
-//     step's box: the first maximum, which is the lowest index among equal
-//     scores.
-// A box leaves when its score is not >= score_threshold, which also drops a
-// NaN score (and an infinite one times a weight of 0).
+// O(m * K). The boxes in play are held as structure of arrays in index
+// order, and a step is one branch-free pass over them that the compiler
+// vectorizes: overlap with the kept box (box_iou.h), decay (exp_nonpositive,
+// the same bits as the CUDA kernel), removal of boxes that fall below the
+// score threshold (their score becomes -inf) and the highest remaining score;
+// then a scan for the first box with that score (the lowest index among
+// equal scores). Boxes that left are dropped by a stable compaction once
+// they are half of the arrays. A box leaves when its score is not >=
+// score_threshold, which also drops a NaN score (and an infinite one times a
+// weight of 0).
 //
 // Threads: segments are independent; they run in one parallel region in
 // which threads take the largest remaining segment (as csrc/cpu/nms.cpp).
 // A segment runs on one thread: its steps are short, and a barrier per step
 // would stall whenever a core is shared with another process.
+// The decay loop vectorizes only if g++ may evaluate FP operations that sit
+// under a condition unconditionally (it turns selects into conditional
+// products); -fno-trapping-math allows that and changes no value (round to
+// nearest, no traps enabled), so this file's code is the same arithmetic.
+#pragma GCC optimize("no-trapping-math")
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -30,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -41,12 +46,12 @@
 namespace maskrcnn_ops {
 namespace {
 
-// The boxes of a segment still in play, and scratch for their overlaps.
-// Reused across the segments and calls a thread processes (a fresh large
-// allocation costs a page fault per page, each call).
+// The boxes of a segment still in play (and some that left, until the next
+// compaction). Reused across the segments and calls a thread processes (a
+// fresh large allocation costs a page fault per page, each call).
 template <typename acc_t>
 struct SoftNmsWorkspace {
-  std::vector<acc_t> x1, y1, x2, y2, area, score, overlap;
+  std::vector<acc_t> x1, y1, x2, y2, area, score;
   std::vector<int64_t> index;
 
   static SoftNmsWorkspace& of_this_thread() {
@@ -54,16 +59,27 @@ struct SoftNmsWorkspace {
     return ws;
   }
   void resize(int64_t n) {
-    for (auto* v : {&x1, &y1, &x2, &y2, &area, &score, &overlap}) v->resize(n);
+    for (auto* v : {&x1, &y1, &x2, &y2, &area, &score}) v->resize(n);
     index.resize(n);
   }
+  void set(int64_t to, const acc_t* b, acc_t s, int64_t i) {
+    x1[to] = b[0], y1[to] = b[1], x2[to] = b[2], y2[to] = b[3];
+    area[to] = box_area(b[0], b[1], b[2], b[3]);
+    score[to] = s;
+    index[to] = i;
+  }
   void move(int64_t from, int64_t to) {
-    x1[to] = x1[from];
-    y1[to] = y1[from];
-    x2[to] = x2[from];
-    y2[to] = y2[from];
+    x1[to] = x1[from], y1[to] = y1[from], x2[to] = x2[from], y2[to] = y2[from];
     area[to] = area[from];
+    score[to] = score[from];
     index[to] = index[from];
+  }
+  // Drops the boxes of [0, n) that left (score -inf), keeping the order.
+  int64_t compact(int64_t n) {
+    int64_t out = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (score[j] != -std::numeric_limits<acc_t>::infinity()) move(j, out++);
+    return out;
   }
   // Released after a call on a segment larger than this many boxes.
   static constexpr size_t kKeepBoxes = size_t(1) << 16;
@@ -72,59 +88,71 @@ struct SoftNmsWorkspace {
   }
 };
 
+// One step's decay of the boxes [0, n) by their overlap with box p (whose
+// score is already -inf): a branch-free loop the compiler vectorizes (the
+// method is a template argument, the exp is exp_nonpositive). A box that
+// falls below the threshold, or had left (-inf times a weight, possibly
+// NaN), gets -inf. Returns the highest score after the decay; `gone` counts
+// the boxes at -inf.
+template <SoftNmsMethod M, typename acc_t>
+acc_t decay_step(SoftNmsWorkspace<acc_t>& ws, int64_t n, int64_t p,
+                 const SoftNmsDecay<acc_t>& decay, acc_t score_threshold, int64_t& gone) {
+  const acc_t px1 = ws.x1[p], py1 = ws.y1[p], px2 = ws.x2[p], py2 = ws.y2[p], parea = ws.area[p];
+  const acc_t *x1 = ws.x1.data(), *y1 = ws.y1.data(), *x2 = ws.x2.data(), *y2 = ws.y2.data(),
+              *area = ws.area.data();
+  acc_t* score = ws.score.data();
+  constexpr acc_t kGone = -std::numeric_limits<acc_t>::infinity();
+  acc_t best = kGone;
+  int64_t count = 0;
+#pragma omp simd reduction(max : best) reduction(+ : count)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t overlap = SoftNmsDecay<acc_t>::overlap(
+        box_iou(x1[j], y1[j], x2[j], y2[j], area[j], px1, py1, px2, py2, parea));
+    const acc_t s = score[j] * decay.template weight_of<M>(overlap);
+    // Written so that g++ vectorizes it (one select, then plain max and sum).
+    const bool stays = s >= score_threshold;
+    const acc_t kept_score = stays ? s : kGone;
+    score[j] = kept_score;
+    best = kept_score > best ? kept_score : best;
+    count += !stays;
+  }
+  gone = count;
+  return best;
+}
+
 // Soft-NMS of one segment: `members` (m indices into boxes [N, 4] and
 // scores [N], acc_t, contiguous) in increasing order. Writes the kept
 // indices and their decayed scores, in the order kept, to out_index and
-// out_score (room for m each); returns how many.
+// out_score (room for m each); returns how many. Each step: the first box
+// with the highest score (the arrays are in index order, so the lowest
+// index among equal scores) is kept and set to -inf, the others decay
+// (decay_step); the arrays are compacted once half of them has left.
 template <typename acc_t>
 int64_t soft_nms_segment(const acc_t* boxes, const acc_t* scores, const int64_t* members,
                          int64_t m, const SoftNmsDecay<acc_t>& decay, acc_t score_threshold,
                          SoftNmsWorkspace<acc_t>& ws, int64_t* out_index, acc_t* out_score) {
   ws.resize(m);
-  int64_t n = 0, best = -1;
+  int64_t n = 0;
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
   for (int64_t k = 0; k < m; ++k) {
     const int64_t i = members[k];
-    if (!(scores[i] >= score_threshold)) continue;
-    const acc_t* b = boxes + 4 * i;
-    ws.x1[n] = b[0], ws.y1[n] = b[1], ws.x2[n] = b[2], ws.y2[n] = b[3];
-    ws.area[n] = box_area(b[0], b[1], b[2], b[3]);
-    ws.score[n] = scores[i];
-    ws.index[n] = i;
-    if (best < 0 || ws.score[n] > ws.score[best]) best = n;
-    ++n;
+    if (!(scores[i] >= score_threshold)) continue;  // below, or NaN
+    ws.set(n++, boxes + 4 * i, scores[i], i);
+    best = std::max(best, scores[i]);
   }
   int64_t kept = 0;
-  while (best >= 0) {
-    const int64_t p = best;
+  while (n > 0 && best >= score_threshold) {
+    int64_t p = 0;
+    while (ws.score[p] != best) ++p;
     out_index[kept] = ws.index[p];
-    out_score[kept] = ws.score[p];
+    out_score[kept] = best;
     ++kept;
-    // 1. Overlaps with the kept box.
-    const acc_t px1 = ws.x1[p], py1 = ws.y1[p], px2 = ws.x2[p], py2 = ws.y2[p], parea = ws.area[p];
-    const acc_t *x1 = ws.x1.data(), *y1 = ws.y1.data(), *x2 = ws.x2.data(), *y2 = ws.y2.data(),
-                *area = ws.area.data();
-    acc_t* overlap = ws.overlap.data();
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      overlap[j] = SoftNmsDecay<acc_t>::overlap(
-          box_iou(x1[j], y1[j], x2[j], y2[j], area[j], px1, py1, px2, py2, parea));
-    // 2. Decay, compaction, the next box.
-    acc_t* score = ws.score.data();
-    int64_t out = 0;
-    best = -1;
-    for (int64_t j = 0; j < n; ++j) {
-      if (j == p) continue;
-      acc_t s = score[j];
-      if (overlap[j] > acc_t(0)) {
-        s *= decay.weight(overlap[j]);
-        if (!(s >= score_threshold)) continue;
-      }
-      if (out != j) ws.move(j, out);
-      score[out] = s;
-      if (best < 0 || s > score[best]) best = out;
-      ++out;
-    }
-    n = out;
+    ws.score[p] = -std::numeric_limits<acc_t>::infinity();
+    int64_t gone = 0;
+    best = decay.method == SoftNmsMethod::kLinear
+               ? decay_step<SoftNmsMethod::kLinear>(ws, n, p, decay, score_threshold, gone)
+               : decay_step<SoftNmsMethod::kGaussian>(ws, n, p, decay, score_threshold, gone);
+    if (2 * gone > n) n = ws.compact(n);
   }
   return kept;
 }
