@@ -11,12 +11,14 @@ Oracles:
 
 Tolerances: the linear method is IEEE-exact arithmetic (min, max, +, -, *,
 / in one order everywhere), so kernels and reference agree bit for bit. The
-gaussian method calls exp, which differs by an ulp or so between glibc (the
-CPU kernel), ATen's vectorized exp (the reference, which depends on the CPU
-capability: hence the ``numerics`` marker, tests/conftest.py) and CUDA's;
-its decayed scores are compared within rtol 1e-5 (float32) / 1e-12
-(float64) and its indices exactly on the seeded inputs here (a flip would
-need two decayed scores within a few ulps of each other).
+gaussian method needs exp: the kernels share their own (exp_nonpositive in
+csrc/common/soft_nms.h, so the CPU kernel and the emulated CUDA kernel agree
+bit for bit), the reference calls torch.exp (ATen's vectorized exp, which
+depends on the CPU capability: hence the ``numerics`` marker,
+tests/conftest.py); they differ by an ulp or so, so gaussian decayed scores
+are compared within rtol 1e-5 (float32) / 1e-12 (float64) and indices
+exactly on the seeded inputs here (a flip would need two decayed scores
+within a few ulps of each other).
 """
 
 from __future__ import annotations
@@ -125,6 +127,30 @@ def test_decays_and_order(device):
     # The decayed score falls below the threshold: the box leaves.
     keep, _ = maskrcnn_ops.soft_nms(boxes, scores, 0.3, method="linear", score_threshold=0.45)
     assert keep.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("dtype", FULL_DTYPES)
+def test_gaussian_weight_is_exp(device, dtype):
+    """The kernels' exp (exp_nonpositive) over the decay's whole range: pairs
+    of boxes of IoU k/64, sigmas from 1e-3 to 10, against math.exp in
+    float64 of the same argument within 2.5 ulp; a weight below the smallest normal number is 0 (the
+    box leaves at score_threshold 0)."""
+    eps = torch.finfo(dtype).eps
+    for sigma in (1e-3, 0.02, 0.1, 0.5, 2.0, 10.0):
+        for k in range(1, 65):
+            # Box b = [0, 0, 64, k] inside a = [0, 0, 64, 64]: IoU k / 64, exact.
+            boxes = torch.tensor([[0, 0, 64, 64], [0, 0, 64, k]], dtype=dtype, device=device)
+            keep, out = maskrcnn_ops.soft_nms(boxes, torch.tensor([1.0, 0.5], dtype=dtype, device=device), 0.0,
+                                              sigma=sigma, score_threshold=0.0)
+            # The argument as the kernel rounds it (in dtype): its rounding is
+            # amplified by exp (by |x| ulps), the exp itself must be within 2.
+            overlap = torch.tensor(k / 64, dtype=dtype)
+            expected = 0.5 * math.exp((-(overlap * overlap) / torch.tensor(sigma, dtype=dtype)).item())
+            if expected < 0.5 * torch.finfo(dtype).tiny * 2:
+                assert keep.tolist() in ([0], [0, 1]) and (len(keep) == 1 or out[1] <= expected * 2)
+                continue
+            assert keep.tolist() == [0, 1]
+            assert abs(out[1].item() - expected) <= 2.5 * eps * expected, (sigma, k, out[1].item(), expected)
 
 
 def test_ties_in_index_order(device):
@@ -290,7 +316,26 @@ def test_opcheck(device, sample):
     unbacked size shared by both outputs) and AOT-dispatch consistency."""
     op, args = _opcheck_samples(device)[sample]
     result = torch.library.opcheck(op, args)
+    assert set(result) == {"test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"}
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_not_differentiable(device):
+    """Scores that require grad: the registration checks pass, and a backward
+    through the decayed scores is a clear error, not a silent zero.
+    (opcheck's test_aot_dispatch_dynamic cannot run here: it sums all outputs
+    into the first, the int64 indices, and fails on the float scores.)"""
+    boxes, scores = make_boxes(30, seed=23, device=device)
+    idxs = make_labels(30, 2, seed=24, device=device)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for op, args in [(ops.soft_nms.default, (boxes, scores.clone().requires_grad_(), 0.3, 0.5, "gaussian", 0.001)),
+                     (ops.batched_soft_nms.default,
+                      (boxes, scores.clone().requires_grad_(), idxs, None, 0.3, 0.5, "linear", 0.001))]:
+        result = torch.library.opcheck(op, args, test_utils=checks)
+        assert all(v == "SUCCESS" for v in result.values()), result
+    _, out = maskrcnn_ops.soft_nms(boxes, scores.clone().requires_grad_(), 0.3)
+    with pytest.raises(RuntimeError, match="soft_nms is not differentiable"):
+        out.sum().backward()
 
 
 # --------------------------------------------------------- emulated CUDA --
@@ -385,8 +430,9 @@ def test_emulated_cuda_kernel_non_finite(soft_nms_emulator):
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_equals_cpu_on_large_inputs(method):
     """One segment of 3,000 boxes (one block walks it) and a batched call of
-    20,000 boxes in 80 classes: CUDA equals the CPU kernel (scores within
-    the exp's tolerance)."""
+    20,000 boxes in 80 classes: CUDA equals the CPU kernel (both use
+    exp_nonpositive and no FMA contraction, so the scores should agree bit
+    for bit; compared within the reference's tolerance)."""
     boxes, scores = make_boxes(3000, seed=20)
     cpu = maskrcnn_ops.soft_nms(boxes, scores, 0.3, method=method)
     cuda = maskrcnn_ops.soft_nms(boxes.cuda(), scores.cuda(), 0.3, method=method)
