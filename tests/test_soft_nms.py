@@ -442,3 +442,24 @@ def test_cuda_equals_cpu_on_large_inputs(method):
     cpu = maskrcnn_ops.batched_soft_nms(boxes, scores, idxs, 0.3, method=method)
     cuda = maskrcnn_ops.batched_soft_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.3, method=method)
     assert_same_result(cuda, cpu, dtype=torch.float32, method=method)
+
+
+# ----------------------------------------------------------- torch.compile --
+
+
+def test_compile_fullgraph(device, fresh_dynamo):
+    """torch.compile(fullgraph=True) of a post-processing step around both
+    ops (the fake kernels give an unbacked size K; the boxes are gathered by
+    it) equals eager."""
+
+    def post(boxes, scores, idxs):
+        keep, decayed = maskrcnn_ops.soft_nms(boxes, scores, 0.3, method="linear")
+        keep_b, decayed_b = maskrcnn_ops.batched_soft_nms(boxes, scores, idxs, 0.3, sigma=0.4)
+        return boxes[keep], decayed * 2, boxes[keep_b], decayed_b
+
+    compiled = torch.compile(post, fullgraph=True, backend="aot_eager")
+    for seed in (25, 26):
+        boxes, scores = make_boxes(60 + seed, seed=seed, device=device)
+        idxs = make_labels(60 + seed, 3, seed=seed, device=device)
+        for got, expected in zip(compiled(boxes, scores, idxs), post(boxes, scores, idxs)):
+            assert torch.equal(got, expected)
