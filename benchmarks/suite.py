@@ -235,8 +235,13 @@ def _soft_nms_setup(device, n, classes, method):
             theirs = lambda: reference.soft_nms(boxes, scores, 0.3, method=method)  # noqa: E731
 
         def agree():
+            # The same boxes with the same decayed scores (within float32
+            # rounding: the exps differ by an ulp, which can swap two boxes
+            # whose scores are a few ulps apart, so not compared in order).
             (a, sa), (b, sb) = ours(), theirs()
-            return bool(torch.equal(a.cpu(), b.cpu()) and torch.allclose(sa.cpu(), sb.cpu(), rtol=1e-5, atol=1e-7))
+            a, sa, b, sb = a.cpu(), sa.cpu(), b.cpu(), sb.cpu()
+            ia, ib = torch.argsort(a), torch.argsort(b)
+            return bool(torch.equal(a[ia], b[ib]) and torch.allclose(sa[ia], sb[ib], rtol=1e-5, atol=1e-7))
 
         return ours, theirs, agree
 
