@@ -65,7 +65,7 @@ from .nms_ops import (  # noqa: E402
     nms_keep_rows,
     rank_kept_per_image,
 )
-from .soft_nms import batched_soft_nms, soft_nms  # noqa: E402
+from .soft_nms_ops import batched_soft_nms, soft_nms  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
 from .export import onnx_translation_table  # noqa: E402
