@@ -352,10 +352,11 @@ def _pointer(t):
 
 
 def emulated_soft_nms(lib, boxes, scores, idxs, iou_threshold, *, image_ids=None, sigma=0.5, method="gaussian",
-                      score_threshold=0.001, threads=32):
+                      score_threshold=0.001, threads=32, blocks=0):
     """batched_soft_nms with the CUDA kernel: soft_nms.cu's ATen steps here
     (grouping, segment ends, final order), its launch sequence and kernel
-    emulated with ``threads`` threads per block."""
+    emulated with ``threads`` threads per block (and at most ``blocks``
+    blocks when not 0)."""
     n = boxes.size(0)
     order = torch.arange(n)
     for key in (idxs, image_ids):  # stable sorts by the minor key, then the major key
@@ -378,7 +379,8 @@ def emulated_soft_nms(lib, boxes, scores, idxs, iou_threshold, *, image_ids=None
     getattr(lib, f"mro_soft_nms_sorted_{'f64' if acc == torch.float64 else 'f32'}")(
         _pointer(sorted_boxes), _pointer(work), _pointer(seg_last), ctypes.c_int64(n),
         ctypes.c_int(METHODS.index(method)), ctypes.c_double(iou_threshold), ctypes.c_double(sigma),
-        ctypes.c_double(score_threshold), ctypes.c_uint(threads), _pointer(kept_score), _pointer(kept_sorted),
+        ctypes.c_double(score_threshold), ctypes.c_uint(threads), ctypes.c_uint(blocks), _pointer(kept_score),
+        _pointer(kept_sorted),
     )
     decayed = torch.full((n,), -math.inf, dtype=acc)
     decayed[order] = kept_score.masked_fill(~kept_sorted, -math.inf)
@@ -391,13 +393,13 @@ def emulated_soft_nms(lib, boxes, scores, idxs, iou_threshold, *, image_ids=None
 
 @pytest.mark.parametrize("dtype", FULL_DTYPES)
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("threads", [1, 4, 32])
-def test_emulated_cuda_kernel_equals_cpu(soft_nms_emulator, dtype, method, threads):
+@pytest.mark.parametrize("threads, blocks", [(1, 0), (4, 0), (32, 0), (8, 3)])
+def test_emulated_cuda_kernel_equals_cpu(soft_nms_emulator, dtype, method, threads, blocks):
     """The CUDA kernel (block-wide argmax in shared memory, strided decay)
-    gives the CPU kernel's result: several segments of uneven sizes, blocks
-    of 1, 4 and 32 threads (segments larger and smaller than the block).
-    Same arithmetic on the same host: exact except the gaussian's exp (both
-    glibc here, so exact too)."""
+    gives the CPU kernel's result bit for bit (the same arithmetic, exp
+    included): several segments of uneven sizes, blocks of 1, 4, 8 and 32
+    threads (segments larger and smaller than the block), and a grid of 3
+    blocks (each block walks several segments in the grid-stride loop)."""
     n = 150
     boxes, scores = make_boxes(n, seed=16, dtype=dtype)
     idxs = make_labels(n, 4, seed=17)
@@ -405,7 +407,7 @@ def test_emulated_cuda_kernel_equals_cpu(soft_nms_emulator, dtype, method, threa
     image_ids = make_labels(n, 2, seed=18)
     for ids in (None, image_ids):
         kwargs = dict(image_ids=ids, method=method, sigma=0.3)
-        ours = emulated_soft_nms(soft_nms_emulator, boxes, scores, idxs, 0.3, threads=threads, **kwargs)
+        ours = emulated_soft_nms(soft_nms_emulator, boxes, scores, idxs, 0.3, threads=threads, blocks=blocks, **kwargs)
         expected = maskrcnn_ops.batched_soft_nms(boxes, scores, idxs, 0.3, **kwargs)
         assert torch.equal(ours[0], expected[0])
         torch.testing.assert_close(ours[1], expected[1], rtol=0, atol=0)
