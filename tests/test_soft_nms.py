@@ -28,6 +28,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import maskrcnn_ops
 from maskrcnn_ops import reference
@@ -203,6 +205,46 @@ def test_empty_and_all_below_threshold(device):
         assert keep.shape == (0,) and keep.dtype == torch.int64 and out.shape == (0,) and out.dtype == s.dtype
         keep, out = maskrcnn_ops.batched_soft_nms(b, s, torch.zeros(len(s), dtype=torch.int64, device=device), 0.3)
         assert keep.shape == (0,) and out.shape == (0,)
+
+
+@st.composite
+def small_cases(draw):
+    """Edge inputs: few boxes on a coarse grid (duplicates, nesting, touching
+    edges, zero and negative sides), scores from a few levels (ties) or
+    special values, any threshold and sigma."""
+    n = draw(st.integers(0, 12))
+    coords = st.sampled_from([0.0, 1.0, 2.0, 3.0, 5.0, 8.0])
+    boxes = torch.tensor([[draw(coords) for _ in range(4)] for _ in range(n)], dtype=torch.float64).view(n, 4)
+    levels = st.sampled_from([0.0, 0.3, 0.5, 0.5, 1.0]) | st.sampled_from([math.nan, math.inf, 1e-4])
+    scores = torch.tensor([draw(levels) for _ in range(n)], dtype=torch.float64)
+    return dict(
+        boxes=boxes, scores=scores,
+        iou_threshold=draw(st.sampled_from([-0.5, 0.0, 0.25, 0.5, 1.0]) | st.floats(0.0, 1.0)),
+        sigma=draw(st.sampled_from([1e-3, 0.5, 3.0])),
+        score_threshold=draw(st.sampled_from([0.0, 0.001, 0.3])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=small_cases())
+def test_fuzz_equals_reference(case):
+    """Hypothesis: on the CPU, both methods equal the reference on edge
+    inputs (linear bit for bit; gaussian the same boxes, scores within the
+    exp's tolerance, order exact where scores differ by more than that)."""
+    boxes, scores = case["boxes"].to(case["dtype"]), case["scores"].to(case["dtype"])
+    kwargs = dict(sigma=case["sigma"], score_threshold=case["score_threshold"])
+    for method in METHODS:
+        ours = maskrcnn_ops.soft_nms(boxes, scores, case["iou_threshold"], method=method, **kwargs)
+        expected = reference.soft_nms(boxes, scores, case["iou_threshold"], method=method, **kwargs)
+        if method == "linear":
+            assert_same_result(ours, expected, dtype=case["dtype"], method=method)
+            continue
+        assert sorted(ours[0].tolist()) == sorted(expected[0].tolist())
+        by_index = {i: v for i, v in zip(expected[0].tolist(), expected[1].tolist())}
+        torch.testing.assert_close(ours[1], torch.tensor([by_index[i] for i in ours[0].tolist()], dtype=case["dtype"]),
+                                   **SCORE_TOLERANCE[case["dtype"]])
+        assert (ours[1][1:] <= ours[1][:-1]).all()  # decreasing
 
 
 # ----------------------------------------------------------------- batched --
