@@ -5,7 +5,7 @@
 // (csrc/common/soft_nms.h), so a segment of m boxes with K kept costs
 // O(m * K). The boxes in play are held as structure of arrays in index
 // order, and a step is one branch-free pass over them that the compiler
-// vectorizes: overlap with the kept box (box_iou.h), decay (exp_nonpositive,
+// vectorizes (for SSE2 and AVX2, chosen at run time): overlap with the kept box (box_iou.h), decay (exp_nonpositive,
 // the same bits as the CUDA kernel), removal of boxes that fall below the
 // score threshold (their score becomes -inf) and the highest remaining score;
 // then a scan for the first box with that score (the lowest index among
