@@ -215,14 +215,61 @@ def _nms_setup(device, dtype, n, classes, iou, batched):
     return setup
 
 
+def _soft_nms_setup(device, n, classes, method):
+    """Soft-NMS (float32, IoU threshold 0.3, sigma 0.5, score threshold
+    0.001) against the pure-PyTorch reference, the only baseline at hand:
+    torchvision has no soft-NMS, and mmcv's (CPU only) is not installed."""
+
+    def setup():
+        from maskrcnn_ops import reference
+
+        generator = torch.Generator().manual_seed(n)
+        boxes = random_boxes(n, generator).to(device)
+        scores = torch.rand(n, generator=generator).to(device)
+        idxs = torch.randint(0, classes, (n,), generator=generator).to(device)
+        if classes > 1:
+            ours = lambda: maskrcnn_ops.batched_soft_nms(boxes, scores, idxs, 0.3, method=method)  # noqa: E731
+            theirs = lambda: reference.batched_soft_nms(boxes, scores, idxs, 0.3, method=method)  # noqa: E731
+        else:
+            ours = lambda: maskrcnn_ops.soft_nms(boxes, scores, 0.3, method=method)  # noqa: E731
+            theirs = lambda: reference.soft_nms(boxes, scores, 0.3, method=method)  # noqa: E731
+
+        def agree():
+            # The same boxes with the same decayed scores (within float32
+            # rounding: the exps differ by an ulp, which can swap two boxes
+            # whose scores are a few ulps apart, so not compared in order).
+            (a, sa), (b, sb) = ours(), theirs()
+            a, sa, b, sb = a.cpu(), sa.cpu(), b.cpu(), sb.cpu()
+            ia, ib = torch.argsort(a), torch.argsort(b)
+            return bool(torch.equal(a[ia], b[ib]) and torch.allclose(sa[ia], sb[ib], rtol=1e-5, atol=1e-7))
+
+        return ours, theirs, agree
+
+    return setup
+
+
+def soft_nms_cases(device: str, quick: bool) -> List[Case]:
+    """Soft-NMS: one class of 1000 and 5000 boxes, and a batched 20000 boxes
+    in 80 classes. "torchvision ms" is the reference's time here."""
+    sizes = [(1000, 1, "gaussian")] if quick else [
+        (1000, 1, "gaussian"), (5000, 1, "gaussian"), (5000, 1, "linear"), (20000, 80, "gaussian")]
+    cases = []
+    for n, classes, method in sizes:
+        op = "batched_soft_nms" if classes > 1 else "soft_nms"
+        per_class = f" {classes} classes" if classes > 1 else ""
+        cases.append(Case(op, f"{n} boxes{per_class} {method} (vs pure-PyTorch reference)", "float32", "-",
+                          _soft_nms_setup(device, n, classes, method), repeats=None if n <= 1000 else 2))
+    return cases
+
+
 def nms_cases(device: str, quick: bool) -> List[Case]:
     if quick:
         return [
             Case("nms", "3000 boxes IoU 0.7", "float32", "-", _nms_setup(device, torch.float32, 3000, 1, 0.7, False)),
             Case("batched_nms", "5000 boxes 80 classes IoU 0.5", "float32", "-",
                  _nms_setup(device, torch.float32, 5000, 80, 0.5, True)),
-        ]
-    cases = []
+        ] + soft_nms_cases(device, quick)
+    cases = soft_nms_cases(device, quick)
     dtypes = [torch.float32, torch.float16] if device == "cuda" else [torch.float32]
     for dtype in dtypes:
         cases.append(Case("nms", "12000 boxes IoU 0.7", _dtype_name(dtype), "-",

@@ -83,6 +83,25 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
   m.def("nms_keep_rows(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 
+  // Soft-NMS (Bodla et al. 2017): repeatedly keep the box of highest
+  // current score (ties: lowest index) and multiply the score of every box
+  // still in play by a decay of its IoU with it, method "linear"
+  // (1 - IoU where IoU > iou_threshold) or "gaussian" (exp(-IoU^2 / sigma));
+  // boxes whose score is below score_threshold (>= 0) leave. boxes [N, 4],
+  // scores [N] of one floating dtype. Returns (kept indices int64 [K],
+  // their decayed scores [K] in scores' dtype) by decreasing decayed score,
+  // ties by index; K depends on the data.
+  m.def(
+      "soft_nms(Tensor boxes, Tensor scores, float iou_threshold, float sigma, str method, "
+      "float score_threshold) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // The same within each (image_ids, idxs) segment; idxs [N] and the optional
+  // image_ids [N] integer. One output over all segments, in the same order.
+  m.def(
+      "batched_soft_nms(Tensor boxes, Tensor scores, Tensor idxs, Tensor? image_ids, "
+      "float iou_threshold, float sigma, str method, float score_threshold) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+
   // Box coding (torchvision's BoxCoder): deltas [K, 4 * C] relative to boxes
   // [K, 4] -> boxes [K, 4 * C]; dw, dh clamped from above at clip.
   m.def(

@@ -66,6 +66,7 @@ from .nms_ops import (  # noqa: E402
     rank_kept_per_image,
 )
 from .paste_ops import masks_to_rle, paste_masks  # noqa: E402
+from .soft_nms_ops import batched_soft_nms, soft_nms  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
 from .export import onnx_decompositions, onnx_translation_table  # noqa: E402
@@ -97,6 +98,8 @@ __all__ = [
     "rank_kept_per_image",
     "image_groups",
     "NMS_BOXES_PER_CALL",
+    "soft_nms",
+    "batched_soft_nms",
     "BoxCoder",
     "decode_boxes",
     "encode_boxes",

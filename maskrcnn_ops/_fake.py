@@ -128,6 +128,24 @@ def _nms_keep_rows_fake(boxes, scores, iou_threshold):
     return boxes.new_empty(boxes.shape[:2], dtype=torch.bool)
 
 
+def _soft_nms_outputs(boxes, scores):
+    # Kept indices and their decayed scores: one unbacked size for both.
+    count = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((count,), dtype=torch.int64), scores.new_empty((count,))
+
+
+@torch.library.register_fake("maskrcnn_ops::soft_nms")
+def _soft_nms_fake(boxes, scores, iou_threshold, sigma, method, score_threshold):
+    _check_nms_inputs(boxes, scores)
+    return _soft_nms_outputs(boxes, scores)
+
+
+@torch.library.register_fake("maskrcnn_ops::batched_soft_nms")
+def _batched_soft_nms_fake(boxes, scores, idxs, image_ids, iou_threshold, sigma, method, score_threshold):
+    _check_nms_inputs(boxes, scores)
+    return _soft_nms_outputs(boxes, scores)
+
+
 @torch.library.register_fake("maskrcnn_ops::decode_boxes")
 def _decode_boxes_fake(deltas, boxes, weights, clip):
     torch._check(deltas.dim() == 2 and deltas.size(1) % 4 == 0, lambda: "decode_boxes: expected deltas [K, 4 * C]")

@@ -165,14 +165,22 @@ def multi_level_roi_align(
     return out
 
 
-def _iou_matrix(boxes: Tensor) -> Tensor:
-    """[N, N] IoU with torchvision's arithmetic (no +1; clamped sides)."""
-    x1, y1, x2, y2 = boxes.unbind(1)
-    area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, None], x2[None, :]) - torch.maximum(x1[:, None], x1[None, :])).clamp(min=0)
-    h = (torch.minimum(y2[:, None], y2[None, :]) - torch.maximum(y1[:, None], y1[None, :])).clamp(min=0)
+def _box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """[A, B] IoU of boxes a [A, 4] and b [B, 4] with torchvision's arithmetic
+    (no +1; clamped sides)."""
+    ax1, ay1, ax2, ay2 = a.unbind(1)
+    bx1, by1, bx2, by2 = b.unbind(1)
+    area_a = (ax2 - ax1) * (ay2 - ay1)
+    area_b = (bx2 - bx1) * (by2 - by1)
+    w = (torch.minimum(ax2[:, None], bx2[None, :]) - torch.maximum(ax1[:, None], bx1[None, :])).clamp(min=0)
+    h = (torch.minimum(ay2[:, None], by2[None, :]) - torch.maximum(ay1[:, None], by1[None, :])).clamp(min=0)
     inter = w * h
-    return inter / (area[:, None] + area[None, :] - inter)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def _iou_matrix(boxes: Tensor) -> Tensor:
+    """[N, N] IoU of boxes [N, 4] with each other."""
+    return _box_iou(boxes, boxes)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -215,6 +223,94 @@ def nms_keep_rows(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor
     for row in range(scores.size(0)):
         keep[row, nms(boxes[row], scores[row], iou_threshold).cpu()] = True
     return keep.to(scores.device)
+
+
+def soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    *,
+    sigma: float = 0.5,
+    method: str = "gaussian",
+    score_threshold: float = 0.001,
+    keep_precision: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Reference soft-NMS: the sequential loop of Bodla et al. 2017, one step
+    per kept box.
+
+    boxes [N, 4], scores [N] -> (int64 [K] kept indices, [K] decayed scores in
+    scores' dtype) in the order kept, which is by decreasing decayed score,
+    ties by index. Each step keeps the box of highest current score (the
+    lowest index among equal ones, torch.argmax's first maximum) and
+    multiplies the score of every box still in play by the weight of its
+    overlap with it: the IoU clamped to [0, 1], NaN as 0; linear: 1 - overlap
+    where ``overlap >= iou_threshold`` (compared in float64), gaussian:
+    exp(-overlap^2 / sigma). A box whose score is not ``>= score_threshold``
+    (compared in float64) leaves. Arithmetic in float32 (float64 for float64
+    boxes), in the kernels' operation order; ``keep_precision`` returns the
+    scores in that precision, on the CPU.
+    """
+    acc = _accumulate_dtype(boxes.dtype)
+    b = boxes.detach().cpu().to(acc)
+    current = scores.detach().cpu().to(acc).clone()
+    dead = torch.tensor(-math.inf, dtype=acc)
+    current = torch.where(current.double() >= score_threshold, current, dead)
+    sigma_t = torch.tensor(sigma, dtype=acc)
+    kept, kept_scores = [], []
+    while len(current) > 0:
+        p = int(torch.argmax(current))
+        best = current[p].clone()
+        if best == -math.inf:
+            break
+        kept.append(p)
+        kept_scores.append(best)
+        current[p] = dead
+        overlap = _box_iou(b, b[p : p + 1])[:, 0]
+        overlap = torch.where(overlap > 0, overlap.clamp(max=1), torch.zeros_like(overlap))
+        if method == "linear":
+            weight = torch.where(overlap.double() >= iou_threshold, 1 - overlap, torch.ones_like(overlap))
+        else:
+            weight = torch.exp(-(overlap * overlap) / sigma_t)
+        current = current * weight  # dead boxes: -inf, or NaN (-inf * 0)
+        current = torch.where(current.double() >= score_threshold, current, dead)
+    kept_scores_t = torch.stack(kept_scores) if kept else current.new_zeros(0)
+    # The scores in the computation's precision: batched_soft_nms orders by them.
+    if keep_precision:
+        return torch.tensor(kept, dtype=torch.int64), kept_scores_t
+    return torch.tensor(kept, dtype=torch.int64, device=scores.device), kept_scores_t.to(scores.device, scores.dtype)
+
+
+def batched_soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float,
+    *,
+    image_ids=None,
+    sigma: float = 0.5,
+    method: str = "gaussian",
+    score_threshold: float = 0.001,
+) -> Tuple[Tensor, Tensor]:
+    """Reference soft-NMS per (image, category) segment: a loop over segments
+    through ``soft_nms``, then all kept boxes by decreasing decayed score,
+    ties by index."""
+    keys = torch.stack([idxs.cpu().long(), (image_ids if image_ids is not None else torch.zeros_like(idxs)).cpu().long()], 1)
+    kept, kept_scores = [], []
+    for key in torch.unique(keys, dim=0):
+        members = torch.nonzero((keys == key).all(1)).flatten()
+        k, s = soft_nms(boxes[members.to(boxes.device)], scores[members.to(scores.device)], iou_threshold,
+                        sigma=sigma, method=method, score_threshold=score_threshold, keep_precision=True)
+        kept.append(members[k])
+        kept_scores.append(s)
+    if not kept:
+        return torch.zeros(0, dtype=torch.int64, device=scores.device), scores.new_zeros(0)
+    kept_t, scores_t = torch.cat(kept), torch.cat(kept_scores)
+    # By index, then stably by decreasing score (in the computation's
+    # precision): ties keep the index order.
+    by_index = torch.argsort(kept_t)
+    kept_t, scores_t = kept_t[by_index], scores_t[by_index]
+    order = torch.sort(scores_t, descending=True, stable=True).indices
+    return kept_t[order].to(scores.device), scores_t[order].to(scores.device, scores.dtype)
 
 
 def decode_boxes(deltas: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0), clip: float = DEFAULT_CLIP) -> Tensor:

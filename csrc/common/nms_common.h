@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -110,6 +111,18 @@ inline at::Tensor segment_starts(const at::Tensor& order,
     starts.narrow(0, 1, n - 1).logical_or_(k.narrow(0, 1, n - 1).ne(k.narrow(0, 0, n - 1)));
   }
   return starts;
+}
+
+// For positions of a segment-grouped order (with segment_starts' flags,
+// n >= 1), the last position of each one's segment: a reverse running
+// minimum of the segment ends, with no host sync.
+inline at::Tensor segment_last(const at::Tensor& starts) {
+  const int64_t n = starts.size(0);
+  at::Tensor is_end = at::ones_like(starts);
+  is_end.narrow(0, 0, n - 1).copy_(starts.narrow(0, 1, n - 1));
+  const at::Tensor ends = at::arange(n, starts.options().dtype(at::kLong))
+                              .masked_fill_(is_end.logical_not(), n);
+  return std::get<0>(ends.flip({0}).cummin(0)).flip({0}).contiguous();
 }
 
 // What a backend's greedy pass returns: keep flags at the original box

@@ -17,7 +17,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -87,14 +86,7 @@ NmsKeep batched_nms_keep_cuda_impl(const at::Tensor& boxes, const at::Tensor& sc
   const at::Tensor starts = segment_starts(order.by_segment, idxs, image_ids);
   const auto acc_dtype = accumulate_dtype(boxes.scalar_type());
   const at::Tensor sorted = boxes.index_select(0, order.by_segment).to(acc_dtype).contiguous();
-  const auto long_options = boxes.options().dtype(at::kLong);
-
-  // Last sorted position of each box's segment: a reverse running minimum of
-  // the segment ends (no host sync).
-  at::Tensor is_end = at::ones_like(starts);
-  is_end.narrow(0, 0, n - 1).copy_(starts.narrow(0, 1, n - 1));
-  const at::Tensor ends = at::arange(n, long_options).masked_fill_(is_end.logical_not(), n);
-  const at::Tensor seg_last = std::get<0>(ends.flip({0}).cummin(0)).flip({0}).contiguous();
+  const at::Tensor seg_last = segment_last(starts);
 
   keep.index_put_({order.by_segment}, keep_sorted_cuda(sorted, seg_last, iou_threshold));
   return {keep, order.by_score};

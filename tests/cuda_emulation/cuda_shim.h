@@ -129,3 +129,20 @@ void emulate_block_launch(EmulatedDim3 grid, unsigned int threads, size_t shared
     }
   }
 }
+
+// The launcher of the shared launch sequences for kernels whose threads
+// cooperate (shared memory, __syncthreads): each launch, a one-dimensional
+// grid, through emulate_block_launch. max_threads and max_blocks, when not 0,
+// cap the threads of a block and the blocks (those kernels loop over their
+// work in strides of both): fewer threads keep the emulation fast, fewer
+// blocks make the grid-stride loop take several turns.
+struct EmulatedBlockLaunch {
+  unsigned int max_threads = 0;
+  unsigned int max_blocks = 0;
+
+  template <typename Kernel, typename... Args>
+  void operator()(unsigned int blocks, unsigned int threads, Kernel kernel, Args... args) const {
+    emulate_block_launch({max_blocks != 0 ? std::min(blocks, max_blocks) : blocks, 1, 1},
+                         max_threads != 0 ? std::min(threads, max_threads) : threads, 0, kernel, args...);
+  }
+};
