@@ -47,6 +47,17 @@ def time_call(fn, device: str, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's "Model name"), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
     """Versions, commit and device of a run, stored with its figures."""
     import torchvision
@@ -57,12 +68,13 @@ def environment(device: str) -> dict:
     except OSError:
         commit = ""
     env = dict(torch=torch.__version__, torchvision=torchvision.__version__, commit=commit,
-               threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
+               threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+               cpu_model=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability())
     if device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
-    else:
-        env["device_name"] = "cpu"
+    else:  # the CPU changes between machines: name it in every table
+        env["device_name"] = f"CPU {env['cpu_model']}, {env['cpu_capability']}"
     return env
 
 
