@@ -6,15 +6,28 @@
 #include <torch/version.h>
 
 #include "common/nms_limits.h"
+#include "cpu/isa.h"
 
 namespace {
+
+// The instruction set of the CPU kernel copies that run (csrc/cpu/isa.h).
+PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(maskrcnn_ops::isa_name(maskrcnn_ops::active_isa()));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
+     "The instruction set of the CPU kernels that run: baseline, avx2 or avx512 "
+     "(ATen's CPU capability, which ATEN_CPU_CAPABILITY can lower)."},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "Compiled kernels of maskrcnn_ops; the operators live in torch.ops.maskrcnn_ops.",
     -1,
-    nullptr,
+    methods,
 };
 
 }  // namespace

@@ -76,9 +76,12 @@ from .mmcv import MmcvRoIAlign, mmcv_roi_align  # noqa: E402
 
 
 def build_info() -> dict:
-    """How the loaded extension was built: torch version and whether the CUDA
-    kernels are compiled in."""
-    return {"built_with_torch": _C.built_with_torch, "with_cuda": bool(_C.with_cuda)}
+    """How the loaded extension was built and runs: torch version, whether the
+    CUDA kernels are compiled in, and which copy of the vectorized CPU kernels
+    runs ("baseline", "avx2" or "avx512": ATen's CPU capability, lowered by
+    ATEN_CPU_CAPABILITY)."""
+    return {"built_with_torch": _C.built_with_torch, "with_cuda": bool(_C.with_cuda),
+            "cpu_kernels": _C.cpu_kernel_isa()}
 
 
 __all__ = [

@@ -30,6 +30,7 @@
 #include "../common/roi_align_checks.h"
 #include "../common/roi_align_math.h"
 #include "../common/roi_align_pyramid.h"
+#include "isa.h"
 
 namespace maskrcnn_ops {
 namespace {
@@ -130,9 +131,9 @@ RoIGroups group_rois(const TapTable<acc_t>& table, int64_t batch,
 // separate region of memory and the hardware prefetchers do not follow the
 // short, scattered row segments.
 template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* plane0, int64_t plane, int channels,
-                          const std::vector<int64_t>& rows, int64_t width,
-                          int64_t x_first, int64_t x_last) {
+MASKRCNN_ALWAYS_INLINE void prefetch_rows(const scalar_t* plane0, int64_t plane, int channels,
+                                          const std::vector<int64_t>& rows, int64_t width,
+                                          int64_t x_first, int64_t x_last) {
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
   for (int j = 0; j < channels; ++j) {
     for (const int64_t row : rows) {
@@ -167,31 +168,72 @@ void collect_rows(const AxisTap<acc_t>* ys, int64_t num_y, RoIRows& r) {
   }
 }
 
+// Where a channel block's value (channel j, row y, column x) is: in the
+// feature map itself (NCHW planes: channel stride = the plane) or in a tile
+// that interleaves the block's planes ([H][W][CB]: channel stride 1, so the
+// CB channels of a position are one vector load).
+template <int CB, bool kTiled>
+struct BlockLayout {
+  int64_t plane, width;
+  int64_t channel_stride() const { return kTiled ? 1 : plane; }
+  int64_t x_stride() const { return kTiled ? CB : 1; }
+  int64_t row_offset(int64_t y) const { return y * width * x_stride(); }
+};
+
+// Copies the nc planes of a channel block (nc <= CB, `block` at the first)
+// into tile [H][W][CB], channels past nc zero. Loops over positions in runs
+// of 16 so that reads stay sequential per plane and the writes stay in L1.
+template <int CB, typename scalar_t>
+MASKRCNN_ALWAYS_INLINE void interleave_planes(const scalar_t* block, int64_t plane,
+                                              int64_t nc, scalar_t* tile) {
+  constexpr int64_t kRun = 16;
+  for (int64_t p0 = 0; p0 < plane; p0 += kRun) {
+    const int64_t p1 = std::min(plane, p0 + kRun);
+    for (int64_t j = 0; j < CB; ++j) {
+      const scalar_t* src = block + j * plane;
+      if (j < nc) {
+        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = src[p];
+      } else {
+        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = scalar_t(0);
+      }
+    }
+  }
+}
+
 // One RoI, CB channels at once, in two steps: (1) contract every distinct
 // row along x into one value per output column (the x taps are loaded once
 // for CB channels); (2) blend the contracted rows with the y weights. Rows
-// shared by several samples are contracted once.
-template <int CB, typename scalar_t, typename acc_t>
-inline void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
-                            const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
-                            const RoIRows& r, const scalar_t* in_c,
-                            int64_t plane, int64_t width, int64_t pooled_h,
-                            int64_t pooled_w, acc_t* row_sums,
-                            scalar_t* out_c) {
+// shared by several samples are contracted once. The same operations in
+// the same order for either layout of the block, so a tiled and an untiled
+// block give the same bits. Writes channels [0, nc) of out_c.
+template <int CB, bool kTiled, typename scalar_t, typename acc_t>
+MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
+                                            const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
+                                            const RoIRows& r, const scalar_t* in_c,
+                                            BlockLayout<CB, kTiled> layout, int64_t nc,
+                                            int64_t pooled_h, int64_t pooled_w,
+                                            acc_t* row_sums, scalar_t* out_c) {
   const int64_t num_rows = static_cast<int64_t>(r.rows.size());
+  const int64_t cs = layout.channel_stride(), xstride = layout.x_stride();
   // row_sums: [num_rows][pooled_w][CB]
   for (int64_t slot = 0; slot < num_rows; ++slot) {
-    const scalar_t* row = in_c + r.rows[slot] * width;
+    const scalar_t* row = in_c + layout.row_offset(r.rows[slot]);
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
       acc_t sum[CB] = {};
       const AxisTap<acc_t>* tx = xs + pw * g.grid_w;
       for (int ix = 0; ix < g.grid_w; ++ix) {
         if (tx[ix].outside()) continue;
-        const int64_t xl = tx[ix].low, xh = tx[ix].high;
+        const scalar_t* low = row + tx[ix].low * xstride;
+        const scalar_t* high = row + tx[ix].high * xstride;
         const acc_t wl = tx[ix].w_low, wh = tx[ix].w_high;
-        for (int j = 0; j < CB; ++j)
-          sum[j] += wl * static_cast<acc_t>(row[j * plane + xl]) +
-                    wh * static_cast<acc_t>(row[j * plane + xh]);
+        if constexpr (kTiled) {
+#pragma omp simd
+          for (int j = 0; j < CB; ++j)
+            sum[j] += wl * static_cast<acc_t>(low[j]) + wh * static_cast<acc_t>(high[j]);
+        } else {
+          for (int j = 0; j < CB; ++j)
+            sum[j] += wl * static_cast<acc_t>(low[j * cs]) + wh * static_cast<acc_t>(high[j * cs]);
+        }
       }
       acc_t* dst = row_sums + (slot * pooled_w + pw) * CB;
       for (int j = 0; j < CB; ++j) dst[j] = sum[j];
@@ -214,132 +256,237 @@ inline void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
       for (int64_t i = 0; i < span; ++i) bins[i] += wl * lo[i] + wh * hi[i];
     }
     for (int64_t pw = 0; pw < pooled_w; ++pw)
-      for (int j = 0; j < CB; ++j)
-        out_c[j * out_plane + ph * pooled_w + pw] =
-            static_cast<scalar_t>(bins[pw * CB + j] * inv_count);
+      for (int64_t j = 0; j < nc; ++j)
+        out_c[j * out_plane + ph * pooled_w + pw] = static_cast<scalar_t>(bins[pw * CB + j] * inv_count);
   }
 }
 
-// NCHW forward, channel-block-major: each task takes a block of channels and
-// runs every RoI over it, RoIs ordered by (level, image). A block of one
-// image's planes (kBlock x H x W, 3.5 MB for 16 x 200 x 272 float32) stays in
-// the last-level cache while the RoIs, which overlap heavily, read it, so the
-// feature map comes from DRAM about once instead of once per RoI.
+// NCHW forward, channel-block-major: each unit of work is a block of kBlock
+// channels and a run of RoIs, ordered by feature map (level, image). For the
+// RoIs of one map the block's planes are first interleaved into a tile
+// [H][W][kBlock] when the RoIs read enough of it to repay the copy: then
+// every tap is one contiguous vector of kBlock channels (one cache line in
+// float32) instead of kBlock scattered loads, one per plane. RoIs that read
+// little of a map use the planes directly, with prefetching.
+template <typename scalar_t, typename acc_t>
+struct NchwForward {
+  static constexpr int kBlock = 16;
+  const TapTable<acc_t>& table;
+  const RoIGroups& groups;
+  const Pyramid<acc_t>& pyramid;
+  const std::vector<const scalar_t*>& inputs;
+  scalar_t* output;
+  int64_t channels, pooled_h, pooled_w, chunks;
+  std::vector<RoIRows> rows;         // [K]
+  std::vector<int64_t> taps_before;  // [K + 1] over groups.order: row x column taps
+
+  // Scratch of one thread.
+  struct Scratch {
+    std::vector<acc_t> row_sums;
+    std::vector<scalar_t> tile;
+  };
+
+  const scalar_t* block_origin(int64_t k, int64_t c0) const {
+    const int64_t plane = pyramid.plane(table.level[k]);
+    return inputs[table.level[k]] + (table.geometry[k].batch_index * channels + c0) * plane;
+  }
+
+  // Whether the RoIs at [s, e) of groups.order, all on one map of `plane`
+  // positions, read enough to repay interleaving: each untiled tap reads
+  // kBlock cache lines, the copy reads and writes about plane * kBlock
+  // values (plane * kBlock / 8 float32 lines).
+  bool worth_tiling(int64_t s, int64_t e, int64_t plane) const {
+    return (taps_before[e] - taps_before[s]) * 8 > plane;
+  }
+
+  template <bool kTiled>
+  MASKRCNN_ALWAYS_INLINE void pool_run(int64_t s, int64_t e, int64_t c0, int64_t nc,
+                                       const scalar_t* tile, Scratch& scratch) const {
+    for (int64_t i = s; i < e; ++i) {
+      const int64_t k = groups.order[i];
+      if (!kTiled && i + 1 < e) prefetch(groups.order[i + 1], c0, nc);
+      const auto& g = table.geometry[k];
+      scalar_t* out = output + (k * channels + c0) * pooled_h * pooled_w;
+      if (g.grid_h == 0 || g.grid_w == 0) {
+        for (int64_t j = 0; j < nc; ++j)
+          std::fill_n(out + j * pooled_h * pooled_w, pooled_h * pooled_w, scalar_t(0));
+        continue;
+      }
+      const int64_t level = table.level[k];
+      const int64_t plane = pyramid.plane(level), width = pyramid.width[level];
+      scratch.row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock);
+      if (!kTiled && nc < kBlock) {
+        // The last block of the planes, partial: channel by channel, so
+        // that no read goes past channel c0 + nc (a tile is zero-padded).
+        for (int64_t j = 0; j < nc; ++j)
+          pool_nchw_block<1, false>(g, table.ys(k), table.xs(k), rows[k],
+                                    block_origin(k, c0 + j), BlockLayout<1, false>{plane, width},
+                                    1, pooled_h, pooled_w, scratch.row_sums.data(),
+                                    out + j * pooled_h * pooled_w);
+        continue;
+      }
+      const BlockLayout<kBlock, kTiled> layout{plane, width};
+      pool_nchw_block<kBlock, kTiled>(g, table.ys(k), table.xs(k), rows[k],
+                                      kTiled ? tile : block_origin(k, c0), layout, nc, pooled_h,
+                                      pooled_w, scratch.row_sums.data(), out);
+    }
+  }
+
+  void prefetch(int64_t k, int64_t c0, int64_t nc) const {
+    const auto& g = table.geometry[k];
+    if (g.grid_h == 0 || g.grid_w == 0) return;
+    const AxisTap<acc_t>* xs = table.xs(k);
+    const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
+    prefetch_rows(block_origin(k, c0), pyramid.plane(table.level[k]), static_cast<int>(nc),
+                  rows[k].rows, pyramid.width[table.level[k]], xs[0].low, xs[num_x - 1].high);
+  }
+
+  // Units [begin, end): unit = block * chunks + chunk.
+  static MASKRCNN_ALWAYS_INLINE void run(const NchwForward& f, int64_t begin, int64_t end) {
+    Scratch scratch;
+    const int64_t num_rois = static_cast<int64_t>(f.table.geometry.size());
+    const int64_t maps = static_cast<int64_t>(f.groups.begin.size()) - 1;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t block = unit / f.chunks, chunk = unit % f.chunks;
+      const int64_t first = chunk * num_rois / f.chunks;
+      const int64_t last = (chunk + 1) * num_rois / f.chunks;
+      const int64_t c0 = block * kBlock;
+      const int64_t nc = std::min<int64_t>(kBlock, f.channels - c0);
+      for (int64_t map = 0; map < maps; ++map) {
+        const int64_t s = std::max(first, f.groups.begin[map]);
+        const int64_t e = std::min(last, f.groups.begin[map + 1]);
+        if (s >= e) continue;
+        const int64_t plane = f.pyramid.plane(f.table.level[f.groups.order[s]]);
+        if (f.worth_tiling(s, e, plane)) {
+          scratch.tile.resize(plane * kBlock);
+          interleave_planes<kBlock>(f.block_origin(f.groups.order[s], c0), plane, nc,
+                                    scratch.tile.data());
+          f.template pool_run<true>(s, e, c0, nc, scratch.tile.data(), scratch);
+        } else {
+          f.prefetch(f.groups.order[s], c0, nc);
+          f.template pool_run<false>(s, e, c0, nc, nullptr, scratch);
+        }
+      }
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
                   const Pyramid<acc_t>& pyramid,
                   const std::vector<const scalar_t*>& inputs, scalar_t* output,
                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
-  constexpr int kBlock = 16;
+  using Body = NchwForward<scalar_t, acc_t>;
   const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
-  const int64_t out_plane = pooled_h * pooled_w;
-  std::vector<RoIRows> rows(num_rois);
-  at::parallel_for(0, num_rois, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
-      collect_rows(table.ys(k),
-                   table.y_begin[k + 1] - table.y_begin[k], rows[k]);
-  });
-  // The first channel of block c0 of RoI k's feature map.
-  auto block_origin = [&](int64_t k, int64_t c0) {
-    const int64_t plane = pyramid.plane(table.level[k]);
-    return inputs[table.level[k]] +
-           (table.geometry[k].batch_index * channels + c0) * plane;
-  };
-  const int64_t blocks = (channels + kBlock - 1) / kBlock;
+  const int64_t blocks = (channels + Body::kBlock - 1) / Body::kBlock;
   // With few channel blocks, also split the RoIs so every thread has work.
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(num_rois, (2 * at::get_num_threads() + blocks - 1) / blocks));
+  std::vector<RoIRows> rows(num_rois);
+  at::parallel_for(0, num_rois, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      collect_rows(table.ys(k), table.y_begin[k + 1] - table.y_begin[k], rows[k]);
+  });
+  // Each map's RoIs by their first row, so that consecutive RoIs read
+  // nearby rows, which are then still in cache (a tile of kBlock planes is
+  // larger than a core's L2 cache). Each output is written once, whatever
+  // the order.
+  RoIGroups by_row = groups;
+  const auto first_row = [&](int64_t k) { return rows[k].rows.empty() ? 0 : rows[k].rows.front(); };
+  for (size_t map = 0; map + 1 < by_row.begin.size(); ++map)
+    std::stable_sort(by_row.order.begin() + by_row.begin[map], by_row.order.begin() + by_row.begin[map + 1],
+                     [&](int64_t a, int64_t b) { return first_row(a) < first_row(b); });
+  Body body{table, by_row, pyramid, inputs, output, channels, pooled_h, pooled_w, chunks,
+            std::move(rows), std::vector<int64_t>(num_rois + 1, 0)};
+  for (int64_t i = 0; i < num_rois; ++i) {
+    const int64_t k = by_row.order[i];
+    const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
+    body.taps_before[i + 1] =
+        body.taps_before[i] + static_cast<int64_t>(body.rows[k].rows.size()) * num_x;
+  }
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row_sums;
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t block = unit / chunks, chunk = unit % chunks;
-      const int64_t first = chunk * num_rois / chunks;
-      const int64_t last = (chunk + 1) * num_rois / chunks;
-      const int64_t c0 = block * kBlock;
-      const int64_t nc = std::min<int64_t>(kBlock, channels - c0);
-      auto prefetch = [&](int64_t k) {
-        const auto& g = table.geometry[k];
-        if (g.grid_h == 0 || g.grid_w == 0) return;
-        const AxisTap<acc_t>* xs = table.xs(k);
-        const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
-        prefetch_rows(block_origin(k, c0), pyramid.plane(table.level[k]),
-                      static_cast<int>(nc), rows[k].rows,
-                      pyramid.width[table.level[k]], xs[0].low,
-                      xs[num_x - 1].high);
-      };
-      const auto& order = groups.order;
-      if (first < last) prefetch(order[first]);
-      for (int64_t i = first; i < last; ++i) {
-        const int64_t k = order[i];
-        if (i + 1 < last) prefetch(order[i + 1]);
-        const auto& g = table.geometry[k];
-        scalar_t* out = output + (k * channels + c0) * out_plane;
-        if (g.grid_h == 0 || g.grid_w == 0) {
-          std::fill(out, out + nc * out_plane, scalar_t(0));
-          continue;
-        }
-        const auto *ys = table.ys(k), *xs = table.xs(k);
-        const scalar_t* in = block_origin(k, c0);
-        const int64_t plane = pyramid.plane(table.level[k]);
-        const int64_t width = pyramid.width[table.level[k]];
-        row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock);
-        if (nc == kBlock) {
-          pool_nchw_block<kBlock>(g, ys, xs, rows[k], in, plane, width,
-                                  pooled_h, pooled_w, row_sums.data(), out);
-        } else {
-          for (int64_t j = 0; j < nc; ++j)
-            pool_nchw_block<1>(g, ys, xs, rows[k], in + j * plane, plane, width,
-                               pooled_h, pooled_w, row_sums.data(),
-                               out + j * out_plane);
+    run_for_isa<Body>(body, begin, end);
+  });
+}
+
+// Calls visit(w, pos) for every sample of one bin that lies inside the map:
+// the bilinear weights of its four corners (low/high row x low/high column)
+// and their positions y * width + x. Corners may coincide at the border.
+template <typename acc_t, typename Visit>
+MASKRCNN_ALWAYS_INLINE void for_each_bin_sample(const RoIAlignGeometry<acc_t>& g,
+                                                const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
+                                                int64_t width, Visit&& visit) {
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    const AxisTap<acc_t> ty = ys[iy];
+    if (ty.outside()) continue;
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      const AxisTap<acc_t> tx = xs[ix];
+      if (tx.outside()) continue;
+      const acc_t w[4] = {ty.w_low * tx.w_low, ty.w_low * tx.w_high, ty.w_high * tx.w_low,
+                          ty.w_high * tx.w_high};
+      const int64_t pos[4] = {ty.low * width + tx.low, ty.low * width + tx.high,
+                              ty.high * width + tx.low, ty.high * width + tx.high};
+      visit(w, pos);
+    }
+  }
+}
+
+// NHWC forward: parallel over RoIs; every tap adds a whole channel vector
+// (contiguous, vectorized).
+template <typename scalar_t, typename acc_t>
+struct NhwcForward {
+  const TapTable<acc_t>& table;
+  const Pyramid<acc_t>& pyramid;
+  const std::vector<const scalar_t*>& inputs;
+  scalar_t* output;
+  int64_t channels, pooled_h, pooled_w;
+
+  static MASKRCNN_ALWAYS_INLINE void bin(const NhwcForward& f, const RoIAlignGeometry<acc_t>& g,
+                                         const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
+                                         const scalar_t* in_b, int64_t width, acc_t* a) {
+    std::fill(a, a + f.channels, acc_t(0));
+    for_each_bin_sample(g, ys, xs, width, [&](const acc_t* w, const int64_t* pos)
+                                              __attribute__((always_inline)) {
+      const scalar_t* p1 = in_b + pos[0] * f.channels;
+      const scalar_t* p2 = in_b + pos[1] * f.channels;
+      const scalar_t* p3 = in_b + pos[2] * f.channels;
+      const scalar_t* p4 = in_b + pos[3] * f.channels;
+      for (int64_t c = 0; c < f.channels; ++c) {
+        a[c] += w[0] * static_cast<acc_t>(p1[c]) + w[1] * static_cast<acc_t>(p2[c]) +
+                w[2] * static_cast<acc_t>(p3[c]) + w[3] * static_cast<acc_t>(p4[c]);
+      }
+    });
+  }
+
+  // RoIs [begin, end).
+  static MASKRCNN_ALWAYS_INLINE void run(const NhwcForward& f, int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(f.channels);
+    for (int64_t k = begin; k < end; ++k) {
+      const auto& g = f.table.geometry[k];
+      const auto *ys = f.table.ys(k), *xs = f.table.xs(k);
+      const int64_t width = f.pyramid.width[f.table.level[k]];
+      const scalar_t* in_b =
+          f.inputs[f.table.level[k]] + g.batch_index * f.pyramid.plane(f.table.level[k]) * f.channels;
+      for (int64_t ph = 0; ph < f.pooled_h; ++ph) {
+        for (int64_t pw = 0; pw < f.pooled_w; ++pw) {
+          bin(f, g, ys + ph * g.grid_h, xs + pw * g.grid_w, in_b, width, acc.data());
+          scalar_t* out = f.output + ((k * f.pooled_h + ph) * f.pooled_w + pw) * f.channels;
+          for (int64_t c = 0; c < f.channels; ++c) out[c] = static_cast<scalar_t>(acc[c] / g.count);
         }
       }
     }
-  });
-}
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 void forward_nhwc(const TapTable<acc_t>& table, const Pyramid<acc_t>& pyramid,
                   const std::vector<const scalar_t*>& inputs, scalar_t* output,
                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
+  using Body = NhwcForward<scalar_t, acc_t>;
+  const Body body{table, pyramid, inputs, output, channels, pooled_h, pooled_w};
   const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
   at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(channels);
-    for (int64_t k = begin; k < end; ++k) {
-      const auto& g = table.geometry[k];
-      const auto *ys = table.ys(k), *xs = table.xs(k);
-      const int64_t width = pyramid.width[table.level[k]];
-      const scalar_t* in_b = inputs[table.level[k]] +
-                             g.batch_index * pyramid.plane(table.level[k]) * channels;
-      for (int64_t ph = 0; ph < pooled_h; ++ph) {
-        for (int64_t pw = 0; pw < pooled_w; ++pw) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int iy = 0; iy < g.grid_h; ++iy) {
-            const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
-            if (ty.outside()) continue;
-            for (int ix = 0; ix < g.grid_w; ++ix) {
-              const AxisTap<acc_t> tx = xs[pw * g.grid_w + ix];
-              if (tx.outside()) continue;
-              const acc_t w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
-              const acc_t w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
-              const scalar_t* p1 = in_b + (ty.low * width + tx.low) * channels;
-              const scalar_t* p2 = in_b + (ty.low * width + tx.high) * channels;
-              const scalar_t* p3 = in_b + (ty.high * width + tx.low) * channels;
-              const scalar_t* p4 = in_b + (ty.high * width + tx.high) * channels;
-              acc_t* a = acc.data();
-              for (int64_t c = 0; c < channels; ++c) {
-                a[c] += w1 * static_cast<acc_t>(p1[c]) +
-                        w2 * static_cast<acc_t>(p2[c]) +
-                        w3 * static_cast<acc_t>(p3[c]) +
-                        w4 * static_cast<acc_t>(p4[c]);
-              }
-            }
-          }
-          scalar_t* out = output + ((k * pooled_h + ph) * pooled_w + pw) * channels;
-          for (int64_t c = 0; c < channels; ++c)
-            out[c] = static_cast<scalar_t>(acc[c] / g.count);
-        }
-      }
-    }
+    run_for_isa<Body>(body, begin, end);
   });
 }
 
@@ -467,65 +614,78 @@ void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
   });
 }
 
+// NHWC backward: units of (map, channel block); every tap adds a scaled
+// vector of the block's bin gradients to a feature-map position.
+template <typename scalar_t, typename acc_t>
+struct NhwcBackward {
+  const TapTable<acc_t>& table;
+  const RoIGroups& groups;
+  const Pyramid<acc_t>& pyramid;
+  const scalar_t* grad;
+  const std::vector<acc_t*>& grad_inputs;
+  int64_t batch, channels, pooled_h, pooled_w, block_size;
+
+  // One bin of RoI k: its gradient (nc channels, divided by the sample
+  // count in gbin) to the four corners of every sample.
+  static MASKRCNN_ALWAYS_INLINE void bin(const RoIAlignGeometry<acc_t>& g, const AxisTap<acc_t>* ys,
+                                         const AxisTap<acc_t>* xs, const acc_t* gbin, int64_t nc,
+                                         int64_t width, int64_t channels, acc_t* gin_b) {
+    for_each_bin_sample(g, ys, xs, width, [&](const acc_t* w, const int64_t* pos)
+                                              __attribute__((always_inline)) {
+      // One corner after another: corners may coincide at the border.
+      for (int corner = 0; corner < 4; ++corner) {
+        acc_t* dst = gin_b + pos[corner] * channels;
+        const acc_t wc = w[corner];
+        for (int64_t c = 0; c < nc; ++c) dst[c] += wc * gbin[c];
+      }
+    });
+  }
+
+  // Units [begin, end): unit = block * maps + map.
+  static MASKRCNN_ALWAYS_INLINE void run(const NhwcBackward& f, int64_t begin, int64_t end) {
+    std::vector<acc_t> gbin(f.block_size);
+    const int64_t maps = f.pyramid.levels * f.batch;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t map = unit % maps;
+      const int64_t level = map / f.batch, b = map % f.batch;
+      const int64_t width = f.pyramid.width[level];
+      const int64_t c0 = (unit / maps) * f.block_size;
+      const int64_t nc = std::min(f.block_size, f.channels - c0);
+      acc_t* gin_b = f.grad_inputs[level] + b * f.pyramid.plane(level) * f.channels + c0;
+      for (int64_t i = f.groups.begin[map]; i < f.groups.begin[map + 1]; ++i) {
+        const int64_t k = f.groups.order[i];
+        const auto& g = f.table.geometry[k];
+        const auto *ys = f.table.ys(k), *xs = f.table.xs(k);
+        for (int64_t ph = 0; ph < f.pooled_h; ++ph) {
+          for (int64_t pw = 0; pw < f.pooled_w; ++pw) {
+            const scalar_t* grad_bin = f.grad + ((k * f.pooled_h + ph) * f.pooled_w + pw) * f.channels + c0;
+            for (int64_t c = 0; c < nc; ++c) gbin[c] = static_cast<acc_t>(grad_bin[c]) / g.count;
+            bin(g, ys + ph * g.grid_h, xs + pw * g.grid_w, gbin.data(), nc, width, f.channels, gin_b);
+          }
+        }
+      }
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void backward_nhwc(const TapTable<acc_t>& table, const RoIGroups& groups,
                    const Pyramid<acc_t>& pyramid, const scalar_t* grad,
                    const std::vector<acc_t*>& grad_inputs, int64_t batch,
                    int64_t channels, int64_t pooled_h, int64_t pooled_w) {
   // Channel blocks keep the per-tap vector loop long while giving every
-  // thread work even for a single image.
-  // At least two blocks per thread where the channels allow (16 or more
-  // channels a block), so that every thread has work however the RoIs fall.
+  // thread work even for a single image: at least two blocks per thread
+  // where the channels allow (16 or more channels a block), so that every
+  // thread has work however the RoIs fall.
   const int64_t threads = at::get_num_threads();
   const int64_t block_size =
       std::clamp<int64_t>((channels + 2 * threads - 1) / (2 * threads), 16, 64);
   const int64_t blocks = (channels + block_size - 1) / block_size;
-  const int64_t maps = pyramid.levels * batch;
-  at::parallel_for(0, maps * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gbin(block_size);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t map = unit % maps;
-      const int64_t level = map / batch, b = map % batch;
-      const int64_t width = pyramid.width[level];
-      const int64_t c0 = (unit / maps) * block_size;
-      const int64_t nc = std::min(block_size, channels - c0);
-      acc_t* gin_b = grad_inputs[level] + b * pyramid.plane(level) * channels + c0;
-      for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
-        const int64_t k = groups.order[i];
-        const auto& g = table.geometry[k];
-        const auto *ys = table.ys(k), *xs = table.xs(k);
-        for (int64_t ph = 0; ph < pooled_h; ++ph) {
-          for (int64_t pw = 0; pw < pooled_w; ++pw) {
-            const scalar_t* grad_bin =
-                grad + ((k * pooled_h + ph) * pooled_w + pw) * channels + c0;
-            for (int64_t c = 0; c < nc; ++c)
-              gbin[c] = static_cast<acc_t>(grad_bin[c]) / g.count;
-            for (int iy = 0; iy < g.grid_h; ++iy) {
-              const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
-              if (ty.outside()) continue;
-              for (int ix = 0; ix < g.grid_w; ++ix) {
-                const AxisTap<acc_t> tx = xs[pw * g.grid_w + ix];
-                if (tx.outside()) continue;
-                const acc_t w[4] = {ty.w_low * tx.w_low, ty.w_low * tx.w_high,
-                                    ty.w_high * tx.w_low,
-                                    ty.w_high * tx.w_high};
-                const int64_t pos[4] = {ty.low * width + tx.low,
-                                        ty.low * width + tx.high,
-                                        ty.high * width + tx.low,
-                                        ty.high * width + tx.high};
-                // Corners may coincide at the border, so they are applied one
-                // after another rather than fused into one loop.
-                for (int corner = 0; corner < 4; ++corner) {
-                  acc_t* dst = gin_b + pos[corner] * channels;
-                  const acc_t wc = w[corner];
-                  for (int64_t c = 0; c < nc; ++c) dst[c] += wc * gbin[c];
-                }
-              }
-            }
-          }
-        }
-      }
-    }
+  using Body = NhwcBackward<scalar_t, acc_t>;
+  const Body body{table, groups, pyramid, grad, grad_inputs, batch, channels, pooled_h, pooled_w,
+                  block_size};
+  at::parallel_for(0, pyramid.levels * batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    run_for_isa<Body>(body, begin, end);
   });
 }
 
