@@ -41,6 +41,16 @@ struct RoiTaps {
   }
 };
 
+// Whether a row of resized values holds one above `best` or a NaN (only
+// then is it scanned for the maximum): one branch-free pass, which the
+// compiler vectorizes, instead of a compare-and-branch per pixel.
+template <typename acc_t>
+bool may_improve(const acc_t* line, int64_t count, acc_t best) {
+  int found = 0;
+  for (int64_t x = 0; x < count; ++x) found |= !(line[x] <= best);
+  return found != 0;
+}
+
 // The first maximum of one heatmap [H, W] resized by `taps`: (value, flat
 // index into the map_h x map_w map). scratch and line are reused buffers.
 template <typename scalar_t, typename acc_t>
@@ -62,6 +72,7 @@ void resized_argmax(const scalar_t* map, int64_t height, int64_t width, const Ro
     const acc_t* r2 = scratch.data() + ty.index[2] * out_w;
     const acc_t* r3 = scratch.data() + ty.index[3] * out_w;
     for (int64_t x = 0; x < out_w; ++x) line[x] = cubic_combine<scalar_t>(r0[x], r1[x], r2[x], r3[x], ty);
+    if (best_index >= 0 && !may_improve(line.data(), out_w, best)) continue;
     for (int64_t x = 0; x < out_w; ++x) {
       const int64_t index = y * out_w + x;
       if (best_index < 0 || argmax_prefers(line[x], index, best, best_index)) {
@@ -69,6 +80,7 @@ void resized_argmax(const scalar_t* map, int64_t height, int64_t width, const Ro
         best_index = index;
       }
     }
+    if (best != best) return;  // a NaN: no later pixel comes before it
   }
 }
 
