@@ -143,6 +143,22 @@ def test_matches_torchvision_exactly_away_from_near_ties():
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=NEAR_TIE[torch.float32] * 40.0)
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "DEFAULT",
+                    reason="torch's portable CPU build only (ATEN_CPU_CAPABILITY=default, as make test-numerics "
+                    "runs): its AVX2 / AVX-512 builds fuse FMAs")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_equals_torchvision_bit_for_bit_on_the_portable_build(seed):
+    """Where torch rounds every operation (its portable build), our keypoints
+    and scores are torchvision's to the bit: the same resized values, the
+    same first maximum, the same coordinate arithmetic."""
+    boxes = torch.cat([make_boxes(30, seed=seed), edge_boxes()])
+    heatmaps = make_heatmaps(boxes.size(0), 17, seed=seed)
+    heatmaps[0, :3] = 0  # exact ties
+    keypoints, scores = maskrcnn_ops.heatmaps_to_keypoints(heatmaps, boxes)
+    expected_keypoints, expected_scores = tv_heatmaps_to_keypoints(heatmaps, boxes)
+    assert torch.equal(keypoints, expected_keypoints) and torch.equal(scores, expected_scores)
+
+
 def test_matches_the_reference_bit_for_bit(device):
     boxes = torch.cat([make_boxes(16, seed=5), edge_boxes()]).to(device)
     heatmaps = make_heatmaps(boxes.size(0), 7, seed=6).to(device)
