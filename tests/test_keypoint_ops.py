@@ -67,6 +67,11 @@ def make_heatmaps(num, keypoints=17, size=(56, 56), *, seed=0, dtype=torch.float
     return (3 * torch.randn(num, keypoints, *size, generator=g, dtype=torch.float64)).to(dtype)
 
 
+def keypoints_dtype(dtype):
+    """The dtype of the results and of the boxes as the op reads them."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _resized_by_torch(maps, height, width):
     """maps [K, H, W] resized by torch (this CPU's build), widened to float64."""
     resized = F.interpolate(maps[:, None], size=(height, width), mode="bicubic", align_corners=False)
@@ -193,10 +198,6 @@ def test_other_dtypes_near_torchvision(dtype):
     if dtype == torch.float64:
         expected_keypoints, _ = tv_heatmaps_to_keypoints(heatmaps, boxes.double())
         torch.testing.assert_close(keypoints.float(), expected_keypoints, rtol=1e-6, atol=2e-4)
-
-
-def keypoints_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def test_ties_take_the_first_pixel(device):
