@@ -371,12 +371,67 @@ def postprocess_cases(device: str, quick: bool) -> List[Case]:
     return cases
 
 
+# -------------------------------------------------------------- keypoints
+
+
+def person_boxes(n: int, image: Tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """[n, 4] float32 boxes of people in an image of (height, width): 20 to
+    400 px wide, 1 to 3 times as tall, at fractional positions inside it."""
+    width = 20 + 380 * torch.rand(n, generator=generator)
+    height = torch.minimum(width * (1 + 2 * torch.rand(n, generator=generator)), torch.tensor(image[0] - 1.0))
+    x1 = (image[1] - width) * torch.rand(n, generator=generator)
+    y1 = (image[0] - height) * torch.rand(n, generator=generator)
+    return torch.stack([x1, y1, x1 + width, y1 + height], 1)
+
+
+def _keypoints_setup(device, dtype, n, keypoints, side, image):
+    def setup():
+        from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
+
+        generator = torch.Generator().manual_seed(n)
+        boxes = person_boxes(n, image, generator).to(device)
+        heatmaps = (3 * torch.randn(n, keypoints, side, side, generator=generator)).to(device=device, dtype=dtype)
+        ours = lambda: maskrcnn_ops.heatmaps_to_keypoints(heatmaps, boxes)  # noqa: E731
+        theirs = lambda: heatmaps_to_keypoints(heatmaps, boxes)  # noqa: E731
+
+        def agree():
+            # Torch's AVX2 / AVX-512 bicubic kernels fuse some operations
+            # (ours round like its portable build), so a resized maximum a
+            # few ulp from the runner-up may swap: allow 0.5% of keypoints
+            # elsewhere, scores equal within float32 rounding.
+            (a, sa), (b, sb) = ours(), theirs()
+            same = (a.float() == b).all(-1)
+            return bool(same.float().mean() >= 0.995 and torch.allclose(sa[same].float(), sb[same], rtol=1e-5,
+                                                                          atol=1e-5))
+
+        return ours, theirs, agree
+
+    return setup
+
+
+def keypoints_cases(device: str, quick: bool) -> List[Case]:
+    """Keypoint R-CNN's decoding: 100 detections x 17 keypoints, 56 x 56
+    heatmaps, people-sized boxes in an 800 x 1088 image, against
+    torchvision's heatmaps_to_keypoints (a Python loop over detections)."""
+    image = (800, 1088)
+    cases = [Case("heatmaps_to_keypoints", "100 det x 17 kp 56x56, person boxes in 800x1088", "float32", "-",
+                  _keypoints_setup(device, torch.float32, 100, 17, 56, image))]
+    if quick:
+        return cases
+    for n in (10, 300):
+        cases.append(Case("heatmaps_to_keypoints", f"{n} det x 17 kp 56x56, person boxes in 800x1088", "float32",
+                          "-", _keypoints_setup(device, torch.float32, n, 17, 56, image),
+                          sweep="heatmaps_to_keypoints: detections", size=n))
+    return cases
+
+
 FAMILIES: Dict[str, Callable[[str, bool], List[Case]]] = {
     "roi_align": roi_align_cases,
     "multiscale": multiscale_cases,
     "nms": nms_cases,
     "proposals": proposals_cases,
     "postprocess": postprocess_cases,
+    "keypoints": keypoints_cases,
 }
 
 

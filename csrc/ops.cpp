@@ -140,4 +140,14 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "masks_to_rle(Tensor masks, Tensor boxes, SymInt height, SymInt width, int padding=1, "
       "float threshold=0.5) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+
+  // Keypoint R-CNN's decoding (torchvision's heatmaps_to_keypoints):
+  // heatmaps [D, K, H, W], each RoI's K maps resized bicubically to its box
+  // boxes [D, 4] (ceil of the width and height, each clamped to >= 1 pixel
+  // and at most 4096; an axis of non-finite extent to 1 pixel), and the first
+  // maximum of each resized map. Returns (keypoints [D, K, 3] rows of (x, y,
+  // 1) in image coordinates, scores [D, K]: the resized maps' maxima), in
+  // float32, or float64 for float64 heatmaps. Inference only: no gradient.
+  m.def("heatmaps_to_keypoints(Tensor heatmaps, Tensor boxes) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }

@@ -66,6 +66,7 @@ from .nms_ops import (  # noqa: E402
     rank_kept_per_image,
 )
 from .paste_ops import masks_to_rle, paste_masks  # noqa: E402
+from .keypoint_ops import heatmaps_to_keypoints  # noqa: E402
 from .soft_nms_ops import batched_soft_nms, soft_nms  # noqa: E402
 from .proposals import flatten_rpn_outputs, generate_proposals, generate_proposals_padded  # noqa: E402
 from .multiscale import MultiScaleRoIAlign, multi_scale_roi_align  # noqa: E402
@@ -112,6 +113,7 @@ __all__ = [
     "AnchorGenerator",
     "paste_masks",
     "masks_to_rle",
+    "heatmaps_to_keypoints",
     "flatten_rpn_outputs",
     "generate_proposals",
     "generate_proposals_padded",

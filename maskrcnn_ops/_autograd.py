@@ -5,10 +5,11 @@ backwards, linear in the gradient, so double backward is exact),
 roi_align_max (features, first order) and decode_boxes (deltas, first
 order). Not differentiable: encode_boxes (regression targets are constants),
 rpn_decode_filter, the NMS and soft-NMS ops (integer or boolean results, or
-scores decayed by a discrete choice of boxes) and paste_masks (inference
-post-processing); a backward that reaches encode_boxes, rpn_decode_filter,
-soft_nms, batched_soft_nms, paste_masks, roi_align_max's or decode_boxes' own
-backward raises a clear error rather than returning a silent zero.
+scores decayed by a discrete choice of boxes), paste_masks and
+heatmaps_to_keypoints (inference post-processing); a backward that reaches
+encode_boxes, rpn_decode_filter, soft_nms, batched_soft_nms, paste_masks,
+heatmaps_to_keypoints, roi_align_max's or decode_boxes' own backward raises a
+clear error rather than returning a silent zero.
 
 roi_align is differentiable with respect to its input features (not the
 boxes, as in torchvision). Its backward is a linear map of the output
@@ -172,12 +173,13 @@ _FORMULAS = {
 }
 # roi_align_max_backward is first order only: its own gradient would need a
 # gather at the argmax samples, which no op provides yet.
-# paste_masks is an inference op (the model's output stage); soft_nms' decayed
+# paste_masks and heatmaps_to_keypoints are inference ops (the model's output
+# stage: an argmax has no useful gradient); soft_nms' decayed
 # scores are scores times weights of the boxes' IoUs, but which boxes they
 # belong to is a discrete choice: a backward through either raises rather
 # than silently returning nothing.
 for _name in ("roi_align_max_backward", "decode_boxes_backward", "encode_boxes", "rpn_decode_filter", "paste_masks",
-              "soft_nms", "batched_soft_nms"):
+              "heatmaps_to_keypoints", "soft_nms", "batched_soft_nms"):
     _FORMULAS[_name] = _not_differentiable(_name)
 for _name, (_backward, _setup) in _FORMULAS.items():
     torch.library.register_autograd(f"maskrcnn_ops::{_name}", _backward, setup_context=_setup)

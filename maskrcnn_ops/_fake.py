@@ -196,3 +196,19 @@ def _masks_to_rle_fake(masks, boxes, height, width, padding=1, threshold=0.5):
     length = torch.library.get_ctx().new_dynamic_size()
     chars = masks.new_empty((length,), dtype=torch.uint8)
     return chars, masks.new_empty((masks.size(0) + 1,), dtype=torch.int64)
+
+
+@torch.library.register_fake("maskrcnn_ops::heatmaps_to_keypoints")
+def _heatmaps_to_keypoints_fake(heatmaps, boxes):
+    torch._check(
+        heatmaps.dim() == 4, lambda: f"heatmaps_to_keypoints: expected heatmaps of shape [D, K, H, W], got "
+        f"{tuple(heatmaps.shape)}"
+    )
+    torch._check(
+        boxes.dim() == 2 and boxes.size(1) == 4 and boxes.size(0) == heatmaps.size(0),
+        lambda: f"heatmaps_to_keypoints: expected boxes of shape [{heatmaps.size(0)}, 4], got {tuple(boxes.shape)}",
+    )
+    # float32 results, float64 for float64 heatmaps (the accumulation dtype).
+    dtype = torch.float64 if heatmaps.dtype == torch.float64 else torch.float32
+    rois, per_roi = heatmaps.size(0), heatmaps.size(1)
+    return heatmaps.new_empty((rois, per_roi, 3), dtype=dtype), heatmaps.new_empty((rois, per_roi), dtype=dtype)

@@ -488,3 +488,83 @@ def masks_to_rle(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], thre
     pasted = paste_masks(masks, boxes, image_size, threshold=threshold, padding=padding).cpu()
     return [{"size": [int(image_size[0]), int(image_size[1])], "counts": compress_rle_counts(rle_counts(m))}
             for m in pasted]
+
+
+KEYPOINT_MAP_LIMIT = 4096  # csrc/common/keypoint_math.h: kMaxKeypointMapSide
+
+
+def _keypoint_map_side(extent: float) -> int:
+    """Resized length of an axis of ``extent`` (>= 1 or non-finite) pixels."""
+    if not math.isfinite(extent):
+        return 1
+    return min(math.ceil(extent), KEYPOINT_MAP_LIMIT)
+
+
+def _cubic_taps(source: int, length: int, weight_dtype: torch.dtype, dtype: torch.dtype,
+                device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Bicubic taps (A = -0.75, align_corners=False) of ``length`` output
+    samples over ``source`` input samples, one tensor operation per
+    arithmetic operation of ATen's CPU kernel, so every rounding is its own
+    (its floor in float32 precision, weights rounded to the input dtype).
+
+    Returns:
+        index: [length, 4] int64 input samples (clamped to the axis);
+        weight: [length, 4] in ``dtype``.
+    """
+    scale = torch.tensor(float(source), dtype=dtype, device=device) / torch.tensor(float(length), dtype=dtype,
+                                                                                      device=device)
+    position = scale * (torch.arange(length, dtype=dtype, device=device) + 0.5) - 0.5
+    floor = position.float().floor().to(torch.int64).clamp(max=source - 1)
+    t = (position - floor.to(dtype)).clamp(0, 1)
+    mirrored = 1 - t
+
+    def near(x):
+        return (1.25 * x - 2.25) * x * x + 1
+
+    def far(x):
+        return ((-0.75 * x + 3.75) * x - 6) * x + 3
+
+    weight = torch.stack([far(t + 1), near(t), near(mirrored), far(mirrored + 1)], dim=1)
+    index = (floor[:, None] + torch.arange(-1, 3, device=device)).clamp(0, source - 1)
+    return index, weight.to(weight_dtype).to(dtype)
+
+
+def _bicubic_resize(maps: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """maps [K, H, W] resized to [K, height, width] as upsample_bicubic2d on
+    the CPU computes it (see _cubic_taps), in ``dtype``, rounded to maps' dtype."""
+    ys, wy = _cubic_taps(maps.size(1), height, maps.dtype, dtype, maps.device)
+    xs, wx = _cubic_taps(maps.size(2), width, maps.dtype, dtype, maps.device)
+    values = maps.to(dtype)
+    rows = values[:, :, xs[:, 0]] * wx[:, 0]  # [K, H, width], the taps summed in order
+    for i in range(1, 4):
+        rows = rows + values[:, :, xs[:, i]] * wx[:, i]
+    out = rows[:, ys[:, 0], :] * wy[:, 0, None]
+    for j in range(1, 4):
+        out = out + rows[:, ys[:, j], :] * wy[:, j, None]
+    return out.to(maps.dtype).to(dtype)
+
+
+def heatmaps_to_keypoints(heatmaps: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reference keypoint decoding (``maskrcnn_ops.keypoint_ops``): heatmaps
+    [D, K, H, W], boxes [D, 4] -> (keypoints [D, K, 3] of (x, y, 1), scores
+    [D, K]) in the accumulation dtype. A Python loop over RoIs, each RoI's
+    maps resized in full (torchvision's formulation) with the kernels'
+    arithmetic, so results equal the op's bit for bit on every CPU."""
+    dtype = _accumulate_dtype(heatmaps.dtype)
+    rois, per_roi = heatmaps.shape[:2]
+    keypoints = torch.ones((rois, per_roi, 3), dtype=dtype, device=heatmaps.device)
+    scores = torch.zeros((rois, per_roi), dtype=dtype, device=heatmaps.device)
+    if per_roi == 0:
+        return keypoints, scores
+    b = boxes.to(dtype)
+    extents = (b[:, 2:] - b[:, :2]).clamp(min=1)  # [D, 2] width, height; NaN stays NaN
+    for i in range(rois):
+        width, height = extents[i]
+        side_w, side_h = _keypoint_map_side(float(width)), _keypoint_map_side(float(height))
+        resized = _bicubic_resize(heatmaps[i], side_h, side_w, dtype).reshape(per_roi, -1)
+        position = resized.argmax(dim=1)
+        column, row = position % side_w, position // side_w
+        keypoints[i, :, 0] = (column.to(dtype) + 0.5) * (width / side_w) + b[i, 0]
+        keypoints[i, :, 1] = (row.to(dtype) + 0.5) * (height / side_h) + b[i, 1]
+        scores[i] = resized.gather(1, position[:, None])[:, 0]
+    return keypoints, scores

@@ -1,5 +1,5 @@
-"""The CUDA kernels (RoIAlign, NMS, box coding, mask pasting), run on the CPU by an
-emulator, against the CPU kernels.
+"""The CUDA kernels (RoIAlign, NMS, box coding, mask pasting, keypoint
+decoding), run on the CPU by an emulator, against the CPU kernels.
 
 No GPU is needed: csrc/cuda/roi_align_kernels.cuh (the kernels, the
 device-side structures and the launch sequences of roi_align.cu, free of
@@ -25,7 +25,11 @@ encode and the RPN's fused decode-and-filter) gives the CPU kernels' results
 bit for bit (the same row code, compiled with the same flags). So does the
 mask pasting kernel (csrc/cuda/paste_kernels.cuh, launched as paste.cu
 launches it: window slices per block, a grid-stride loop over masks),
-against the CPU paste over csrc/common/paste_math.h.
+against the CPU paste over csrc/common/paste_math.h. The keypoint decoding
+kernel (csrc/cuda/keypoints_kernels.cuh: a block per (RoI, keypoint), a
+shared-memory argmax reduction, so its threads run as real threads with a
+barrier) gives the CPU kernel's keypoints and scores bit for bit (the same
+bicubic values of csrc/common/keypoint_math.h, the same first-index rule).
 
 Not checked here: what only a GPU has (the device math library's exp/log2,
 concurrency of real atomics, launch limits, memory-access patterns). Those
@@ -634,3 +638,58 @@ def test_paste_kernel_empty_work(paste_emulator):
     masks, boxes = torch.rand(3, 7, 7), torch.tensor([[1.0, 1, 5, 5]] * 3)
     assert emulated_paste(paste_emulator, masks, boxes, (0, 9)).shape == (3, 0, 9)
     assert emulated_paste(paste_emulator, masks[:0], boxes[:0], (8, 9)).shape == (0, 8, 9)
+
+
+# ------------------------------------------------------- keypoint decoding --
+
+
+@pytest.fixture(scope="module")
+def keypoints_emulator(tmp_path_factory):
+    """The emulated keypoint decoding kernel."""
+    return _build("keypoints_emulation", tmp_path_factory.mktemp("cuda_emulation"))
+
+
+def emulated_keypoints(lib, heatmaps, boxes, *, threads, blocks=0):
+    """keypoints.cu's launch sequence on CPU tensors (boxes in the heatmaps'
+    dtype), its outputs inside Guarded buffers, so a write outside them fails
+    the test. Every output is NaN-filled first: the kernel must write all."""
+    heatmaps = heatmaps.contiguous()
+    boxes = boxes.to(heatmaps.dtype).contiguous()
+    rois, per_roi, height, width = heatmaps.shape
+    keypoints = Guarded((rois, per_roi, 3), torch.contiguous_format, heatmaps.dtype, math.nan)
+    scores = Guarded((rois, per_roi), torch.contiguous_format, heatmaps.dtype, math.nan)
+    getattr(lib, f"mro_keypoints_{SUFFIX[heatmaps.dtype]}")(
+        _pointer(heatmaps), _pointer(boxes), keypoints.pointer(), scores.pointer(),
+        *[ctypes.c_int64(v) for v in (rois, per_roi, height, width)], ctypes.c_uint(threads), ctypes.c_uint(blocks),
+    )
+    return keypoints.check(), scores.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("threads,blocks", [(8, 0), (5, 3)], ids=["launch", "odd-block-grid-stride"])
+def test_keypoints_kernel_equals_the_cpu_kernel(keypoints_emulator, dtype, threads, blocks):
+    """The CUDA keypoint decoding (a block per (RoI, keypoint), each thread's
+    first maximum, the shared-memory tree reduction with its lower-index
+    tie-break, the grid-stride loop over pairs with fewer blocks; a block
+    size that is not a power of two, threads without pixels on 1 x 1 maps)
+    gives the CPU kernel's keypoints and scores bit for bit, also for exact
+    ties (zero maps), NaN values and non-finite, tiny and large boxes."""
+    from test_keypoint_ops import edge_boxes, make_boxes
+
+    nan, inf = math.nan, math.inf
+    odd = torch.tensor([[nan, 10.0, 50.0, 60.0], [0.0, 0.0, inf, 40.0], [2.0, 3.0, 4.5, 4.0]])
+    boxes = torch.cat([make_boxes(4, seed=21), edge_boxes()[[0, 2, 4, 6]], odd]).to(dtype)
+    g = torch.Generator().manual_seed(22)
+    heatmaps = torch.randn(boxes.size(0), 3, 12, 10, generator=g, dtype=dtype)
+    heatmaps[1] = 0  # every pixel ties
+    heatmaps[2, 1, 4, 5] = nan
+    ours = emulated_keypoints(keypoints_emulator, heatmaps, boxes, threads=threads, blocks=blocks)
+    expected = ops.heatmaps_to_keypoints(heatmaps, boxes)
+    torch.testing.assert_close(ours[0], expected[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ours[1], expected[1], rtol=0, atol=0, equal_nan=True)
+
+
+def test_keypoints_kernel_empty_work(keypoints_emulator):
+    heatmaps, boxes = torch.rand(3, 0, 5, 5), torch.tensor([[1.0, 1, 5, 5]] * 3)
+    keypoints, scores = emulated_keypoints(keypoints_emulator, heatmaps, boxes, threads=4)
+    assert keypoints.shape == (3, 0, 3) and scores.shape == (3, 0)
