@@ -361,21 +361,6 @@ def _decode_setup(device, dtype, n):
     return setup
 
 
-def _proposals_setup(device, dtype, top_n):
-    def setup():
-        from benchmarks.proposals import proposal_problem, same_up_to_ties
-
-        ours, theirs = proposal_problem(device, dtype, top_n)
-
-        def agree():
-            (tb, ts), (ob, os_) = theirs(), ours()
-            return all(same_up_to_ties(*args) for args in zip(tb, ts, ob, os_))
-
-        return ours, theirs, agree
-
-    return setup
-
-
 def compare_proposals(ours, theirs) -> Tuple[bool, float]:
     """(same proposals and scores up to the order of ties, proposals of one
     with no box within 1e-4 in the other) of two (boxes, scores) per image."""
@@ -393,19 +378,23 @@ def compare_proposals(ours, theirs) -> Tuple[bool, float]:
     return same, float(unmatched)
 
 
-def _proposals_one_level_setup(device, dtype, top_n):
-    """generate_proposals on one level (P2, 163,200 anchors per image), the
-    form of OpenVINO's ExperimentalDetectronGenerateProposalsSingleImage."""
+def _proposals_setup(device, dtype, top_n, levels=5):
+    """generate_proposals against torchvision on the first `levels` levels
+    of the RPN workload; on one level (P2, 163,200 anchors per image), the
+    form of OpenVINO's ExperimentalDetectronGenerateProposalsSingleImage,
+    with it as a peer."""
 
     def setup():
         from benchmarks.proposals import IMAGE_SIZES, proposal_problem, rpn_inputs, rpn_problem, same_up_to_ties
 
-        ours, theirs = proposal_problem(device, dtype, top_n, levels=1)
+        ours, theirs = proposal_problem(device, dtype, top_n, levels)
 
         def agree():
             (tb, ts), (ob, os_) = theirs(), ours()
             return all(same_up_to_ties(*args) for args in zip(tb, ts, ob, os_))
 
+        if levels != 1:
+            return ours, theirs, agree
         objectness, deltas, _ = rpn_inputs(device, dtype, levels=1)
         anchors = rpn_problem(device, dtype, levels=1)["anchors"]
         build = lambda: peers.proposals_openvino(objectness[0], deltas[0], anchors, IMAGE_SIZES, top_n, 0.7, 1e-3)  # noqa: E731
@@ -421,7 +410,7 @@ def proposals_cases(device: str, quick: bool) -> List[Case]:
         Case("generate_proposals", "2 images 5 levels test 1000/1000", "float32", "-",
              _proposals_setup(device, torch.float32, 1000)),
         Case("generate_proposals", "2 images 1 level (P2) test 1000/1000", "float32", "-",
-             _proposals_one_level_setup(device, torch.float32, 1000)),
+             _proposals_setup(device, torch.float32, 1000, levels=1)),
     ]
     if quick:
         return cases
