@@ -126,14 +126,15 @@ def plot(rows: list, path: Path, env: dict) -> bool:
     import matplotlib.pyplot as plt
 
     shown = peers_run(rows)
-    baselines = [("torchvision", "-", "torchvision")] + [(p, s, LABELS[p]) for p, s in zip(shown, ["--", ":"])]
+    baselines = [("torchvision", "-", "o", "torchvision")] + [
+        (p, style, marker, LABELS[p]) for p, style, marker in zip(shown, ["--", ":"], ["s", "^"])]
     fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.6), squeeze=False)
     for ax, sweep in zip(axes[0], sweeps):
         for index, op in enumerate(sorted({r["op"] for r in rows if r["sweep"] == sweep})):
-            for baseline, style, label in baselines:
+            for baseline, style, marker, label in baselines:
                 points = speedup_points(rows, sweep, op, baseline)
                 if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle=style,
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle=style,
                             color=f"C{index}", label=f"{op} vs {label}")
         ax.set_xscale("log")
         ax.set_yscale("log" if shown else "linear")  # peers and torchvision can be orders of magnitude apart
