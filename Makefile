@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS := numpy pytest hypothesis expecttest ninja pybind11 tqdm matplotlib pillow pycocotools onnx onnxscript onnxruntime
+DEV_DEPS := numpy pytest hypothesis expecttest ninja pybind11 tqdm matplotlib pillow pycocotools onnx onnxscript onnxruntime openvino
 
 # Without a visible GPU, compile the CUDA kernels for Hopper only (keeps the
 # build short); with one, torch targets the GPUs it sees.

@@ -32,42 +32,48 @@ SIZES = ((32,), (64,), (128,), (256,), (512,))
 RATIOS = ((0.5, 1.0, 2.0),) * 5
 
 
-def rpn_inputs(device: str, dtype: torch.dtype):
+def rpn_inputs(device: str, dtype: torch.dtype, levels: int = len(STRIDES)):
+    """Per-level objectness [2, 3, H, W], deltas [2, 12, H, W] and empty
+    features of the first `levels` levels (the same values for any
+    `levels`)."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(-(-BATCH_HW[0] // s), -(-BATCH_HW[1] // s)) for s in STRIDES]
+    shapes = [(-(-BATCH_HW[0] // s), -(-BATCH_HW[1] // s)) for s in STRIDES[:levels]]
     objectness = [torch.randn(2, 3, h, w, generator=generator).to(device, dtype) for h, w in shapes]
     deltas = [(0.5 * torch.randn(2, 12, h, w, generator=generator)).to(device, dtype) for h, w in shapes]
     features = [torch.empty(2, 1, h, w, device=device, dtype=dtype) for h, w in shapes]
     return objectness, deltas, features
 
 
-def rpn_problem(device: str, dtype: torch.dtype) -> dict:
-    """The standard RPN inputs in both libraries' layouts: torchvision's
-    anchors and flattened head outputs, and ours."""
+def rpn_problem(device: str, dtype: torch.dtype, levels: int = len(STRIDES)) -> dict:
+    """The standard RPN inputs (of the first `levels` levels) in both
+    libraries' layouts: torchvision's anchors and flattened head outputs,
+    and ours."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-    objectness, deltas, features = rpn_inputs(device, dtype)
+    objectness, deltas, features = rpn_inputs(device, dtype, levels)
+    sizes, ratios = SIZES[:levels], RATIOS[:levels]
     images = ImageList(torch.empty(2, 3, *BATCH_HW, device=device, dtype=dtype), IMAGE_SIZES)
     obj_tv, del_tv = concat_box_prediction_layers(objectness, deltas)
     obj, dlt, per_level = maskrcnn_ops.flatten_rpn_outputs(objectness, deltas)
     return dict(
-        anchors_tv=TVAnchorGenerator(SIZES, RATIOS)(images, features), obj_tv=obj_tv, del_tv=del_tv,
-        anchors=maskrcnn_ops.AnchorGenerator(SIZES, RATIOS)(images, features)[0], obj=obj, dlt=dlt,
+        anchors_tv=TVAnchorGenerator(sizes, ratios)(images, features), obj_tv=obj_tv, del_tv=del_tv,
+        anchors=maskrcnn_ops.AnchorGenerator(sizes, ratios)(images, features)[0], obj=obj, dlt=dlt,
         per_level=per_level,
     )
 
 
-def proposal_problem(device: str, dtype: torch.dtype, top_n: int):
+def proposal_problem(device: str, dtype: torch.dtype, top_n: int, levels: int = len(STRIDES)):
     """(ours, theirs): zero-argument callables for the standard RPN workload
-    with pre/post-NMS top-n `top_n`: generate_proposals against torchvision's
+    (its first `levels` levels) with pre/post-NMS top-n `top_n`:
+    generate_proposals against torchvision's
     decode + RegionProposalNetwork.filter_proposals, on the same inputs.
     Both return (boxes per image, scores per image)."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
     from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-    p = rpn_problem(device, dtype)
+    p = rpn_problem(device, dtype, levels)
     sizes = torch.tensor(IMAGE_SIZES, device=device)
     rpn = RegionProposalNetwork(
         TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,

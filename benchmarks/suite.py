@@ -4,23 +4,60 @@ against torchvision, realistic workloads plus scaling sweeps, one table.
 A case builds its inputs only when it runs (sweeps reach gigabytes), times
 ours and torchvision's on the same inputs in the same process (warm-up, then
 the median of several runs; CUDA events on GPU) and checks that both agree.
+On the CPU, where a case has them and their packages are installed, the
+peers of benchmarks/peers.py (OpenVINO, ONNX Runtime) are timed on the same
+inputs too, each checked against ours.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import maskrcnn_ops
+from benchmarks import peers
 from benchmarks.common import random_boxes, time_call
 from benchmarks.roi_align import WORKLOADS as ROI_WORKLOADS
 from benchmarks.roi_align import random_rois
 
-# setup() -> (ours, theirs, agree): two zero-argument callables and a check
-# of their results (True, False, or None when not comparable).
-Setup = Callable[[], Tuple[Callable, Callable, Callable[[], Optional[bool]]]]
+# setup() -> (ours, theirs, agree) or (ours, theirs, agree, Peers): two
+# zero-argument callables and a check of their results (True, False, or None
+# when not comparable), and the case's peers if it has any.
+Setup = Callable[[], Tuple]
+
+
+@dataclass
+class Peers:
+    """The peer runtimes of a case. ``builders`` maps a peer name (see
+    peers.PEERS) to a function that builds its graph (not timed) and returns
+    the zero-argument callable to time; ``compare(ours_result, peer_result)``
+    -> (agree, difference): the largest absolute difference for tensors, the
+    number of boxes kept by one and not the other for NMS and proposals.
+    ``expect_agree`` is False where the peer's op is known to differ (the
+    run then does not fail on it); ``note`` says how."""
+
+    builders: Dict[str, Callable[[], Callable]]
+    compare: Callable[[object, object], Tuple[bool, float]]
+    expect_agree: bool = True
+    note: str = ""
+
+
+def compare_tensors(ours, theirs, tol: float = 1e-4) -> Tuple[bool, float]:
+    """(allclose within `tol`, largest absolute difference) of two tensors."""
+    if ours.shape != theirs.shape:
+        return False, math.inf
+    difference = (ours.float() - theirs.float()).abs().max().item() if ours.numel() else 0.0
+    return bool(torch.allclose(ours, theirs, atol=tol, rtol=tol)), difference
+
+
+def compare_kept(ours, theirs) -> Tuple[bool, float]:
+    """(same kept set, boxes kept by one and not the other) of NMS results
+    (the order of equal scores is arbitrary)."""
+    a, b = set(ours.tolist()), set(theirs.tolist())
+    return a == b, float(len(a ^ b))
 
 
 @dataclass
@@ -77,7 +114,13 @@ def _roi_align_setup(device, dtype, channels_last, batch, channels, height, widt
             tol = 1e-2 if dtype == torch.float16 else 5e-2
             return bool(torch.allclose(a.float(), exact, atol=tol, rtol=tol))
 
-        return ours, theirs, agree
+        if backward or dtype != torch.float32:
+            return ours, theirs, agree  # the peers have neither a backward nor half-precision CPU kernels
+        builders = {
+            "onnxruntime": lambda: peers.roi_align_onnxruntime(features, rois, *args[:3]),
+            "openvino": lambda: peers.roi_align_openvino(features, rois, *args[:3]),
+        }
+        return ours, theirs, agree, Peers(builders, compare_tensors)
 
     return setup
 
@@ -163,7 +206,11 @@ def _multiscale_setup(device, dtype, channels, rois_per_image, output, backward)
             pairs = zip(a, b) if backward else [(a, b)]
             return all(bool(torch.allclose(x, y, atol=1e-4, rtol=1e-4)) for x, y in pairs)
 
-        return ours, theirs, agree
+        if backward:
+            return ours, theirs, agree
+        strides = [int(round(IMAGE_SHAPES[0][0] / h)) for h, _ in FPN_LEVELS.values()]
+        build = lambda: peers.multiscale_openvino(list(features.values()), boxes, output, 2, strides)  # noqa: E731
+        return ours, theirs, agree, Peers({"openvino": build}, compare_tensors)
 
     return setup
 
@@ -210,7 +257,14 @@ def _nms_setup(device, dtype, n, classes, iou, batched):
             # torchvision's batched_nms orders equal scores arbitrarily.
             return bool(set(a.tolist()) == set(b.tolist()) and torch.equal(scores[a], scores[b]))
 
-        return ours, theirs, agree
+        if dtype != torch.float32:
+            return ours, theirs, agree
+        per_class = (idxs, classes) if batched else ()
+        builders = {
+            "onnxruntime": lambda: peers.nms_onnxruntime(boxes, scores, iou, *per_class),
+            "openvino": lambda: peers.nms_openvino(boxes, scores, iou, *per_class),
+        }
+        return ours, theirs, agree, Peers(builders, compare_kept)
 
     return setup
 
@@ -307,17 +361,45 @@ def _decode_setup(device, dtype, n):
     return setup
 
 
-def _proposals_setup(device, dtype, top_n):
-    def setup():
-        from benchmarks.proposals import proposal_problem, same_up_to_ties
+def compare_proposals(ours, theirs) -> Tuple[bool, float]:
+    """(same proposals and scores up to the order of ties, proposals of one
+    with no box within 1e-4 in the other) of two (boxes, scores) per image."""
+    from benchmarks.proposals import same_up_to_ties
 
-        ours, theirs = proposal_problem(device, dtype, top_n)
+    (ob, os_), (tb, ts) = ours, theirs
+    unmatched = 0
+    for a, b in zip(ob, tb):
+        if len(a) == 0 or len(b) == 0:
+            unmatched += len(a) + len(b)
+            continue
+        distance = torch.cdist(a.double(), b.double(), p=math.inf)
+        unmatched += int((distance.min(1).values > 1e-4).sum()) + int((distance.min(0).values > 1e-4).sum())
+    same = all(same_up_to_ties(*args) for args in zip(ob, os_, tb, ts))
+    return same, float(unmatched)
+
+
+def _proposals_setup(device, dtype, top_n, levels=5):
+    """generate_proposals against torchvision on the first `levels` levels
+    of the RPN workload; on one level (P2, 163,200 anchors per image), the
+    form of OpenVINO's ExperimentalDetectronGenerateProposalsSingleImage,
+    with it as a peer."""
+
+    def setup():
+        from benchmarks.proposals import IMAGE_SIZES, proposal_problem, rpn_inputs, rpn_problem, same_up_to_ties
+
+        ours, theirs = proposal_problem(device, dtype, top_n, levels)
 
         def agree():
             (tb, ts), (ob, os_) = theirs(), ours()
             return all(same_up_to_ties(*args) for args in zip(tb, ts, ob, os_))
 
-        return ours, theirs, agree
+        if levels != 1:
+            return ours, theirs, agree
+        objectness, deltas, _ = rpn_inputs(device, dtype, levels=1)
+        anchors = rpn_problem(device, dtype, levels=1)["anchors"]
+        build = lambda: peers.proposals_openvino(objectness[0], deltas[0], anchors, IMAGE_SIZES, top_n, 0.7, 1e-3)  # noqa: E731
+        return ours, theirs, agree, Peers({"openvino": build}, compare_proposals, expect_agree=False,
+                                          note="Detectron's +1 pixel convention (see benchmarks/peers.py)")
 
     return setup
 
@@ -327,6 +409,8 @@ def proposals_cases(device: str, quick: bool) -> List[Case]:
         Case("decode_boxes", "434826 boxes", "float32", "-", _decode_setup(device, torch.float32, 434826)),
         Case("generate_proposals", "2 images 5 levels test 1000/1000", "float32", "-",
              _proposals_setup(device, torch.float32, 1000)),
+        Case("generate_proposals", "2 images 1 level (P2) test 1000/1000", "float32", "-",
+             _proposals_setup(device, torch.float32, 1000, levels=1)),
     ]
     if quick:
         return cases
@@ -435,10 +519,36 @@ FAMILIES: Dict[str, Callable[[str, bool], List[Case]]] = {
 }
 
 
+def run_peers(case_peers: Optional[Peers], ours: Callable, device: str, repeats: int) -> dict:
+    """<peer>_ms, <peer>_agree, <peer>_diff (None where not run) and
+    <peer>_note for every peer: built (not timed), run once and compared
+    with ours (its warm-up), then timed. Peers run on the CPU only."""
+    row = {}
+    installed = peers.available() if device == "cpu" else []
+    for name in peers.PEERS:
+        row.update({f"{name}_ms": None, f"{name}_agree": None, f"{name}_diff": None})
+        if case_peers is None or name not in case_peers.builders:
+            continue
+        if name not in installed:
+            row[f"{name}_note"] = "not installed" if device == "cpu" else "CPU only"
+            continue
+        try:
+            call = case_peers.builders[name]()
+            agree, difference = case_peers.compare(ours(), call())
+        except Exception as error:  # noqa: BLE001 - a runtime rejecting a graph is a result, recorded
+            row[f"{name}_note"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+            continue
+        row.update({f"{name}_agree": agree, f"{name}_diff": difference, f"{name}_expect_agree": case_peers.expect_agree})
+        if case_peers.note:
+            row[f"{name}_note"] = case_peers.note
+        row[f"{name}_ms"] = time_call(call, device, repeats, warmup=0)
+    return row
+
+
 def run_case(case: Case, device: str, repeats: int) -> dict:
     """Times one case; a baseline that cannot run (e.g. a dtype torchvision
     lacks on this device) is recorded as missing, not as a failure."""
-    ours, theirs, agree = case.setup()
+    ours, theirs, agree, *case_peers = case.setup()
     reps = case.repeats or repeats
     row = dict(op=case.op, workload=case.workload, dtype=case.dtype, layout=case.layout, sweep=case.sweep,
                size=case.size, device=device)
@@ -454,4 +564,5 @@ def run_case(case: Case, device: str, repeats: int) -> dict:
     else:
         row["torchvision_ms"] = time_call(theirs, device, reps, warmup=0)
         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
+    row.update(run_peers(case_peers[0] if case_peers else None, ours, device, reps))
     return row
