@@ -1,7 +1,9 @@
 """CPU NMS with a busy neighbour: does a call stay fast when another process
 holds a core?
 
-One run measures CPU ``maskrcnn_ops.nms`` and ``torchvision.ops.nms`` on the
+One run measures CPU ``maskrcnn_ops.nms``, ``torchvision.ops.nms`` and, where
+installed, OpenVINO's and ONNX Runtime's NonMaxSuppression (benchmarks.peers,
+float32; --no-peers leaves them out) on the
 suite's proposal-like workload (``benchmarks.suite``'s NMS case: 12,000 boxes
 in an 800x1088 image, IoU 0.7) with 1 and 2 intra-op threads, first on a
 quiet machine, then with a busy neighbour: a child process spinning
@@ -11,7 +13,7 @@ region's barrier its threads wait for the one that shares a core with the
 neighbour. With --classes C above 1 the op is batched_nms over C classes.
 
     python -m benchmarks.nms_under_load [--boxes 12000] [--iou 0.7] [--classes 1] [--dtype float32]
-                                        [--threads 1 2] [--rounds 2] [--repeats 25] [--out DIR]
+                                        [--threads 1 2] [--rounds 2] [--repeats 25] [--no-peers] [--out DIR]
 
 Prints a table (median and 90th percentile, ms) and writes
 DIR/nms_under_load.json: the CPU model (lscpu), thread counts, dtype,
@@ -41,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import peers  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.suite import _nms_setup  # noqa: E402
 
@@ -151,22 +154,35 @@ def measure(args, dtype: torch.dtype) -> list:
     """Samples of every (implementation, load, threads) setting, over
     args.rounds rounds of quiet-then-busy, pooled (so that a change of the
     machine's other load during the run falls on both loads)."""
-    ours, theirs, agree = _nms_setup("cpu", dtype, args.boxes, args.classes, args.iou, args.classes > 1)()
+    ours, theirs, agree, *case_peers = _nms_setup("cpu", dtype, args.boxes, args.classes, args.iou,
+                                                  args.classes > 1)()
     kept = int(ours().numel())
-    identical = agree()
+    identical = {"torchvision": agree()}
+    # The peers (float32 only) are built once per thread count, with that
+    # many threads, as the suite builds them with ours.
+    peer_calls = {}
+    threads_before = torch.get_num_threads()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name in peers.available() if case_peers and args.peers else []:
+            call = peer_calls[(name, threads)] = case_peers[0].builders[name]()
+            identical[name] = case_peers[0].compare(ours(), call())[0]
+    torch.set_num_threads(threads_before)
     samples = collections.defaultdict(list)
     pressures = collections.defaultdict(list)
     other_load = collections.defaultdict(list)
     steal = collections.defaultdict(list)
-    threads_before = torch.get_num_threads()
     try:
         for _ in range(args.rounds):
             for load in ("quiet", "busy"):
                 with BusyNeighbour() if load == "busy" else contextlib.nullcontext() as neighbour:
                     for threads in args.threads:
                         torch.set_num_threads(threads)
-                        for impl, fn, repeats in (("maskrcnn_ops", ours, args.repeats),
-                                                  ("torchvision", theirs, args.torchvision_repeats)):
+                        contenders = [("maskrcnn_ops", ours, args.repeats),
+                                      ("torchvision", theirs, args.torchvision_repeats)]
+                        contenders += [(name, call, args.repeats)
+                                       for (name, n), call in peer_calls.items() if n == threads]
+                        for impl, fn, repeats in contenders:
                             key = (impl, load, threads)
                             pressures[key].append(cpu_pressure())
                             with OtherLoad(neighbour.pid if neighbour else None) as other:
@@ -178,7 +194,7 @@ def measure(args, dtype: torch.dtype) -> list:
     rows = []
     for (impl, load, threads), times in samples.items():
         rows.append(dict(
-            impl=impl, load=load, threads=threads, kept=kept, identical=identical,
+            impl=impl, load=load, threads=threads, kept=kept, identical=identical.get(impl, True),
             median_ms=statistics.median(times), p90_ms=percentile(times, 90), min_ms=min(times),
             samples_ms=times, cpu_pressure_before=pressures[(impl, load, threads)],
             other_processes_cpu_s=other_load[(impl, load, threads)],
@@ -203,6 +219,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=25, help="timed calls of maskrcnn_ops.nms per setting and round")
     parser.add_argument("--torchvision-repeats", type=int, default=3,
                         help="timed calls of torchvision.ops.nms (quadratic, slow) per setting and round")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also OpenVINO's and ONNX Runtime's NMS where installed (float32), built with the same "
+                             "thread count; their kept sets are compared with ours")
     parser.add_argument("--out", type=Path, help="folder for nms_under_load.json (default: a new temporary folder)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="maskrcnn-ops-nms-under-load-"))
@@ -225,7 +244,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "nms_under_load.json"
     path.write_text(json.dumps(dict(environment=env, workload=workload, rounds=args.rounds, results=rows), indent=2))
-    for impl in ("maskrcnn_ops", "torchvision"):
+    for impl in dict.fromkeys(r["impl"] for r in rows):
         quiet_one = next((r["median_ms"] for r in rows
                           if r["impl"] == impl and r["load"] == "quiet" and r["threads"] == 1), None)
         for r in rows:
