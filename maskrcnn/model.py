@@ -117,8 +117,8 @@ class MaskRCNN(nn.Module):
     [K, H, W] uint8 or bool, and for a model with keypoints ``keypoints``
     [K, num_keypoints, 3] float (x, y, visibility; 0: not labeled); K may be
     0) returns the losses, a dict with torchvision's keys (``loss_names``)
-    of float32 scalars to sum and backpropagate. The stages are attributes, so they can be run (or timed)
-    one by one as ``forward`` does. Setting ``paste_masks`` to False makes
+    of float32 scalars to sum and backpropagate. The stages are
+    attributes, so they can be run (or timed) one by one as ``forward`` does. Setting ``paste_masks`` to False makes
     the eval outputs keep the M x M masks (``box_masks``, see
     :func:`to_original_images`) instead of pasting them into the images.
 

@@ -135,4 +135,5 @@ SHAPES_TRAINING = TrainingPreset(
 )
 
 
-__all__ = ["MODEL_PRESETS", "RESNET50", "SHAPES_TRAINING", "SMALL", "SMALL_KEYPOINT_HEAD_LAYERS", "ModelPreset", "TrainingPreset", "model_preset"]
+__all__ = ["MODEL_PRESETS", "RESNET50", "SHAPES_TRAINING", "SMALL", "SMALL_KEYPOINT_HEAD_LAYERS", "ModelPreset",
+           "TrainingPreset", "model_preset"]
