@@ -2,14 +2,23 @@
 
 ``maskrcnn_resnet50_fpn()`` has the state-dict keys of torchvision's
 ``maskrcnn_resnet50_fpn`` (v1) and gives the same detections, and in
-training mode the same losses; ``maskrcnn_small()`` trains from scratch on
-a CPU in minutes. Command line: ``python -m maskrcnn demo | train |
+training mode the same losses; ``keypointrcnn_resnet50_fpn()`` is
+torchvision's Keypoint R-CNN in the same way; ``maskrcnn_small()`` trains
+from scratch on a CPU in minutes. Command line: ``python -m maskrcnn demo | train |
 evaluate | predict`` (see ``--help``).
 """
 
 from .checkpoint import load_model, save_checkpoint
 from .coco_names import COCO_CATEGORY_NAMES, COCO_CLASSES, label_names
-from .model import MaskRCNN, maskrcnn_from_preset, maskrcnn_resnet50_fpn, maskrcnn_resnet_fpn, maskrcnn_small
+from .model import (
+    MaskRCNN,
+    keypointrcnn_resnet50_fpn,
+    keypointrcnn_small,
+    maskrcnn_from_preset,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet_fpn,
+    maskrcnn_small,
+)
 from .paste import paste_masks_in_image
 from .preprocess import ImageBatch, ImageTransform
 
@@ -18,6 +27,8 @@ __all__ = [
     "maskrcnn_resnet50_fpn",
     "maskrcnn_resnet_fpn",
     "maskrcnn_small",
+    "keypointrcnn_resnet50_fpn",
+    "keypointrcnn_small",
     "maskrcnn_from_preset",
     "load_model",
     "save_checkpoint",

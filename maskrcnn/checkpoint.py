@@ -6,6 +6,7 @@ Our checkpoint is a dict::
      "model_kwargs": {...},          # maskrcnn_resnet_fpn's keyword arguments
      "model": model.state_dict(),
      "class_names": [...],           # optional: a name per label (model.class_names)
+     "keypoint_skeleton": [[i, j], ...],  # optional: model.keypoint_skeleton
      "training": {...}}              # optional: the state to resume a run
 
 where "training" (written by ``maskrcnn.engine``) holds the iteration, the
@@ -14,7 +15,8 @@ settings and the RNG states: tensors and plain containers only.
 
 Loading also accepts a plain torchvision Mask R-CNN state dict (such as the
 published ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``); its depth and number
-of classes are read from the tensors. Files are read with
+of classes (and, for a Keypoint R-CNN, its keypoints) are read from the
+tensors. Files are read with
 ``torch.load(weights_only=True)``: no code in them runs.
 """
 
@@ -24,7 +26,7 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -64,6 +66,8 @@ def save_checkpoint(path: PathLike, model: MaskRCNN, *, training: Optional[Mappi
                "model": model.state_dict()}
     if model.class_names:
         payload["class_names"] = list(model.class_names)
+    if model.keypoint_skeleton:
+        payload["keypoint_skeleton"] = [list(edge) for edge in model.keypoint_skeleton]
     if training is not None:
         payload["training"] = dict(training)
     partial = path.with_name(path.name + ".partial")
@@ -91,8 +95,9 @@ def _load_failure(path: Path, error: Exception) -> str:
     return f"{path} is damaged: torch.load cannot read it ({type(error).__name__})"
 
 
-def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, int]:
-    """ResNet depth and number of classes of a torchvision Mask R-CNN state dict."""
+def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, Any]:
+    """ResNet depth and number of classes of a torchvision Mask R-CNN state
+    dict; for a Keypoint R-CNN's, its keypoints and no mask branch."""
     blocks_in_layer3 = {int(k.split(".")[3]) for k in state_dict if k.startswith("backbone.body.layer3.")}
     bottleneck = "backbone.body.layer1.0.conv3.weight" in state_dict
     depth = _RESNET_DEPTHS.get((bottleneck, len(blocks_in_layer3)))
@@ -101,17 +106,25 @@ def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, int]
             f"the backbone is not a ResNet-18/34/50/101/152 (layer3 has {len(blocks_in_layer3)} "
             f"{'bottleneck' if bottleneck else 'basic'} blocks)"
         )
-    return {"depth": depth, "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])}
+    kwargs = {"depth": depth, "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])}
+    keypoint_logits = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+    if keypoint_logits is not None:
+        # torchvision's ConvTranspose2d weight: [in, K, 4, 4].
+        kwargs.update(num_keypoints=int(keypoint_logits.shape[1]), with_masks=any(
+            k.startswith("roi_heads.mask_predictor.") for k in state_dict))
+    return kwargs
 
 
 class Checkpoint(NamedTuple):
     """The contents of a weights file (see the module docstring): training
-    None and class_names empty unless the file is our checkpoint with them."""
+    None, class_names and keypoint_skeleton empty unless the file is our
+    checkpoint with them."""
 
     model_kwargs: Dict[str, Any]
     state_dict: Dict[str, Tensor]
     training: Optional[Dict[str, Any]]
     class_names: List[str]
+    keypoint_skeleton: List[Tuple[int, int]] = []
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
@@ -153,8 +166,12 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         class_names = obj.get("class_names", [])
         if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
             raise CheckpointError(f"{path}: 'class_names' must be a list of strings")
+        skeleton = obj.get("keypoint_skeleton", [])
+        if not isinstance(skeleton, (list, tuple)) or not all(
+                isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(i, int) for i in e) for e in skeleton):
+            raise CheckpointError(f"{path}: 'keypoint_skeleton' must be a list of [i, j] integer pairs")
         return Checkpoint(dict(kwargs), dict(state_dict), dict(training) if training is not None else None,
-                          list(class_names))
+                          list(class_names), [tuple(edge) for edge in skeleton])
     if isinstance(obj, Mapping) and all(marker in obj for marker in _TORCHVISION_MARKERS):
         if not all(isinstance(v, Tensor) for v in obj.values()):
             raise CheckpointError(f"{path}: a state dict must map names to tensors")
@@ -202,6 +219,7 @@ def build_model(checkpoint: Checkpoint, *, source: str, **overrides: Any) -> Mas
     check_state_dict(model, checkpoint.state_dict, source=source)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     model.class_names = checkpoint.class_names
+    model.keypoint_skeleton = list(checkpoint.keypoint_skeleton)
     return model
 
 

@@ -274,15 +274,19 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, shapes_images: int
                         help=f"shapes: image side, >= 32 (default: the small config's, {SMALL.image_size})")
 
 
-def build_dataset(args: argparse.Namespace):
-    """The dataset the --dataset arguments name (COCO files validated here)."""
+def build_dataset(args: argparse.Namespace, *, keypoints: bool = False):
+    """The dataset the --dataset arguments name (COCO files validated here);
+    with ``keypoints``, one whose targets have keypoints (shapes only)."""
     from .data import CocoDataset, ShapesDataset
 
     if args.dataset == "coco":
         if args.images is None or args.annotations is None:
             raise ValueError("--dataset coco needs --images DIR and --annotations FILE")
+        if keypoints:
+            raise ValueError("keypoint training and evaluation read the shapes dataset only (--dataset shapes)")
         return CocoDataset(args.images, args.annotations)
-    return ShapesDataset(args.shapes_images, image_size=args.image_size or SMALL.image_size, seed=args.shapes_seed)
+    return ShapesDataset(args.shapes_images, image_size=args.image_size or SMALL.image_size, seed=args.shapes_seed,
+                         keypoints=keypoints)
 
 
 DEFAULT_TRAIN_OUT = Path("train_out")
@@ -302,6 +306,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, shutdown_distributed
     from .engine import train
     from .model import maskrcnn_from_preset
+    from .presets import SMALL_KEYPOINT_HEAD_LAYERS
     from .schedule import LRSchedule
 
     if args.amp and args.device.type != "cuda":
@@ -311,13 +316,21 @@ def run_train(args: argparse.Namespace) -> int:
     context = init_distributed(args.device)
     try:
         check_output_folder(out)
-        dataset = build_dataset(args)
-        if args.resume is not None:
-            checkpoint = read_checkpoint(args.resume)
+        checkpoint = read_checkpoint(args.resume) if args.resume is not None else None
+        # A resumed run trains the branches its checkpoint has.
+        keypoints = args.keypoints or bool(checkpoint and checkpoint.model_kwargs.get("num_keypoints"))
+        dataset = build_dataset(args, keypoints=keypoints)
+        if checkpoint is not None:
             model = build_model(checkpoint, source=str(args.resume))
         else:
-            model = maskrcnn_from_preset(model_preset(args.config), num_classes=dataset.num_classes,
-                                         image_size=args.image_size)
+            preset = model_preset(args.config)
+            keypoint_branch = {}
+            if keypoints:
+                keypoint_branch["num_keypoints"] = len(dataset.keypoint_names)
+                if preset.name == SMALL.name:
+                    keypoint_branch["keypoint_head_layers"] = SMALL_KEYPOINT_HEAD_LAYERS
+            model = maskrcnn_from_preset(preset, num_classes=dataset.num_classes, image_size=args.image_size,
+                                         **keypoint_branch)
         model.to(context.device)
         schedule = None
         if args.resume is None or args.iterations is not None or args.epochs is not None:
@@ -382,6 +395,8 @@ def add_train_parser(commands) -> None:
                         help="weight decay of convolution and linear weights (not of biases and norms), >= 0")
     parser.add_argument("--max-grad-norm", type=number_in(0.0), default=recipe.max_grad_norm,
                         help="clip the gradient norm to this (0: no clipping)")
+    parser.add_argument("--keypoints", action="store_true",
+                        help="add a keypoint branch (Keypoint R-CNN) and train it on the shapes' corners")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: {DEFAULT_TRAIN_OUT}, or with --resume the checkpoint's folder)")
     parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=500, help="iterations between checkpoints")
@@ -406,7 +421,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.out is not None:
             check_output_file(args.out)
         model = load_model(args.weights, device=args.device)
-        dataset = build_dataset(args)
+        dataset = build_dataset(args, keypoints=model.num_keypoints > 0)
         metrics, _ = evaluate_model(model, dataset, device=args.device, batch_size=args.batch_size,
                                     num_workers=args.workers, progress=True)
     except INPUT_ERRORS as error:

@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .data.batching import collate
 from .data.sampler import EpochBatchSampler
 from .distributed import DistributedContext
-from .model import LOSS_NAMES, MaskRCNN
+from .model import MaskRCNN
 from .schedule import LRSchedule, set_learning_rate
 from .threads import StepThreads, ThreadTuner
 
@@ -32,7 +32,7 @@ OPTIMIZERS = ("sgd", "adamw")
 CHECKPOINT_NAME = "last.pt"
 # Short names of the losses in the progress bar.
 _SHORT_NAMES = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
-                "loss_rpn_box_reg": "rpn"}
+                "loss_rpn_box_reg": "rpn", "loss_keypoint": "kp"}
 
 
 def make_optimizer(
@@ -81,7 +81,7 @@ class TrainResult:
     """What a run did.
 
     Attributes:
-        history: per iteration run here, the loss values (LOSS_NAMES and
+        history: per iteration run here, the loss values (``MaskRCNN.loss_names`` and
             "loss", their sum) and "lr".
         start_iteration: the first iteration run here (> 0 after a resume).
         iterations: the run's total length (its last iteration is iterations - 1).
@@ -115,7 +115,7 @@ class RunningLosses:
     def summary(self) -> str:
         parts = [f"loss {statistics.median(self.values['loss']):.3f}"]
         parts += [f"{_SHORT_NAMES[name]} {statistics.median(self.values[name]):.3f}"
-                  for name in LOSS_NAMES if name in self.values]
+                  for name in _SHORT_NAMES if name in self.values]
         return " ".join(parts) + f" lr {self.values['lr'][-1]:.2g}"
 
 
@@ -166,7 +166,7 @@ def training_step(
 ) -> Dict[str, float]:
     """One optimizer step on a batch: the losses (under float16 autocast
     if ``amp``), backward of their sum (scaled), optional clipping of the
-    gradient norm, the step. Returns the loss values (LOSS_NAMES and
+    gradient norm, the step. Returns the loss values (``MaskRCNN.loss_names`` and
     "loss", their sum); FloatingPointError if the sum is not finite (after
     the backward, before any update, so the weights stay as they were)."""
     device_type = images[0].device.type
@@ -249,6 +249,8 @@ def start_model(model: MaskRCNN, dataset: Dataset, plan: RunPlan, *, rank: int) 
         torch.manual_seed(plan.seed + rank)
     if not model.class_names and getattr(dataset, "class_names", None):
         model.class_names = list(dataset.class_names)
+    if model.num_keypoints and not model.keypoint_skeleton and getattr(dataset, "skeleton", None):
+        model.keypoint_skeleton = [tuple(edge) for edge in dataset.skeleton]
     model.train()
 
 

@@ -1,5 +1,5 @@
-"""COCO box and mask AP of a detector's predictions, through pycocotools'
-COCOeval (the metric every Mask R-CNN paper reports)."""
+"""COCO box, mask and keypoint AP of a detector's predictions, through
+pycocotools' COCOeval (the metric every Mask R-CNN paper reports)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -23,6 +24,10 @@ from maskrcnn.paste import paste_masks_in_image
 # COCOeval.stats[0:6], in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
+KEYPOINTS = "keypoints"
+# COCO's object size ranges (pixels of area); pycocotools' keypoint
+# evaluation leaves out "small", which objects of the shapes demo mostly are.
+AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}
 
 
 def _quiet(verbose: bool):
@@ -62,8 +67,10 @@ def coco_ground_truth(ground_truth, *, class_names: Optional[Sequence[str]] = No
     )
 
 
-def _check_prediction(image_id: int, prediction: Mapping[str, Tensor], size, with_masks: bool) -> None:
-    required = ("boxes", "scores", "labels")
+def _check_prediction(
+    image_id: int, prediction: Mapping[str, Tensor], size, with_masks: bool, with_keypoints: bool = False
+) -> None:
+    required = ("boxes", "scores", "labels") + ((KEYPOINTS,) if with_keypoints else ())
     for key in required:
         if key not in prediction:
             raise ValueError(f"prediction for image {image_id} has no '{key}' (has {sorted(prediction)})")
@@ -77,6 +84,10 @@ def _check_prediction(image_id: int, prediction: Mapping[str, Tensor], size, wit
             f"{tuple(prediction['boxes'].shape)}, {tuple(prediction['scores'].shape)}, "
             f"{tuple(prediction['labels'].shape)}"
         )
+    if with_keypoints and (prediction[KEYPOINTS].dim() != 3 or prediction[KEYPOINTS].shape[0] != count
+                           or prediction[KEYPOINTS].shape[2] != 3):
+        raise ValueError(f"prediction for image {image_id}: keypoints must be [N, K, 3] for N = {count}, got "
+                         f"{tuple(prediction[KEYPOINTS].shape)}")
     if not with_masks:
         return
     if "box_masks" in prediction:
@@ -113,14 +124,17 @@ def predictions_to_coco_results(
             M, M] probabilities in each box's frame (the model's output with
             ``paste_masks=False``: encoded from the box windows by
             ``maskrcnn_ops.masks_to_rle``, no full-size masks) or ``masks``
-            [N, 1, H, W] (or [N, H, W]) probabilities at the image's size.
+            [N, 1, H, W] (or [N, H, W]) probabilities at the image's size,
+            and for "keypoints" ``keypoints`` [N, K, 3] (x, y, v).
         ground_truth: gives the valid image ids, sizes and categories.
         category_ids: label -> COCO category id (default: the label itself).
         mask_threshold: a pixel is in the mask when its probability > this.
 
     Returns:
         {"bbox": [{image_id, category_id, bbox [x, y, w, h], score}, ...],
-        "segm": [{image_id, category_id, segmentation (compressed RLE), score}, ...]}
+        "segm": [{image_id, category_id, segmentation (compressed RLE), score}, ...],
+        "keypoints": [{image_id, category_id, keypoints [x1, y1, v1, ...], score}, ...]}
+        (the detection's score for its keypoints, as torchvision's references).
     """
     known_categories = set(ground_truth.getCatIds())
     results: Dict[str, List[Dict]] = {iou_type: [] for iou_type in iou_types}
@@ -129,7 +143,8 @@ def predictions_to_coco_results(
         if image_id not in ground_truth.imgs:
             raise ValueError(f"prediction for image id {image_id}, which the ground truth does not have")
         info = ground_truth.imgs[image_id]
-        _check_prediction(image_id, prediction, (info["height"], info["width"]), "segm" in iou_types)
+        _check_prediction(image_id, prediction, (info["height"], info["width"]), "segm" in iou_types,
+                          KEYPOINTS in iou_types)
         labels = prediction["labels"].tolist()
         categories = [category_ids[label] if category_ids is not None else int(label) for label in labels]
         unknown = set(categories) - known_categories
@@ -155,6 +170,11 @@ def predictions_to_coco_results(
                 results["segm"].append(
                     {"image_id": image_id, "category_id": category, "segmentation": rle, "score": score}
                 )
+        if KEYPOINTS in results:
+            for keypoints, category, score in zip(prediction[KEYPOINTS].flatten(1).tolist(), categories, scores):
+                results[KEYPOINTS].append(
+                    {"image_id": image_id, "category_id": category, "keypoints": keypoints, "score": score}
+                )
     return results
 
 
@@ -174,6 +194,7 @@ def evaluate_coco(
     *,
     category_ids: Optional[Mapping[int, int]] = None,
     iou_types: Sequence[str] = IOU_TYPES,
+    keypoint_sigmas: Optional[Sequence[float]] = None,
     verbose: bool = False,
 ) -> Dict[str, Dict[str, float]]:
     """COCO AP of predictions against a ground truth.
@@ -185,32 +206,81 @@ def evaluate_coco(
             (``coco_ground_truth``).
         category_ids: label -> COCO category id, e.g. a CocoDataset's
             ``label_to_category_id`` (default: the label itself).
-        iou_types: any of "bbox", "segm".
+        iou_types: any of "bbox", "segm", "keypoints" (OKS; the ground
+            truth's annotations need COCO's ``keypoints``).
+        keypoint_sigmas: per keypoint, the OKS falloff (pycocotools'
+            ``kpt_oks_sigmas``); None: COCO's 17 body keypoints'.
         verbose: print pycocotools' progress and summary table.
 
     Returns:
         {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}},
         floats in [0, 1]; NaN where COCOeval has no ground truth to measure
-        (its -1, e.g. APs when there are no small objects).
+        (its -1, e.g. APs when there are no small objects). "keypoints" has
+        the same six figures (APs too, which pycocotools' own keypoint
+        summary leaves out), at its 20 detections per image.
     """
-    unknown = set(iou_types) - set(IOU_TYPES)
+    unknown = set(iou_types) - set(IOU_TYPES + (KEYPOINTS,))
     if unknown:
-        raise ValueError(f"iou_types must be among {IOU_TYPES}, got {sorted(unknown)}")
+        raise ValueError(f"iou_types must be among {IOU_TYPES + (KEYPOINTS,)}, got {sorted(unknown)}")
     gt = coco_ground_truth(ground_truth)
+    if KEYPOINTS in iou_types:
+        _check_keypoint_ground_truth(gt, keypoint_sigmas)
     results = predictions_to_coco_results(predictions, gt, category_ids=category_ids, iou_types=iou_types)
     metrics = {}
     for iou_type in iou_types:
         with _quiet(verbose):
             evaluator = COCOeval(gt, _detections(gt, results[iou_type]), iouType=iou_type)
+            if iou_type == KEYPOINTS:
+                _keypoint_parameters(evaluator.params, keypoint_sigmas)
             evaluator.evaluate()
             evaluator.accumulate()
             if verbose:
                 print(f"IoU type: {iou_type}")
             evaluator.summarize()
-        metrics[iou_type] = {
-            name: (math.nan if value < 0 else float(value)) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])
-        }
+        if iou_type == KEYPOINTS:
+            metrics[iou_type] = _keypoint_metrics(evaluator)
+        else:
+            metrics[iou_type] = {name: (math.nan if value < 0 else float(value))
+                                 for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
     return metrics
+
+
+def _check_keypoint_ground_truth(gt: COCO, sigmas: Optional[Sequence[float]]) -> None:
+    """One-line errors for a keypoint evaluation that cannot run."""
+    annotations = gt.dataset.get("annotations", [])
+    if annotations and not all("keypoints" in a for a in annotations):
+        raise ValueError("keypoint AP needs ground-truth annotations with 'keypoints' (COCO's [x, y, v] * K)")
+    counts = {len(a["keypoints"]) // 3 for a in annotations}
+    expected = len(sigmas) if sigmas is not None else 17
+    if counts - {expected}:
+        given = "were given" if sigmas is not None else "are COCO's body keypoints' (pass keypoint_sigmas)"
+        raise ValueError(f"the ground truth has {' or '.join(map(str, sorted(counts)))} keypoints per object, "
+                         f"but {expected} sigmas {given}")
+
+
+def _keypoint_parameters(params, sigmas: Optional[Sequence[float]]) -> None:
+    """OKS sigmas, and COCO's four size ranges (small too)."""
+    if sigmas is not None:
+        params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+    params.areaRngLbl = list(AREA_RANGES)
+    params.areaRng = [list(AREA_RANGES[name]) for name in params.areaRngLbl]
+
+
+def _keypoint_metrics(evaluator: COCOeval) -> Dict[str, float]:
+    """The six AP figures of an accumulated keypoint COCOeval (NaN where
+    nothing is measured), from its precision table [T, R, K, A, M]."""
+    precision = evaluator.eval["precision"]
+    thresholds = list(np.round(evaluator.params.iouThrs, 2))
+
+    def average(area: str, threshold: Optional[float] = None) -> float:
+        table = precision[:, :, :, evaluator.params.areaRngLbl.index(area), -1]
+        if threshold is not None:
+            table = table[thresholds.index(threshold)]
+        table = table[table > -1]
+        return float(np.mean(table)) if table.size else math.nan
+
+    return {"AP": average("all"), "AP50": average("all", 0.5), "AP75": average("all", 0.75),
+            "APs": average("small"), "APm": average("medium"), "APl": average("large")}
 
 
 def _as_cpu(prediction: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -272,13 +342,20 @@ def evaluate_model(
     progress: bool = False,
 ) -> Tuple[Dict[str, Dict[str, float]], Dict[int, Dict[str, Tensor]]]:
     """COCO box and mask AP of ``model`` on ``dataset`` (see
-    ``predict_dataset`` and ``evaluate_coco``): returns (metrics,
+    ``predict_dataset`` and ``evaluate_coco``), mask AP only for a model
+    with masks and keypoint AP too for one with keypoints (OKS sigmas:
+    ``dataset.keypoint_sigmas``, else COCO's): returns (metrics,
     predictions). The predictions keep the M x M masks (``box_masks``; see
     ``pasted``), which the masks' RLE is computed from directly."""
     ground_truth, category_ids = ground_truth_of(dataset)
     predictions = predict_dataset(model, dataset, device=device, batch_size=batch_size, num_workers=num_workers,
                                   progress=progress, paste_masks=False)
-    return evaluate_coco(predictions, ground_truth, category_ids=category_ids), predictions
+    heads = getattr(model, "roi_heads", None)
+    iou_types = ("bbox",) + (("segm",) if getattr(heads, "has_masks", True) else ())
+    iou_types += (KEYPOINTS,) if getattr(model, "num_keypoints", 0) else ()
+    metrics = evaluate_coco(predictions, ground_truth, category_ids=category_ids, iou_types=iou_types,
+                            keypoint_sigmas=getattr(dataset, "keypoint_sigmas", None))
+    return metrics, predictions
 
 
 def metrics_for_json(metrics: Mapping[str, Mapping[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
@@ -290,7 +367,7 @@ def metrics_for_json(metrics: Mapping[str, Mapping[str, float]]) -> Dict[str, Di
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """A small text table: one row per IoU type, COCO's six AP figures."""
-    label = {"bbox": "box", "segm": "mask"}
+    label = {"bbox": "box", "segm": "mask", KEYPOINTS: "kp"}
     lines = [f"{'':6}" + "".join(f"{name:>8}" for name in METRIC_NAMES)]
     for iou_type, values in metrics.items():
         lines.append(f"{label.get(iou_type, iou_type):6}" + "".join(f"{values[name]:8.3f}" for name in METRIC_NAMES))

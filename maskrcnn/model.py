@@ -1,6 +1,6 @@
 """Mask R-CNN: transform -> backbone -> RPN -> RoI heads -> boxes and masks
-in the original images, or in training mode the losses; and the builders
-of the ResNet-FPN models."""
+(and/or keypoints: Keypoint R-CNN) in the original images, or in training
+mode the losses; and the builders of the ResNet-FPN models."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import maskrcnn_ops
 from .backbone import LEVEL_STRIDES, NORM_LAYERS, ResNetFPN, resnet_fpn_backbone
 from .data.validation import validate_target
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
+from .keypoint_head import KEYPOINT_HEAD_LAYERS, KeypointHead, KeypointPredictor
 from .paste import paste_masks_in_image
-from .preprocess import ImageBatch, ImageTransform, rescale_boxes
-from .presets import SMALL, ModelPreset
+from .preprocess import ImageBatch, ImageTransform, rescale_boxes, rescale_keypoints
+from .presets import SMALL, SMALL_KEYPOINT_HEAD_LAYERS, ModelPreset
 from .roi_heads import FPN_LEVEL_NAMES, PaddedRoIHeadOutputs, RoIHeadOutputs, RoIHeads, fpn_roi_pooler
 from .rpn import RegionProposalNetwork, RPNHead
 from .torchvision_keys import rename_legacy_keys_hook
@@ -34,16 +35,22 @@ def to_original_images(
     ``paste_masks=False``, ``box_masks`` [D, 1, M, M] (each box's mask
     probabilities in its own frame) instead of ``masks``: what
     ``maskrcnn_ops.masks_to_rle`` encodes without full-size masks, and
-    ``paste_masks_in_image`` pastes."""
+    ``paste_masks_in_image`` pastes. A model without a mask branch has
+    neither; one with a keypoint branch adds ``keypoints`` [D, K, 3]
+    float32 (x, y, 1) and ``keypoints_scores`` [D, K] float32 (torchvision's
+    Keypoint R-CNN outputs)."""
     results = []
-    for boxes, scores, labels, masks, resized, original in zip(*outputs, resized_sizes, original_sizes):
-        boxes = rescale_boxes(boxes, resized, original)
-        if paste_masks:
-            results.append(
-                dict(boxes=boxes, labels=labels, scores=scores, masks=paste_masks_in_image(masks, boxes, original))
-            )
-        else:
-            results.append(dict(boxes=boxes, labels=labels, scores=scores, box_masks=masks))
+    for i, (resized, original) in enumerate(zip(resized_sizes, original_sizes)):
+        boxes = rescale_boxes(outputs.boxes[i], resized, original)
+        result = dict(boxes=boxes, labels=outputs.labels[i], scores=outputs.scores[i])
+        if outputs.masks is not None and paste_masks:
+            result["masks"] = paste_masks_in_image(outputs.masks[i], boxes, original)
+        elif outputs.masks is not None:
+            result["box_masks"] = outputs.masks[i]
+        if outputs.keypoints is not None:
+            result["keypoints"] = rescale_keypoints(outputs.keypoints[i], resized, original)
+            result["keypoints_scores"] = outputs.keypoint_scores[i]
+        results.append(result)
     return results
 
 
@@ -63,21 +70,30 @@ def box_masks_kept(model: nn.Module) -> Iterator[None]:
         model.paste_masks = previous
 
 
+# Mask R-CNN's losses in torchvision's order; a Keypoint R-CNN's have
+# KEYPOINT_LOSS_NAME after "loss_mask" (or in its place without masks).
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+KEYPOINT_LOSS_NAME = "loss_keypoint"
 
 
-def prepare_targets(images: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]], *, num_classes: int) -> List[Dict[str, Tensor]]:
+def prepare_targets(
+    images: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]], *, num_classes: int, masks: bool = True,
+    num_keypoints: Optional[int] = None,
+) -> List[Dict[str, Tensor]]:
     """Checks the training targets (``maskrcnn.data.validate_target``: boxes
     [K, 4] with positive width and height, labels in [1, num_classes), masks
-    [K, H, W] at the image's size) and moves their tensors to the images'
-    device. Raises ValueError naming the target and its ``image_id``."""
+    [K, H, W] at the image's size when ``masks``, keypoints [K,
+    num_keypoints, 3] when ``num_keypoints``) and moves their tensors to
+    the images' device. Raises ValueError naming the target and its
+    ``image_id``."""
     if isinstance(targets, dict) or len(targets) != len(images):
         given = "a dict" if isinstance(targets, dict) else f"{len(targets)} targets"
         raise ValueError(f"expected a list of one target dict per image ({len(images)} images), got {given}")
     prepared = []
     for index, (image, target) in enumerate(zip(images, targets)):
         try:
-            validate_target(target, image_size=tuple(image.shape[-2:]), num_classes=num_classes)
+            validate_target(target, image_size=tuple(image.shape[-2:]), num_classes=num_classes, require_masks=masks,
+                            num_keypoints=num_keypoints)
         except ValueError as error:
             raise ValueError(f"targets[{index}] (image_id {target.get('image_id', 'unknown')}): {error}") from None
         prepared.append({k: v.to(image.device) if isinstance(v, Tensor) else v for k, v in target.items()})
@@ -98,17 +114,20 @@ class MaskRCNN(nn.Module):
     :func:`to_original_images`. In training mode ``forward(images, targets)``
     (one dict per image: ``boxes`` [K, 4] float (x1, y1, x2, y2) in the
     image's pixels, ``labels`` [K] int64 in [1, num_classes), ``masks``
-    [K, H, W] uint8 or bool; K may be 0) returns the losses, a dict with
-    torchvision's keys (``LOSS_NAMES``) of float32 scalars to sum and
-    backpropagate. The stages are attributes, so they can be run (or timed)
-    one by one as ``forward`` does. Setting ``paste_masks`` to False makes
+    [K, H, W] uint8 or bool, and for a model with keypoints ``keypoints``
+    [K, num_keypoints, 3] float (x, y, visibility; 0: not labeled); K may be
+    0) returns the losses, a dict with torchvision's keys (``loss_names``)
+    of float32 scalars to sum and backpropagate. The stages are
+    attributes, so they can be run (or timed) one by one as ``forward`` does. Setting ``paste_masks`` to False makes
     the eval outputs keep the M x M masks (``box_masks``, see
     :func:`to_original_images`) instead of pasting them into the images.
 
     A model made by :func:`maskrcnn_resnet_fpn` carries ``build_kwargs``, the
     builder's keyword arguments, so that a checkpoint can rebuild it, and
     ``class_names`` (a name per label, background first; empty when
-    unknown), which checkpoints keep and training sets from its dataset.
+    unknown), which checkpoints keep and training sets from its dataset,
+    and likewise ``keypoint_skeleton`` (pairs of 1-based keypoint indices,
+    COCO's ``skeleton``, to draw keypoints; empty when unknown).
     """
 
     def __init__(
@@ -121,6 +140,7 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.build_kwargs: Dict[str, object] = {}
         self.class_names: List[str] = []
+        self.keypoint_skeleton: List[Tuple[int, int]] = []
         self.paste_masks = True
         # torchvision's published weights use older key names: accept them.
         self.register_load_state_dict_pre_hook(rename_legacy_keys_hook)
@@ -129,6 +149,18 @@ class MaskRCNN(nn.Module):
     def num_classes(self) -> int:
         """Classes including the background."""
         return self.roi_heads.box_predictor.cls_score.out_features
+
+    @property
+    def num_keypoints(self) -> int:
+        """Keypoints per instance; 0 without a keypoint branch."""
+        return self.roi_heads.keypoint_predictor.num_keypoints if self.roi_heads.has_keypoints else 0
+
+    @property
+    def loss_names(self) -> Tuple[str, ...]:
+        """The keys of the training losses, in their order (torchvision's)."""
+        heads = ("loss_mask",) if self.roi_heads.has_masks else ()
+        heads += (KEYPOINT_LOSS_NAME,) if self.roi_heads.has_keypoints else ()
+        return LOSS_NAMES[:2] + heads + LOSS_NAMES[3:]
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
         """Eval mode: detections per image (``targets`` is not read).
@@ -186,7 +218,8 @@ class MaskRCNN(nn.Module):
         the module's mode). Random draws, from the global RNG in
         torchvision's order: one per image for the training scale, then
         the RPN's anchor sample, then the RoI heads' proposal sample."""
-        targets = prepare_targets(images, targets, num_classes=self.num_classes)
+        targets = prepare_targets(images, targets, num_classes=self.num_classes, masks=self.roi_heads.has_masks,
+                                  num_keypoints=self.num_keypoints or None)
         batch, targets = self.transform.with_targets(images, targets)
         features = self.backbone(batch.tensors)
         predictions = self.rpn.predict(batch, features)
@@ -195,6 +228,24 @@ class MaskRCNN(nn.Module):
         losses = self.roi_heads.losses(features, proposals, batch.image_sizes, targets)
         losses.update(rpn_losses)
         return losses
+
+
+def _mask_branch(fpn_channels: int, layers: Sequence[int], num_classes: int) -> Dict[str, nn.Module]:
+    """RoIHeads' mask modules: 14x14 RoIAlign, 3x3 convolutions, 28x28 logits."""
+    return dict(
+        mask_roi_pool=fpn_roi_pooler(output_size=14),
+        mask_head=MaskHead(in_channels=fpn_channels, layers=tuple(layers)),
+        mask_predictor=MaskPredictor(in_channels=layers[-1], dim_reduced=layers[-1], num_classes=num_classes),
+    )
+
+
+def _keypoint_branch(fpn_channels: int, layers: Sequence[int], num_keypoints: int) -> Dict[str, nn.Module]:
+    """RoIHeads' keypoint modules: 14x14 RoIAlign, 3x3 convolutions, 56x56 heatmaps."""
+    return dict(
+        keypoint_roi_pool=fpn_roi_pooler(output_size=14),
+        keypoint_head=KeypointHead(in_channels=fpn_channels, layers=tuple(layers)),
+        keypoint_predictor=KeypointPredictor(in_channels=layers[-1], num_keypoints=num_keypoints),
+    )
 
 
 def maskrcnn_resnet_fpn(
@@ -224,6 +275,9 @@ def maskrcnn_resnet_fpn(
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
+    with_masks: bool = True,
+    num_keypoints: int = 0,
+    keypoint_head_layers: Sequence[int] = KEYPOINT_HEAD_LAYERS,
     channels_last: bool = False,
 ) -> MaskRCNN:
     """A ResNet-FPN Mask R-CNN with random weights. The defaults are
@@ -255,6 +309,13 @@ def maskrcnn_resnet_fpn(
             post-processing (see postprocess.detect_objects).
         mask_head_layers: output channels of the mask head's convolutions
             (the predictor's transposed convolution keeps the last width).
+        with_masks: whether the model has the mask branch (False with
+            keypoints: torchvision's Keypoint R-CNN).
+        num_keypoints: K > 0 adds Keypoint R-CNN's keypoint branch (14x14
+            RoIAlign, ``keypoint_head_layers`` 3x3 convolutions, 56x56
+            heatmaps), K keypoints per instance; 0: none.
+        keypoint_head_layers: output channels of the keypoint head's
+            convolutions (torchvision's: eight of 512).
         channels_last: run the backbone in the channels_last memory format:
             faster, same results up to float rounding (see ResNetFPN).
     """
@@ -267,6 +328,9 @@ def maskrcnn_resnet_fpn(
         raise ValueError(f"anchor_sizes needs one size per FPN level (P2..P6, 5 levels), got {tuple(anchor_sizes)}")
     if len(mask_head_layers) == 0:
         raise ValueError("mask_head_layers needs at least one convolution")
+    if num_keypoints < 0 or (not with_masks and num_keypoints == 0):
+        raise ValueError(f"need a mask branch or num_keypoints >= 1, got with_masks={with_masks}, "
+                         f"num_keypoints={num_keypoints}")
     backbone = resnet_fpn_backbone(depth=depth, trainable_layers=trainable_layers, out_channels=fpn_channels,
                                    norm_layer=NORM_LAYERS[norm], channels_last=channels_last)
     anchor_generator = maskrcnn_ops.AnchorGenerator(
@@ -284,14 +348,13 @@ def maskrcnn_resnet_fpn(
         batch_size_per_image=rpn_batch_size_per_image,
         positive_fraction=rpn_positive_fraction,
     )
-    box_pool_size, mask_width = 7, mask_head_layers[-1]
+    box_pool_size = 7
     roi_heads = RoIHeads(
         box_roi_pool=fpn_roi_pooler(output_size=box_pool_size),
         box_head=TwoMLPHead(in_features=fpn_channels * box_pool_size**2, representation_size=box_representation_size),
         box_predictor=FastRCNNPredictor(in_features=box_representation_size, num_classes=num_classes),
-        mask_roi_pool=fpn_roi_pooler(output_size=14),
-        mask_head=MaskHead(in_channels=fpn_channels, layers=tuple(mask_head_layers)),
-        mask_predictor=MaskPredictor(in_channels=mask_width, dim_reduced=mask_width, num_classes=num_classes),
+        **(_mask_branch(fpn_channels, mask_head_layers, num_classes) if with_masks else {}),
+        **(_keypoint_branch(fpn_channels, keypoint_head_layers, num_keypoints) if num_keypoints else {}),
         score_thresh=box_score_thresh,
         nms_thresh=box_nms_thresh,
         detections_per_img=box_detections_per_img,
@@ -345,5 +408,32 @@ def maskrcnn_resnet50_fpn(*, num_classes: int = 91, **kwargs) -> MaskRCNN:
     return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, **kwargs)
 
 
-__all__ = ["LOSS_NAMES", "MaskRCNN", "maskrcnn_from_preset", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn",
-           "box_masks_kept", "prepare_targets", "to_original_images"]
+# Keypoint R-CNN's training scales (torchvision's default; 800 at inference).
+KEYPOINT_TRAIN_MIN_SIZES = (640, 672, 704, 736, 768, 800)
+
+
+def keypointrcnn_resnet50_fpn(*, num_classes: int = 2, num_keypoints: int = 17, **kwargs) -> MaskRCNN:
+    """Keypoint R-CNN ResNet-50-FPN, torchvision's ``keypointrcnn_resnet50_fpn``:
+    no mask branch, a keypoint branch of eight 512-channel convolutions and
+    56x56 heatmaps, short sides 640..800 in training. The same state-dict
+    keys and shapes, so torchvision's COCO person keypoint weights load with
+    ``strict=True``. Other keyword arguments as :func:`maskrcnn_resnet_fpn`."""
+    if "depth" in kwargs:
+        raise TypeError("keypointrcnn_resnet50_fpn has depth 50; use maskrcnn_resnet_fpn(depth=...) for others")
+    kwargs = {"with_masks": False, "train_min_sizes": KEYPOINT_TRAIN_MIN_SIZES, **kwargs}
+    return maskrcnn_resnet_fpn(depth=50, num_classes=num_classes, num_keypoints=num_keypoints, **kwargs)
+
+
+def keypointrcnn_small(
+    *, num_classes: int, num_keypoints: int, image_size: int = SMALL.image_size, **overrides
+) -> MaskRCNN:
+    """The ``presets.SMALL`` design with a small keypoint branch
+    (``presets.SMALL_KEYPOINT_HEAD_LAYERS``) next to its mask branch: the
+    keypoint demo's model (``train --keypoints``)."""
+    return maskrcnn_from_preset(SMALL, num_classes=num_classes, image_size=image_size, num_keypoints=num_keypoints,
+                                keypoint_head_layers=SMALL_KEYPOINT_HEAD_LAYERS, **overrides)
+
+
+__all__ = ["KEYPOINT_LOSS_NAME", "KEYPOINT_TRAIN_MIN_SIZES", "LOSS_NAMES", "MaskRCNN", "keypointrcnn_resnet50_fpn",
+           "keypointrcnn_small", "maskrcnn_from_preset", "maskrcnn_resnet_fpn", "maskrcnn_small",
+           "maskrcnn_resnet50_fpn", "box_masks_kept", "prepare_targets", "to_original_images"]

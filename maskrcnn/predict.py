@@ -101,7 +101,9 @@ def detections_to_coco(
         images: per image {"file_name", "height", "width"}; ids are 1, 2, ...
         detections: the model's output per image: ``box_masks`` [D, 1, M, M]
             (encoded from the box windows by ``maskrcnn_ops.masks_to_rle``)
-            or ``masks`` [D, 1, H, W] probabilities.
+            or ``masks`` [D, 1, H, W] probabilities (neither for a model
+            without masks: no ``segmentation``), and ``keypoints`` [D, K, 3]
+            for a model with keypoints (COCO's ``keypoints`` per annotation).
         class_names: name per label (category id = label). Unused labels
             ("N/A" in the COCO table) are categories only if detected (a
             model can predict them), so every annotation has its category.
@@ -114,8 +116,10 @@ def detections_to_coco(
         if "box_masks" in found:
             target["rles"] = box_masks_to_rles(found["box_masks"], found["boxes"], (info["height"], info["width"]),
                                                mask_threshold)
-        else:
+        elif "masks" in found:
             target["masks"] = found["masks"][:, 0] > mask_threshold
+        if "keypoints" in found:
+            target["keypoints"] = found["keypoints"]
         records = target_to_annotations(target, image_id=image_id, first_annotation_id=len(coco["annotations"]) + 1)
         for record, score in zip(records, found["scores"].tolist()):
             record["score"] = score
@@ -137,7 +141,7 @@ def predict_files(
     json_name: str = "detections.json",
 ) -> Dict[str, object]:
     """Detects objects in image files and writes ``out_dir/<stem>.png`` (the
-    image with masks, boxes and labels drawn) per image and
+    image with masks, boxes, keypoints and labels drawn) per image and
     ``out_dir/<json_name>`` (COCO format, all images).
 
     Every image is opened once before the model runs, so an unreadable file
@@ -171,7 +175,7 @@ def predict_files(
             for path, name, image, found in zip(chunk, names[start:], images, outputs):
                 found = {key: value.cpu() for key, value in found.items()}
                 drawn = draw_detections(image, pasted(found, tuple(image.shape[-2:])), class_names=class_names,
-                                        mask_threshold=mask_threshold)
+                                        mask_threshold=mask_threshold, skeleton=model.keypoint_skeleton)
                 drawn.save(out_dir / name)
                 infos.append(dict(file_name=str(path), height=image.size(1), width=image.size(2)))
                 results.append(found)

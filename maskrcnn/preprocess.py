@@ -198,18 +198,34 @@ def resize_target(target: Dict[str, Tensor], from_size: Tuple[int, int], to_size
     if "masks" in target:
         masks = target["masks"]
         resized["masks"] = F.interpolate(masks[:, None].float(), size=tuple(to_size))[:, 0].to(torch.uint8)
+    if "keypoints" in target:
+        resized["keypoints"] = rescale_keypoints(target["keypoints"], from_size, to_size)
     return resized
+
+
+def _size_ratios(from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """(height, width) ratios as float32 scalar tensors, as torchvision computes them."""
+    return tuple(torch.tensor(new, dtype=torch.float32) / torch.tensor(old, dtype=torch.float32)
+                 for new, old in zip(to_size, from_size))
 
 
 def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
     """Boxes [K, 4] (x1, y1, x2, y2) in an image of ``from_size`` (height,
     width) -> the same boxes in an image of ``to_size``. The ratios are float32
     quotients, as torchvision's ``resize_boxes``, so coordinates match it."""
-    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
-    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
+    ratio_h, ratio_w = _size_ratios(from_size, to_size)
     ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.device)
     return boxes * ratios
 
 
+def rescale_keypoints(keypoints: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
+    """Keypoints [..., 3] (x, y, visibility) in an image of ``from_size``
+    -> the same in an image of ``to_size``: x and y scaled by the float32
+    ratios of :func:`rescale_boxes`, visibility kept."""
+    ratio_h, ratio_w = _size_ratios(from_size, to_size)
+    ratios = torch.stack([ratio_w, ratio_h, torch.ones(())]).to(keypoints.device)
+    return keypoints * ratios
+
+
 __all__ = ["ImageBatch", "ImageTransform", "IMAGENET_MEAN", "IMAGENET_STD", "check_images", "rescale_boxes",
-           "resize_target", "resized_size"]
+           "rescale_keypoints", "resize_target", "resized_size"]

@@ -71,6 +71,11 @@ def _resnet50_settings(image_size: Optional[int]) -> Dict[str, Any]:
     return dict(depth=50, norm="batch", trainable_layers=5, **_image_side(image_size))
 
 
+# The keypoint branch that ``train --keypoints`` adds to SMALL: four
+# 64-channel convolutions (torchvision's eight of 512 cost 40x more per RoI
+# and a few corner keypoints per shape need far less).
+SMALL_KEYPOINT_HEAD_LAYERS = (64, 64, 64, 64)
+
 SMALL = ModelPreset(
     name="small",
     summary="ResNet-18-FPN for small images that trains from scratch on a CPU in minutes (the demo's)",
@@ -130,4 +135,5 @@ SHAPES_TRAINING = TrainingPreset(
 )
 
 
-__all__ = ["MODEL_PRESETS", "RESNET50", "SHAPES_TRAINING", "SMALL", "ModelPreset", "TrainingPreset", "model_preset"]
+__all__ = ["MODEL_PRESETS", "RESNET50", "SHAPES_TRAINING", "SMALL", "SMALL_KEYPOINT_HEAD_LAYERS", "ModelPreset",
+           "TrainingPreset", "model_preset"]

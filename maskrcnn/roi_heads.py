@@ -1,10 +1,11 @@
 """The second stage: multi-level RoIAlign on the proposals, box head,
 post-processing into detections, then RoIAlign on the detections and the
-mask head; in training, sampled proposals and the box and mask losses."""
+mask head and/or keypoint head; in training, sampled proposals and the box,
+mask and keypoint losses."""
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +13,9 @@ from torch import Tensor, nn
 import maskrcnn_ops
 
 from .heads import FastRCNNPredictor, MaskHead, MaskPredictor, TwoMLPHead
+from .keypoint_head import KeypointHead, KeypointPredictor, decode_keypoints
 from .postprocess import PaddedDetections, detect_objects, detect_objects_padded, select_class_masks
-from .training import ROI_BOX_WEIGHTS, box_head_loss, mask_loss, mask_targets, sample_proposals
+from .training import ROI_BOX_WEIGHTS, box_head_loss, keypoint_loss, mask_loss, mask_targets, sample_proposals
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")
 
@@ -28,38 +30,54 @@ def fpn_roi_pooler(*, output_size: int, sampling_ratio: int = 2) -> maskrcnn_ops
 
 class RoIHeadOutputs(NamedTuple):
     """Per image, in the resized image's coordinates: boxes [D_i, 4],
-    scores [D_i], labels [D_i] int64 and masks [D_i, 1, M, M] (probabilities
-    of the detected class, M = 28 for the standard head)."""
+    scores [D_i], labels [D_i] int64, masks [D_i, 1, M, M] (probabilities
+    of the detected class, M = 28 for the standard head; None without a
+    mask branch), keypoints [D_i, K, 3] float32 (x, y, 1) and
+    keypoint_scores [D_i, K] (heatmap logits; both None without a keypoint
+    branch)."""
 
     boxes: List[Tensor]
     scores: List[Tensor]
     labels: List[Tensor]
-    masks: List[Tensor]
+    masks: Optional[List[Tensor]]
+    keypoints: Optional[List[Tensor]] = None
+    keypoint_scores: Optional[List[Tensor]] = None
 
 
 class PaddedRoIHeadOutputs(NamedTuple):
     """The RoI heads' outputs for a batch in fixed-size form (D =
     ``detections_per_img``): ``detections`` (PaddedDetections, resized-image
-    coordinates) and ``masks`` [N, D, M, M], the probabilities of each
-    detection's class (zeros past ``num_detections``)."""
+    coordinates), ``masks`` [N, D, M, M], the probabilities of each
+    detection's class, ``keypoints`` [N, D, K, 3] and ``keypoint_scores``
+    [N, D, K] (all zeros past ``num_detections``; None for a branch the
+    model does not have)."""
 
     detections: PaddedDetections
-    masks: Tensor
+    masks: Optional[Tensor]
+    keypoints: Optional[Tensor] = None
+    keypoint_scores: Optional[Tensor] = None
 
     def unpad(self) -> RoIHeadOutputs:
         """The per-image form of ``RoIHeads.forward`` (reads the counts: a
         host sync, or unbacked sizes in a traced graph)."""
         d = self.detections
         limit = d.boxes.size(1)
-        boxes, scores, labels, masks = [], [], [], []
+        boxes, scores, labels = [], [], []
+        masks = None if self.masks is None else []
+        keypoints = None if self.keypoints is None else []
+        keypoint_scores = None if self.keypoint_scores is None else []
         for i, count in enumerate(d.num_detections.tolist()):
             torch._check(count >= 0)
             torch._check(count <= limit)
             boxes.append(d.boxes[i, :count])
             scores.append(d.scores[i, :count])
             labels.append(d.labels[i, :count])
-            masks.append(self.masks[i, :count, None])
-        return RoIHeadOutputs(boxes, scores, labels, masks)
+            if masks is not None:
+                masks.append(self.masks[i, :count, None])
+            if keypoints is not None:
+                keypoints.append(self.keypoints[i, :count])
+                keypoint_scores.append(self.keypoint_scores[i, :count])
+        return RoIHeadOutputs(boxes, scores, labels, masks, keypoints, keypoint_scores)
 
 
 def padded_rois(boxes: Tensor) -> Tensor:
@@ -70,12 +88,17 @@ def padded_rois(boxes: Tensor) -> Tensor:
 
 
 class RoIHeads(nn.Module):
-    """Box and mask branches of Mask R-CNN.
+    """Box branch and mask and/or keypoint branches of Mask R-CNN and
+    Keypoint R-CNN.
 
     Args:
         box_roi_pool, mask_roi_pool: multi-level RoIAlign modules (7x7 and 14x14).
         box_head, box_predictor: features -> class logits and box deltas.
-        mask_head, mask_predictor: features -> per-class mask logits.
+        mask_head, mask_predictor: features -> per-class mask logits
+            (the three None, the default: no mask branch).
+        keypoint_roi_pool, keypoint_head, keypoint_predictor: RoIAlign
+            (14x14), features -> keypoint heatmap logits [R, K, 56, 56]
+            (the three None, the default: no keypoint branch).
         score_thresh, nms_thresh, detections_per_img: see
             ``postprocess.detect_objects``.
         box_weights: the (wx, wy, ww, wh) of ``box_coder``, the one coder
@@ -94,9 +117,12 @@ class RoIHeads(nn.Module):
         box_roi_pool: maskrcnn_ops.MultiScaleRoIAlign,
         box_head: TwoMLPHead,
         box_predictor: FastRCNNPredictor,
-        mask_roi_pool: maskrcnn_ops.MultiScaleRoIAlign,
-        mask_head: MaskHead,
-        mask_predictor: MaskPredictor,
+        mask_roi_pool: Optional[maskrcnn_ops.MultiScaleRoIAlign] = None,
+        mask_head: Optional[MaskHead] = None,
+        mask_predictor: Optional[MaskPredictor] = None,
+        keypoint_roi_pool: Optional[maskrcnn_ops.MultiScaleRoIAlign] = None,
+        keypoint_head: Optional[KeypointHead] = None,
+        keypoint_predictor: Optional[KeypointPredictor] = None,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
@@ -113,6 +139,13 @@ class RoIHeads(nn.Module):
         self.mask_roi_pool = mask_roi_pool
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
+        for branch, modules in (("mask", (mask_roi_pool, mask_head, mask_predictor)),
+                                ("keypoint", (keypoint_roi_pool, keypoint_head, keypoint_predictor))):
+            if any(m is None for m in modules) and any(m is not None for m in modules):
+                raise ValueError(f"give all three {branch} modules (roi_pool, head, predictor) or none")
+        self.keypoint_roi_pool = keypoint_roi_pool
+        self.keypoint_head = keypoint_head
+        self.keypoint_predictor = keypoint_predictor
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
@@ -136,6 +169,29 @@ class RoIHeads(nn.Module):
         """Per-class mask logits [D, C, M, M] of the D = sum_i D_i boxes."""
         return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
 
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_predictor is not None
+
+    @property
+    def has_keypoints(self) -> bool:
+        return self.keypoint_predictor is not None
+
+    def keypoint_logits(
+        self, features: Dict[str, Tensor], boxes: List[Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> Tensor:
+        """Keypoint heatmap logits [D, K, S, S] of the D = sum_i D_i boxes."""
+        return self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes, image_sizes)))
+
+    def keypoints(
+        self, features: Dict[str, Tensor], boxes: List[Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per image keypoints [D_i, K, 3] and their scores [D_i, K] (see
+        ``keypoint_head.decode_keypoints``), in the boxes' coordinates."""
+        counts = [b.size(0) for b in boxes]
+        keypoints, scores = decode_keypoints(self.keypoint_logits(features, boxes, image_sizes), torch.cat(boxes))
+        return list(keypoints.split(counts)), list(scores.split(counts))
+
     def mask_probabilities(
         self, features: Dict[str, Tensor], boxes: List[Tensor], labels: List[Tensor], image_sizes: List[Tuple[int, int]]
     ) -> List[Tensor]:
@@ -151,22 +207,25 @@ class RoIHeads(nn.Module):
         image_sizes: List[Tuple[int, int]],
         targets: Sequence[Dict[str, Tensor]],
     ) -> Dict[str, Tensor]:
-        """The training losses of the box and mask branches.
+        """The training losses of the box, mask and keypoint branches.
 
         The ground-truth boxes join the proposals, a balanced sample is
-        drawn (global RNG, as torchvision), the box branch runs on it, and
-        the mask branch on its foreground samples against the ground-truth
-        masks cropped to them (RoIAlign).
+        drawn (global RNG, as torchvision), the box branch runs on it, the
+        mask branch on its foreground samples against the ground-truth
+        masks cropped to them (RoIAlign), and the keypoint branch on the
+        same foreground samples against their instances' keypoints.
 
         Args:
             features: FPN levels.
             proposals: per image [K_i, 4] (no gradient), resized-image coordinates.
             image_sizes: per image (height, width) of the resized image.
-            targets: per image ``boxes`` [G_i, 4], ``labels`` [G_i] and
-                ``masks`` [G_i, H_i, W_i] at the resized image's size.
+            targets: per image ``boxes`` [G_i, 4], ``labels`` [G_i],
+                ``masks`` [G_i, H_i, W_i] at the resized image's size (mask
+                branch) and ``keypoints`` [G_i, K, 3] (keypoint branch).
 
         Returns:
-            {"loss_classifier", "loss_box_reg", "loss_mask"}: float32 scalars.
+            {"loss_classifier", "loss_box_reg"} and "loss_mask" and/or
+            "loss_keypoint" (the branches the heads have): float32 scalars.
         """
         samples = sample_proposals(
             proposals,
@@ -182,17 +241,19 @@ class RoIHeads(nn.Module):
         loss_classifier, loss_box_reg = box_head_loss(
             class_logits.float(), box_deltas.float(), samples.labels, samples.regression_targets
         )
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         boxes, labels, matched = samples.positives()
-        logits = self.mask_logits(features, boxes, image_sizes).float()
-        crops = [
-            mask_targets(target["masks"], image_boxes, image_matched, size=logits.size(-1))
-            for target, image_boxes, image_matched in zip(targets, boxes, matched)
-        ]
-        return {
-            "loss_classifier": loss_classifier,
-            "loss_box_reg": loss_box_reg,
-            "loss_mask": mask_loss(logits, labels, crops),
-        }
+        if self.has_masks:
+            logits = self.mask_logits(features, boxes, image_sizes).float()
+            crops = [
+                mask_targets(target["masks"], image_boxes, image_matched, size=logits.size(-1))
+                for target, image_boxes, image_matched in zip(targets, boxes, matched)
+            ]
+            losses["loss_mask"] = mask_loss(logits, labels, crops)
+        if self.has_keypoints:
+            logits = self.keypoint_logits(features, boxes, image_sizes).float()
+            losses["loss_keypoint"] = keypoint_loss(logits, boxes, [t["keypoints"] for t in targets], matched)
+        return losses
 
     def forward(
         self, features: Dict[str, Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]]
@@ -213,8 +274,13 @@ class RoIHeads(nn.Module):
             nms_thresh=self.nms_thresh,
             detections_per_img=self.detections_per_img,
         )
-        masks = self.mask_probabilities(features, detections.boxes, detections.labels, image_sizes)
-        return RoIHeadOutputs(detections.boxes, detections.scores, detections.labels, masks)
+        masks, keypoints, keypoint_scores = None, None, None
+        if self.has_masks:
+            masks = self.mask_probabilities(features, detections.boxes, detections.labels, image_sizes)
+        if self.has_keypoints:
+            keypoints, keypoint_scores = self.keypoints(features, detections.boxes, image_sizes)
+        return RoIHeadOutputs(detections.boxes, detections.scores, detections.labels, masks, keypoints,
+                              keypoint_scores)
 
     def forward_padded(
         self,
@@ -249,13 +315,23 @@ class RoIHeads(nn.Module):
             nms_thresh=self.nms_thresh,
             detections_per_img=self.detections_per_img,
         )
-        logits = self.mask_predictor(
-            self.mask_head(self.mask_roi_pool.pool(features, padded_rois(detections.boxes), spatial_scales))
-        )
-        masks = select_class_masks(logits, detections.labels.reshape(-1))[:, 0]
-        filled = torch.arange(self.detections_per_img, device=masks.device) < detections.num_detections[:, None]
-        masks = torch.where(filled.reshape(-1, 1, 1), masks, 0)
-        return PaddedRoIHeadOutputs(detections, masks.view(n, self.detections_per_img, *masks.shape[-2:]))
+        rois = padded_rois(detections.boxes)
+        filled = torch.arange(self.detections_per_img, device=rois.device) < detections.num_detections[:, None]
+        filled = filled.reshape(-1, 1, 1)  # [N * D, 1, 1]
+        per_image = (n, self.detections_per_img)
+        masks, keypoints, keypoint_scores = None, None, None
+        if self.has_masks:
+            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool.pool(features, rois, spatial_scales)))
+            masks = select_class_masks(logits, detections.labels.reshape(-1))[:, 0]
+            masks = torch.where(filled, masks, 0).view(*per_image, *masks.shape[-2:])
+        if self.has_keypoints:
+            heatmaps = self.keypoint_predictor(
+                self.keypoint_head(self.keypoint_roi_pool.pool(features, rois, spatial_scales))
+            )
+            keypoints, keypoint_scores = decode_keypoints(heatmaps, rois[:, 1:])
+            keypoints = torch.where(filled, keypoints, 0).view(*per_image, *keypoints.shape[-2:])
+            keypoint_scores = torch.where(filled[..., 0], keypoint_scores, 0).view(*per_image, -1)
+        return PaddedRoIHeadOutputs(detections, masks, keypoints, keypoint_scores)
 
 
 __all__ = ["FPN_LEVEL_NAMES", "PaddedRoIHeadOutputs", "RoIHeadOutputs", "RoIHeads", "fpn_roi_pooler", "padded_rois"]

@@ -1,5 +1,6 @@
-"""Drawing detections: hatched masks with outlines, boxes, and captions
-sized to the image and placed so that no two overlap."""
+"""Drawing detections: hatched masks with outlines, boxes, keypoints (dots
+joined by the skeleton's lines), and captions sized to the image and placed
+so that no two overlap."""
 
 from __future__ import annotations
 
@@ -146,6 +147,39 @@ def place_captions(boxes: Sequence[Sequence[float]], sizes: Sequence[Tuple[int, 
     return result
 
 
+def draw_keypoints(
+    draw: ImageDraw.ImageDraw, keypoints: Tensor, scores: Optional[Tensor], labels: Sequence[int], *,
+    skeleton: Sequence[Tuple[int, int]] = (), threshold: float = 0.0, radius: int = 2,
+) -> None:
+    """Draws each detection's keypoints as dots (a colour per keypoint
+    index, outlined in black) joined by the skeleton's lines (the label's
+    colour).
+
+    Args:
+        keypoints: [D, K, 3] (x, y, v) in the image's pixels.
+        scores: [D, K] (the model's heatmap logits) or None; a keypoint
+            whose score is not above ``threshold`` (or whose v is 0) is
+            not drawn.
+        labels: [D] the detections' labels (line colours).
+        skeleton: pairs of 1-based keypoint indices (COCO's ``skeleton``).
+    """
+    if keypoints.numel() == 0:
+        return
+    keypoints = keypoints.detach().float().cpu()
+    shown = keypoints[..., 2] > 0
+    if scores is not None:
+        shown &= scores.detach().cpu() > threshold
+    for points, visible, label in zip(keypoints.tolist(), shown.tolist(), labels):
+        for first, second in skeleton:
+            if 1 <= first <= len(points) and 1 <= second <= len(points) and visible[first - 1] and visible[second - 1]:
+                draw.line([tuple(points[first - 1][:2]), tuple(points[second - 1][:2])], fill=label_color(label),
+                          width=max(1, radius // 2))
+        for index, ((x, y, _), is_visible) in enumerate(zip(points, visible)):
+            if is_visible:
+                draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=label_color(index + 7),
+                             outline=(0, 0, 0))
+
+
 def draw_detections(
     image: Tensor,
     detections: Dict[str, Tensor],
@@ -153,6 +187,8 @@ def draw_detections(
     class_names: Sequence[str],
     mask_threshold: float = 0.5,
     alpha: float = 0.35,
+    skeleton: Sequence[Tuple[int, int]] = (),
+    keypoint_threshold: float = 0.0,
 ) -> Image.Image:
     """The image with the detections drawn on it: masks (see
     ``blend_masks``), boxes in the label's colour, and captions "name
@@ -163,11 +199,13 @@ def draw_detections(
     Args:
         image: [3, H, W] float in [0, 1] (the image the detections refer to).
         detections: the model's output for the image: ``boxes`` [D, 4],
-            ``labels`` [D], ``scores`` [D], optionally ``masks`` [D, 1, H, W],
+            ``labels`` [D], ``scores`` [D], optionally ``masks`` [D, 1, H, W]
+            and ``keypoints`` [D, K, 3] with ``keypoints_scores`` [D, K],
             best first.
         class_names: name of each label.
         mask_threshold: mask probability that counts as inside.
         alpha: opacity of the mask tint.
+        skeleton, keypoint_threshold: see ``draw_keypoints``.
     """
     height, width = image.shape[-2:]
     thickness = line_width(height, width)
@@ -184,6 +222,9 @@ def draw_detections(
     # Worst detections first, so the best boxes end up on top.
     for box, label in reversed(list(zip(boxes, labels))):
         draw.rectangle(box, outline=label_color(label), width=thickness)
+    if "keypoints" in detections:
+        draw_keypoints(draw, detections["keypoints"], detections.get("keypoints_scores"), labels, skeleton=skeleton,
+                       threshold=keypoint_threshold, radius=thickness + 1)
 
     captions, sizes, offsets = [], [], []
     pad = max(1, thickness // 2)
@@ -213,6 +254,8 @@ def enlarge(image: Tensor, detections: Dict[str, Tensor], *, scale: int) -> tupl
     if scale == 1:
         return image, detections
     bigger = dict(detections, boxes=detections["boxes"] * scale)
+    if "keypoints" in detections:
+        bigger["keypoints"] = detections["keypoints"] * torch.tensor([scale, scale, 1.0])
     if "masks" in detections:
         bigger["masks"] = detections["masks"].repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     return image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), bigger
@@ -228,6 +271,7 @@ def detection_grid(
     scale: int = 1,
     mask_threshold: float = 0.5,
     margin: int = 4,
+    skeleton: Sequence[Tuple[int, int]] = (),
 ) -> Image.Image:
     """Several images with their detections drawn (``draw_detections``),
     tiled row by row on a white sheet, ``columns`` per row; images of
@@ -236,6 +280,7 @@ def detection_grid(
     Args:
         score_threshold: detections scoring below this are not drawn.
         scale: integer enlargement of every image (see ``enlarge``).
+        skeleton: of the keypoints (see ``draw_keypoints``).
     """
     if len(images) == 0 or len(images) != len(detections):
         raise ValueError(f"expected as many detections as images (at least one), got {len(detections)} and {len(images)}")
@@ -243,7 +288,8 @@ def detection_grid(
     for image, found in zip(images, detections):
         keep = found["scores"] >= score_threshold
         image, found = enlarge(image, {key: value[keep] for key, value in found.items()}, scale=scale)
-        drawn.append(draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold))
+        drawn.append(draw_detections(image, found, class_names=class_names, mask_threshold=mask_threshold,
+                                     skeleton=skeleton))
     cell_w = max(d.width for d in drawn) + margin
     cell_h = max(d.height for d in drawn) + margin
     columns = min(columns, len(drawn))
@@ -255,5 +301,5 @@ def detection_grid(
     return sheet
 
 
-__all__ = ["blend_masks", "caption_font", "detection_grid", "draw_detections", "enlarge", "image_to_uint8",
-           "label_color", "line_width", "place_captions", "text_color"]
+__all__ = ["blend_masks", "caption_font", "detection_grid", "draw_detections", "draw_keypoints", "enlarge",
+           "image_to_uint8", "label_color", "line_width", "place_captions", "text_color"]

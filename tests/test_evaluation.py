@@ -212,6 +212,8 @@ def test_bad_predictions_are_rejected_clearly(ground_truth_file):
         evaluate_coco({1: no_masks}, ground_truth_file)
     assert evaluate_coco({1: no_masks}, ground_truth_file, iou_types=["bbox"])["bbox"]["AP"] > 0
     with pytest.raises(ValueError, match="iou_types"):
+        evaluate_coco(predictions, ground_truth_file, iou_types=["poses"])
+    with pytest.raises(ValueError, match="keypoint AP needs ground-truth annotations with 'keypoints'"):
         evaluate_coco(predictions, ground_truth_file, iou_types=["keypoints"])
 
 

@@ -15,13 +15,23 @@ from .coco_format import (
 from .coco_schema import CocoFormatError, load_coco_json, validate_coco
 from .batching import collate
 from .sampler import EpochBatchSampler
-from .shapes import SHAPE_CLASS_NAMES, ShapesDataset, boxes_from_masks
+from .shapes import (
+    SHAPE_CLASS_NAMES,
+    SHAPE_KEYPOINT_NAMES,
+    SHAPE_KEYPOINT_SIGMAS,
+    SHAPE_SKELETON,
+    ShapesDataset,
+    boxes_from_masks,
+)
 from .augment import RandomHorizontalFlip, horizontal_flip
 from .validation import validate_target
 
 __all__ = [
     "ShapesDataset",
     "SHAPE_CLASS_NAMES",
+    "SHAPE_KEYPOINT_NAMES",
+    "SHAPE_KEYPOINT_SIGMAS",
+    "SHAPE_SKELETON",
     "boxes_from_masks",
     "CocoDataset",
     "CocoFormatError",

@@ -79,8 +79,10 @@ def target_to_annotations(
     Args:
         target: ``boxes`` [K, 4] (x1, y1, x2, y2), ``labels`` [K], ``masks``
             [K, H, W] or, already encoded, ``rles`` (K compressed RLEs as
-            ``masks_to_rles`` gives); optional ``area`` [K] (default: mask
-            pixels) and ``iscrowd`` [K] (default 0).
+            ``masks_to_rles`` gives) or neither (no ``segmentation``; area
+            of the boxes); optional ``area`` [K] (default: mask pixels),
+            ``iscrowd`` [K] (default 0) and ``keypoints`` [K, J, 3] (x, y,
+            visibility).
         image_id: the COCO image id.
         first_annotation_id: ids are consecutive from here (>= 1: COCOeval
             takes id 0 for "unmatched").
@@ -88,15 +90,19 @@ def target_to_annotations(
 
     Returns:
         K dicts with ``id``, ``image_id``, ``category_id``, ``bbox`` [x, y,
-        w, h], ``area``, ``iscrowd`` and ``segmentation`` (compressed RLE).
+        w, h], ``area``, ``iscrowd`` and ``segmentation`` (compressed RLE),
+        and with keypoints COCO's ``keypoints`` [x1, y1, v1, x2, ...] and
+        ``num_keypoints`` (those with v > 0).
     """
     if first_annotation_id < 1:
         raise ValueError(f"annotation ids must start at 1 or more, got {first_annotation_id}")
     boxes = target["boxes"].tolist()
     labels = target["labels"].tolist()
-    rles = target["rles"] if "rles" in target else masks_to_rles(target["masks"])
+    rles = target["rles"] if "rles" in target else masks_to_rles(target["masks"]) if "masks" in target else None
     if "area" in target:
         areas = target["area"].tolist()
+    elif rles is None:  # no masks (a Keypoint R-CNN's detections): box areas
+        areas = [(x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in boxes]
     elif "rles" in target:
         areas = [float(a) for a in coco_mask.area([{**r, "counts": r["counts"].encode("ascii")} for r in rles])] \
             if rles else []
@@ -113,16 +119,27 @@ def target_to_annotations(
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "area": float(areas[k]),
                 "iscrowd": int(crowd[k]),
-                "segmentation": rles[k],
             }
         )
+        if rles is not None:
+            records[-1]["segmentation"] = rles[k]
+    if "keypoints" in target:
+        for record, keypoints in zip(records, target["keypoints"].tolist()):
+            record["keypoints"] = [float(value) for point in keypoints for value in point]
+            record["num_keypoints"] = sum(1 for point in keypoints if point[2] > 0)
     return records
 
 
-def _categories(class_names: Sequence[str]) -> List[Dict]:
+def _categories(class_names: Sequence[str], dataset=None) -> List[Dict]:
     """COCO categories of a class-name table indexed by label (0 background;
-    "N/A" marks unused labels, as torchvision's COCO table)."""
-    return [{"id": label, "name": name} for label, name in enumerate(class_names) if label > 0 and name != "N/A"]
+    "N/A" marks unused labels, as torchvision's COCO table); each with the
+    dataset's ``keypoint_names`` and ``skeleton`` when it has keypoints."""
+    extra = {}
+    if getattr(dataset, "keypoint_names", None):
+        extra = {"keypoints": list(dataset.keypoint_names),
+                 "skeleton": [list(edge) for edge in getattr(dataset, "skeleton", ())]}
+    return [{"id": label, "name": name, **extra} for label, name in enumerate(class_names)
+            if label > 0 and name != "N/A"]
 
 
 def _class_names(dataset) -> Sequence[str]:
@@ -164,7 +181,7 @@ def dataset_to_coco(dataset, *, class_names: Optional[Sequence[str]] = None) -> 
             and an int ``image_id`` (default: the index).
         class_names: names indexed by label (default ``dataset.class_names``).
     """
-    coco = {"images": [], "annotations": [], "categories": _categories(class_names or _class_names(dataset))}
+    coco = {"images": [], "annotations": [], "categories": _categories(class_names or _class_names(dataset), dataset)}
     for _image, record, annotations in _coco_records(dataset):
         coco["images"].append(record)
         coco["annotations"].extend(annotations)
@@ -190,7 +207,7 @@ def write_coco_folder(
     folder = Path(folder)
     images_dir = folder / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    coco = {"images": [], "annotations": [], "categories": _categories(class_names or _class_names(dataset))}
+    coco = {"images": [], "annotations": [], "categories": _categories(class_names or _class_names(dataset), dataset)}
     for image, record, annotations in _coco_records(dataset):
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(np.ascontiguousarray(pixels)).save(images_dir / record["file_name"])

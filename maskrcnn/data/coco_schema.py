@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 
 class CocoFormatError(ValueError):
@@ -101,6 +101,50 @@ def _validate_segmentation(segmentation, height: int, width: int, source: str, w
         _require(isinstance(counts, str) and counts.isascii(), source, where, "compressed RLE counts must be a string")
 
 
+def _validate_category_keypoints(category: Dict, source: str, where: str) -> Optional[int]:
+    """The number of keypoints a category names (None without ``keypoints``),
+    its ``skeleton`` checked against them."""
+    if "keypoints" not in category:
+        return None
+    names = category["keypoints"]
+    _require(
+        isinstance(names, list) and len(names) > 0 and all(isinstance(n, str) for n in names)
+        and len(set(names)) == len(names),
+        source, where, f"'keypoints' must be a non-empty list of distinct names, got {names!r}",
+    )
+    skeleton = category.get("skeleton", [])
+    _require(
+        isinstance(skeleton, list) and all(
+            isinstance(edge, list) and len(edge) == 2 and all(_is_int(i) and 1 <= i <= len(names) for i in edge)
+            for edge in skeleton),
+        source, where, f"'skeleton' must be a list of [i, j] keypoint numbers in 1..{len(names)}, got {skeleton!r}",
+    )
+    return len(names)
+
+
+def _validate_annotation_keypoints(annotation: Dict, num_keypoints: Optional[int], source: str, where: str) -> None:
+    """COCO's ``keypoints`` [x1, y1, v1, ...] (one triple per keypoint name
+    of the category, v 0 not labeled, 1 hidden, 2 visible) and
+    ``num_keypoints`` (how many have v > 0)."""
+    keypoints = annotation["keypoints"]
+    _require(num_keypoints is not None, source, where,
+             "has 'keypoints' but its category lists no keypoint names ('keypoints' in 'categories')")
+    _require(
+        isinstance(keypoints, list) and len(keypoints) == 3 * num_keypoints and all(_is_number(v) for v in keypoints),
+        source, where,
+        f"'keypoints' must be [x, y, v] * {num_keypoints} = {3 * num_keypoints} finite numbers, got "
+        f"{len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__}",
+    )
+    visibility = keypoints[2::3]
+    _require(all(v in (0, 1, 2) for v in visibility), source, where,
+             f"keypoint visibilities must be 0, 1 or 2, got {sorted(set(visibility))}")
+    labeled = sum(1 for v in visibility if v > 0)
+    _require(
+        annotation.get("num_keypoints", labeled) == labeled and not isinstance(annotation.get("num_keypoints"), bool),
+        source, where, f"'num_keypoints' {annotation.get('num_keypoints')!r} != {labeled} keypoints with v > 0",
+    )
+
+
 def validate_coco(data, *, source: str = "annotations") -> None:
     """Checks a parsed COCO instances dict, raising ``CocoFormatError`` with
     the place and the reason at the first problem.
@@ -111,7 +155,11 @@ def validate_coco(data, *, source: str = "annotations") -> None:
     ``category_id`` of a listed category; ``bbox`` 4 finite numbers with
     width, height >= 0; ``segmentation``: polygons of >= 3 points, or RLE
     with the image's size; ``iscrowd`` 0 or 1 when present, default 0;
-    ``area`` a number >= 0 when present).
+    ``area`` a number >= 0 when present). Keypoints, when present: a
+    category's ``keypoints`` (distinct names) and ``skeleton`` ([i, j]
+    pairs of 1-based keypoint numbers); an annotation's ``keypoints`` ([x,
+    y, v] per name of its category, v 0, 1 or 2) and ``num_keypoints``
+    (the count with v > 0).
     """
     _require(isinstance(data, dict), source, "top level", f"must be a JSON object, got {type(data).__name__}")
     image_sizes = {}
@@ -134,7 +182,7 @@ def validate_coco(data, *, source: str = "annotations") -> None:
             )
         image_sizes[image["id"]] = (image["height"], image["width"])
 
-    category_ids = set()
+    category_ids, category_keypoints = set(), {}
     for i, category in enumerate(_records(data, "categories", source)):
         where = f"categories[{i}]"
         _require(
@@ -147,6 +195,7 @@ def validate_coco(data, *, source: str = "annotations") -> None:
         name = category.get("name")
         _require(isinstance(name, str), source, where, f"'name' must be a string, got {name!r}")
         category_ids.add(category["id"])
+        category_keypoints[category["id"]] = _validate_category_keypoints(category, source, where)
 
     for i, annotation in enumerate(_records(data, "annotations", source)):
         where = f"annotations[{i}] (id {annotation.get('id')!r})"
@@ -185,3 +234,5 @@ def validate_coco(data, *, source: str = "annotations") -> None:
         _require("segmentation" in annotation, source, where, "'segmentation' is missing (Mask R-CNN needs masks)")
         height, width = image_sizes[annotation["image_id"]]
         _validate_segmentation(annotation["segmentation"], height, width, source, where)
+        if "keypoints" in annotation:
+            _validate_annotation_keypoints(annotation, category_keypoints[annotation["category_id"]], source, where)

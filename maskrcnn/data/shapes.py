@@ -1,12 +1,13 @@
 """A synthetic instance-segmentation dataset of coloured shapes, generated on
 the fly (in the spirit of the "train on shapes" sample of Matterport's Keras
 Mask R-CNN): small enough to train a detector on a CPU in minutes, with exact
-masks and no download."""
+masks and no download. With ``keypoints=True`` each instance also has the
+corners of its shape as keypoints (see ``SHAPE_KEYPOINT_NAMES``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,6 +16,22 @@ from torch.utils.data import Dataset
 
 SHAPE_CLASS_NAMES = ("__background__", "circle", "square", "triangle")
 CIRCLE, SQUARE, TRIANGLE = 1, 2, 3
+
+# Keypoints of every instance (ShapesDataset(keypoints=True)): the corners
+# of its shape, the topmost first and the others clockwise (on screen, y
+# down) from it. A square has four, a triangle three (its fourth is never
+# labeled), a circle none. COCO visibility: 2 visible, 1 in the image but
+# hidden under a later shape, 0 not labeled (no such corner, or outside the
+# image; then x = y = 0, as COCO writes them).
+SHAPE_KEYPOINT_NAMES = ("first_corner", "second_corner", "third_corner", "fourth_corner")
+# Consecutive corners, 1-based as COCO's ``skeleton``: a square's outline
+# (a triangle's has its third edge from corner 3 to 1, not drawn).
+SHAPE_SKELETON = ((1, 2), (2, 3), (3, 4), (4, 1))
+# The COCO keypoint evaluation's per-keypoint sigmas (the OKS falloff, in
+# pycocotools' kpt_oks_sigmas units): 0.05, between COCO's sharpest joints
+# (eyes, 0.025) and its hips (0.107). For a shape of 1000 pixels of area a
+# corner 2 px off scores 0.82, 4 px off 0.45 (exp(-d^2 / (2 area (2 sigma)^2))).
+SHAPE_KEYPOINT_SIGMAS = (0.05, 0.05, 0.05, 0.05)
 
 # A shape's colour must differ from the background under it by at least this
 # (Euclidean distance in RGB in [0, 1]) so that every object is visible.
@@ -48,6 +65,44 @@ def _inside_shape(kind: int, centre_x: float, centre_y: float, radius: float, an
         normal_angle = angle + math.pi / 3 + 2 * math.pi * k / 3
         inside &= dx * math.cos(normal_angle) + dy * math.sin(normal_angle) <= radius / 2
     return inside
+
+
+def _corners(kind: int, centre_x: float, centre_y: float, radius: float, angle: float) -> np.ndarray:
+    """[C, 2] (x, y) corners of a shape (C = 4 square, 3 triangle, 0
+    circle), the topmost first, then clockwise on screen."""
+    if kind == CIRCLE:
+        return np.zeros((0, 2))
+    # The vertices lie on the circumcircle, midway between the normals of
+    # the edges _inside_shape uses.
+    if kind == SQUARE:
+        angles = angle + math.pi / 4 + np.arange(4) * math.pi / 2
+    else:
+        angles = angle + 2 * math.pi / 3 * np.arange(3)
+    corners = np.stack([centre_x + radius * np.cos(angles), centre_y + radius * np.sin(angles)], axis=1)
+    # Increasing angle is clockwise on screen (y points down): start at the topmost.
+    return np.roll(corners, -int(np.argmin(corners[:, 1])), axis=0)
+
+
+def shape_keypoints(
+    shapes: List[Tuple[int, float, float, float, float]], kept: List[int], boxes: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """Keypoints [K, 4, 3] float32 (see SHAPE_KEYPOINT_NAMES) of the kept
+    shapes (indices into ``shapes``, each (kind, centre_x, centre_y, radius,
+    angle), in drawing order) whose tight boxes are ``boxes`` [K, 4]."""
+    keypoints = np.zeros((len(kept), len(SHAPE_KEYPOINT_NAMES), 3), dtype=np.float32)
+    for row, index in enumerate(kept):
+        for k, (x, y) in enumerate(_corners(*shapes[index])):
+            if not (0 <= x <= width and 0 <= y <= height):
+                continue
+            hidden = any(_inside_shape(*later, np.array([[x]]), np.array([[y]]))[0, 0] for later in shapes[index + 1:])
+            if not hidden:
+                # A visible corner's pixel is in the mask but the vertex
+                # itself may lie up to a pixel past the tight box: move it
+                # in so that it is a training target in its own box.
+                x = min(max(x, boxes[row, 0]), boxes[row, 2])
+                y = min(max(y, boxes[row, 1]), boxes[row, 3])
+            keypoints[row, k] = (x, y, 1 if hidden else 2)
+    return keypoints
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -84,16 +139,23 @@ class ShapesDataset(Dataset):
         min_visible_pixels: smaller (occluded) instances are dropped.
         transform: optional callable (image, target) -> (image, target),
             e.g. ``RandomHorizontalFlip``.
+        keypoints: add each instance's corners (``SHAPE_KEYPOINT_NAMES``)
+            to its target.
 
     ``dataset[i]`` returns ``(image, target)``: image [3, H, W] float32 in
     [0, 1]; target ``boxes`` [K, 4] float32 (x1, y1, x2, y2) tight around the
     visible mask, x2 and y2 exclusive (pixel edges, as COCO and torchvision),
     ``labels`` [K] int64 (1 circle, 2 square, 3 triangle; 0 is background),
     ``masks`` [K, H, W] uint8, ``image_id`` = i, ``area`` [K] float32 (mask
-    pixels), ``iscrowd`` [K] int64 zeros. Class names: ``SHAPE_CLASS_NAMES``.
+    pixels), ``iscrowd`` [K] int64 zeros, and with ``keypoints`` also
+    ``keypoints`` [K, 4, 3] float32 (x, y, visibility). Class names:
+    ``SHAPE_CLASS_NAMES``; keypoint names ``keypoint_names`` (None without
+    keypoints), ``SHAPE_SKELETON``, ``SHAPE_KEYPOINT_SIGMAS``.
     """
 
     class_names = SHAPE_CLASS_NAMES
+    skeleton = SHAPE_SKELETON
+    keypoint_sigmas = SHAPE_KEYPOINT_SIGMAS
 
     def __init__(
         self,
@@ -108,6 +170,7 @@ class ShapesDataset(Dataset):
         noise: float = 0.03,
         min_visible_pixels: int = 40,
         transform: Optional[Callable[[Tensor, Dict], Tuple[Tensor, Dict]]] = None,
+        keypoints: bool = False,
     ) -> None:
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if num_images < 0 or height < 16 or width < 16:
@@ -126,6 +189,7 @@ class ShapesDataset(Dataset):
         self.noise = noise
         self.min_visible_pixels = min_visible_pixels
         self.transform = transform
+        self.keypoint_names = SHAPE_KEYPOINT_NAMES if keypoints else None
 
     @property
     def num_classes(self) -> int:
@@ -138,9 +202,11 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict]:
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} out of range for a ShapesDataset of {self.num_images} images")
-        pixels, masks, labels = self.draw(index)
+        pixels, masks, labels, keypoints = self.draw_with_keypoints(index)
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         target = _target_from_masks(masks, labels, image_id=index)
+        if self.keypoint_names is not None:
+            target["keypoints"] = torch.from_numpy(keypoints)
         if self.transform is not None:
             image, target = self.transform(image, target)
         return image, target
@@ -148,11 +214,16 @@ class ShapesDataset(Dataset):
     def draw(self, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image ``index`` as numpy arrays: pixels [H, W, 3] float32 in [0, 1],
         visible masks [K, H, W] uint8, labels [K] int64."""
+        return self.draw_with_keypoints(index)[:3]
+
+    def draw_with_keypoints(self, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``draw`` and the instances' keypoints [K, 4, 3] float32 (see
+        ``SHAPE_KEYPOINT_NAMES``)."""
         rng = np.random.default_rng([self.seed, index])
         height, width = self.height, self.width
         pixels = _background(rng, height, width)
         shorter = min(height, width)
-        masks, labels = [], []
+        masks, labels, shapes = [], [], []
         for _ in range(int(rng.integers(self.min_shapes, self.max_shapes + 1))):
             kind = int(rng.integers(CIRCLE, TRIANGLE + 1))
             radius = rng.uniform(self.min_radius, self.max_radius) * shorter
@@ -186,11 +257,13 @@ class ShapesDataset(Dataset):
             mask[rows, columns] = inside
             masks.append(mask)
             labels.append(kind)
+            shapes.append((kind, centre_x, centre_y, radius, angle))
         pixels += self.noise * rng.standard_normal(size=pixels.shape, dtype=np.float32)
         np.clip(pixels, 0.0, 1.0, out=pixels)
         kept = [i for i, mask in enumerate(masks) if int(mask.sum()) >= self.min_visible_pixels]
         stacked = np.stack([masks[i] for i in kept]) if kept else np.zeros((0, height, width), dtype=bool)
-        return pixels, stacked.astype(np.uint8), np.array([labels[i] for i in kept], dtype=np.int64)
+        keypoints = shape_keypoints(shapes, kept, boxes_from_masks(stacked), height, width)
+        return pixels, stacked.astype(np.uint8), np.array([labels[i] for i in kept], dtype=np.int64), keypoints
 
 
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:

@@ -27,7 +27,8 @@ def _reject_boxes(boxes: Tensor, bad: Tensor, reason: str) -> None:
 
 
 def validate_target(
-    target: Dict, *, image_size: Tuple[int, int], num_classes: Optional[int] = None, require_masks: bool = True
+    target: Dict, *, image_size: Tuple[int, int], num_classes: Optional[int] = None, require_masks: bool = True,
+    num_keypoints: Optional[int] = None,
 ) -> None:
     """Raises ``ValueError`` unless ``target`` is a valid Mask R-CNN target
     for an image of ``image_size`` (height, width).
@@ -37,11 +38,15 @@ def validate_target(
     anything and breaks matching and box encoding; torchvision refuses them
     too); ``labels`` an integer tensor [K] in [1, num_classes) (0 is the
     background); ``masks`` (when present; required if ``require_masks``) a
-    uint8 or bool tensor [K, H, W] of the image's size. Empty targets (K = 0)
-    are valid.
+    uint8 or bool tensor [K, H, W] of the image's size; ``keypoints`` (when
+    present; required if ``num_keypoints``) a floating tensor [K, J, 3] of
+    finite (x, y, visibility) with visibility 0, 1 or 2 (COCO's: not
+    labeled, labeled but hidden, visible) and J = ``num_keypoints`` if given.
+    Empty targets (K = 0) are valid.
     """
     _expect(isinstance(target, dict), f"expected a dict, got {type(target).__name__}")
-    for key in ("boxes", "labels") + (("masks",) if require_masks else ()):
+    required = ("boxes", "labels") + (("masks",) if require_masks else ()) + (("keypoints",) if num_keypoints else ())
+    for key in required:
         _expect(key in target, f"missing '{key}' (has {sorted(target)})")
         _expect(isinstance(target[key], Tensor), f"'{key}' must be a Tensor, got {type(target[key]).__name__}")
     boxes, labels = target["boxes"], target["labels"]
@@ -77,3 +82,23 @@ def validate_target(
             f"'masks' must be [K, H, W] = [{num_objects}, {height}, {width}] (one mask per box, at the image's "
             f"size), got {tuple(masks.shape)}",
         )
+    if "keypoints" in target:
+        _validate_keypoints(target["keypoints"], num_objects, num_keypoints)
+
+
+def _validate_keypoints(keypoints, num_objects: int, num_keypoints: Optional[int]) -> None:
+    _expect(isinstance(keypoints, Tensor), f"'keypoints' must be a Tensor, got {type(keypoints).__name__}")
+    per_instance = num_keypoints if num_keypoints else "J"
+    _expect(
+        keypoints.dim() == 3 and keypoints.size(0) == num_objects and keypoints.size(2) == 3
+        and (not num_keypoints or keypoints.size(1) == num_keypoints),
+        f"'keypoints' must be [K, J, 3] = [{num_objects}, {per_instance}, 3] (x, y, visibility per keypoint of "
+        f"each box), got {tuple(keypoints.shape)}",
+    )
+    _expect(keypoints.is_floating_point(), f"'keypoints' must be a floating tensor, got {keypoints.dtype}")
+    _expect(bool(torch.isfinite(keypoints).all()), "'keypoints' must be finite (no NaN or Inf)")
+    visibility = keypoints[..., 2]
+    _expect(
+        bool(((visibility == 0) | (visibility == 1) | (visibility == 2)).all()),
+        f"keypoint visibilities must be 0, 1 or 2, got values {sorted(set(visibility.flatten().tolist()))[:6]}",
+    )

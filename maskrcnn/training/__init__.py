@@ -1,7 +1,8 @@
 """Training building blocks of Mask R-CNN: ground-truth matching, balanced
-sampling, target assignment (RPN anchors, RoI proposals, mask crops) and the
-losses, as pure functions numerically equal to torchvision's."""
+sampling, target assignment (RPN anchors, RoI proposals, mask crops,
+keypoint heatmap cells) and the losses, as pure functions numerically equal to torchvision's."""
 
+from .keypoints import keypoint_heatmap_targets, keypoint_loss
 from .losses import box_head_loss, mask_loss, rpn_loss
 from .matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, box_area, box_iou, match_boxes
 from .sampling import sample_balanced
@@ -32,4 +33,6 @@ __all__ = [
     "rpn_loss",
     "box_head_loss",
     "mask_loss",
+    "keypoint_heatmap_targets",
+    "keypoint_loss",
 ]
