@@ -160,6 +160,23 @@ def test_padded_path_gives_the_same_keypoints():
     assert not padded.keypoints[1, count:].any() and not padded.keypoint_scores[1, count:].any()
 
 
+def test_compile_fullgraph_keypoint_model_equals_eager(fresh_dynamo):
+    """With the decoding one op (maskrcnn_ops.heatmaps_to_keypoints), the
+    keypoint model's eval forward compiles with zero graph breaks
+    (fullgraph=True raises on one) and gives the eager keypoints."""
+    model = small_keypoint_model(box_score_thresh=0.0).eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    images = random_images([(64, 80), (50, 64)], seed=5)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        ours, expected = compiled(images), model(images)
+    for a, b in zip(ours, expected):
+        assert len(b["boxes"]) > 0, "the test needs detections to compare"
+        assert torch.equal(a["labels"], b["labels"])
+        assert_close(a["boxes"], b["boxes"], atol=1e-4, rtol=0)
+        assert_close(a["keypoints"], b["keypoints"], atol=1e-3, rtol=0)
+        assert_close(a["keypoints_scores"], b["keypoints_scores"], atol=1e-4, rtol=1e-4)
+
+
 def test_no_detections_give_empty_keypoints():
     model = small_keypoint_model(box_score_thresh=1.0).eval()
     with torch.no_grad():
