@@ -3,7 +3,8 @@
 Our checkpoint is a dict::
 
     {"format": "maskrcnn-ops/maskrcnn", "format_version": 1,
-     "model_kwargs": {...},          # maskrcnn_resnet_fpn's keyword arguments
+     "model_kwargs": {...},          # the builder's keyword arguments
+     "architecture": "fpn" | "c4",   # the builder (maskrcnn.model.model_builder); absent: "fpn"
      "model": model.state_dict(),
      "class_names": [...],           # optional: a name per label (model.class_names)
      "training": {...}}              # optional: the state to resume a run
@@ -29,7 +30,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .model import MaskRCNN, maskrcnn_resnet_fpn
+from .model import MaskRCNN, model_builder
 from .torchvision_keys import current_key
 
 FORMAT = "maskrcnn-ops/maskrcnn"
@@ -41,6 +42,9 @@ PathLike = Union[str, Path]
 _RESNET_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
 _TORCHVISION_MARKERS = ("backbone.body.conv1.weight", "roi_heads.box_predictor.cls_score.weight")
 
+
+# The builder families a checkpoint can name (maskrcnn.model.model_builder).
+ARCHITECTURES = ("fpn", "c4")
 
 # What a run folder's weights are called (engine.CHECKPOINT_NAME, demo.WEIGHTS_NAME).
 WEIGHTS_NAMES = ("last.pt", "model.pt")
@@ -57,11 +61,11 @@ def save_checkpoint(path: PathLike, model: MaskRCNN, *, training: Optional[Mappi
     The file is written next to ``path`` and then renamed over it, so an
     interrupted save never leaves a truncated checkpoint behind."""
     if not model.build_kwargs:
-        raise ValueError("the model has no build_kwargs: build it with maskrcnn_resnet_fpn() to save it")
+        raise ValueError("the model has no build_kwargs: build it with a builder (maskrcnn_resnet_fpn, ...) to save it")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_kwargs": dict(model.build_kwargs),
-               "model": model.state_dict()}
+               "architecture": model.architecture, "model": model.state_dict()}
     if model.class_names:
         payload["class_names"] = list(model.class_names)
     if training is not None:
@@ -91,16 +95,23 @@ def _load_failure(path: Path, error: Exception) -> str:
     return f"{path} is damaged: torch.load cannot read it ({type(error).__name__})"
 
 
+def resnet_depth(*, bottleneck: bool, blocks_in_res4: int) -> int:
+    """The ResNet depth with these blocks in its third stage (layer3, res4);
+    CheckpointError if none."""
+    depth = _RESNET_DEPTHS.get((bottleneck, blocks_in_res4))
+    if depth is None:
+        raise CheckpointError(
+            f"the backbone is not a ResNet-18/34/50/101/152 (layer3 has {blocks_in_res4} "
+            f"{'bottleneck' if bottleneck else 'basic'} blocks)"
+        )
+    return depth
+
+
 def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, int]:
     """ResNet depth and number of classes of a torchvision Mask R-CNN state dict."""
     blocks_in_layer3 = {int(k.split(".")[3]) for k in state_dict if k.startswith("backbone.body.layer3.")}
     bottleneck = "backbone.body.layer1.0.conv3.weight" in state_dict
-    depth = _RESNET_DEPTHS.get((bottleneck, len(blocks_in_layer3)))
-    if depth is None:
-        raise CheckpointError(
-            f"the backbone is not a ResNet-18/34/50/101/152 (layer3 has {len(blocks_in_layer3)} "
-            f"{'bottleneck' if bottleneck else 'basic'} blocks)"
-        )
+    depth = resnet_depth(bottleneck=bottleneck, blocks_in_res4=len(blocks_in_layer3))
     return {"depth": depth, "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])}
 
 
@@ -112,6 +123,7 @@ class Checkpoint(NamedTuple):
     state_dict: Dict[str, Tensor]
     training: Optional[Dict[str, Any]]
     class_names: List[str]
+    architecture: str = "fpn"
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
@@ -153,8 +165,12 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         class_names = obj.get("class_names", [])
         if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
             raise CheckpointError(f"{path}: 'class_names' must be a list of strings")
+        architecture = obj.get("architecture", "fpn")
+        if architecture not in ARCHITECTURES:
+            raise CheckpointError(f"{path}: unknown architecture {architecture!r}; "
+                                  f"this code builds {list(ARCHITECTURES)}")
         return Checkpoint(dict(kwargs), dict(state_dict), dict(training) if training is not None else None,
-                          list(class_names))
+                          list(class_names), architecture)
     if isinstance(obj, Mapping) and all(marker in obj for marker in _TORCHVISION_MARKERS):
         if not all(isinstance(v, Tensor) for v in obj.values()):
             raise CheckpointError(f"{path}: a state dict must map names to tensors")
@@ -194,11 +210,12 @@ def build_model(checkpoint: Checkpoint, *, source: str, **overrides: Any) -> Mas
     ``source`` if they do not fit) and its class names. In training mode, as
     built."""
     kwargs = checkpoint.model_kwargs
-    accepted = set(inspect.signature(maskrcnn_resnet_fpn).parameters)
+    builder = model_builder(checkpoint.architecture)
+    accepted = set(inspect.signature(builder).parameters)
     unknown = sorted(set(kwargs) - accepted) + sorted(set(overrides) - accepted)
     if unknown:
-        raise CheckpointError(f"{source}: unknown model arguments {unknown}; maskrcnn_resnet_fpn takes {sorted(accepted)}")
-    model = maskrcnn_resnet_fpn(**{**kwargs, **overrides})
+        raise CheckpointError(f"{source}: unknown model arguments {unknown}; {builder.__name__} takes {sorted(accepted)}")
+    model = builder(**{**kwargs, **overrides})
     check_state_dict(model, checkpoint.state_dict, source=source)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     model.class_names = checkpoint.class_names
@@ -211,7 +228,7 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
     Args:
         path: our checkpoint or a torchvision Mask R-CNN state dict.
         device: where the model goes.
-        overrides: keyword arguments of ``maskrcnn_resnet_fpn`` replacing the
+        overrides: keyword arguments of the builder replacing the
             file's (e.g. ``box_score_thresh``).
 
     Returns:
@@ -222,5 +239,5 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
     return model.to(device).eval()
 
 
-__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
-           "save_checkpoint", "torchvision_model_kwargs"]
+__all__ = ["ARCHITECTURES", "FORMAT", "Checkpoint", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
+           "resnet_depth", "save_checkpoint", "torchvision_model_kwargs"]
