@@ -4,10 +4,13 @@
 ``maskrcnn_resnet50_fpn`` (v1) and gives the same detections, and in
 training mode the same losses; ``keypointrcnn_resnet50_fpn()`` is
 torchvision's Keypoint R-CNN in the same way; ``maskrcnn_small()`` trains
-from scratch on a CPU in minutes. Command line: ``python -m maskrcnn demo | train |
-evaluate | predict`` (see ``--help``).
+from scratch on a CPU in minutes; ``maskrcnn_resnet50_c4()`` is the paper's
+ResNet-50-C4 design (``maskrcnn.c4``; detectron2's R50-C4 weights convert
+to it). Command line: ``python -m maskrcnn demo | train | evaluate |
+predict`` (see ``--help``).
 """
 
+from .c4 import maskrcnn_resnet50_c4, maskrcnn_resnet_c4
 from .checkpoint import load_model, save_checkpoint
 from .coco_names import COCO_CATEGORY_NAMES, COCO_CLASSES, label_names
 from .model import (
@@ -29,6 +32,8 @@ __all__ = [
     "maskrcnn_small",
     "keypointrcnn_resnet50_fpn",
     "keypointrcnn_small",
+    "maskrcnn_resnet50_c4",
+    "maskrcnn_resnet_c4",
     "maskrcnn_from_preset",
     "load_model",
     "save_checkpoint",

@@ -151,18 +151,72 @@ def resnet_fpn_backbone(
             torchvision's COCO-trained Mask R-CNN.
         channels_last: see ResNetFPN.
     """
+    check_resnet_settings(depth, trainable_layers)
+    body = ResNetBody(build_resnet(depth, norm_layer=norm_layer))
+    freeze_resnet_stages(body, trainable_layers)
+    return ResNetFPN(body, out_channels=out_channels, channels_last=channels_last)
+
+
+def check_resnet_settings(depth: int, trainable_layers: int) -> None:
+    """ValueError unless ``depth`` is one of ``RESNETS`` and ``trainable_layers`` in [0, 5]."""
     if depth not in RESNETS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
-    body = ResNetBody(RESNETS[depth](weights=None, norm_layer=norm_layer))
+
+
+def freeze_resnet_stages(resnet: nn.Module, trainable_layers: int) -> None:
+    """Turns ``requires_grad`` off for the parameters of ``resnet`` (a module
+    with torchvision's ResNet names: conv1, bn1, layer1..layer4) outside the
+    first ``trainable_layers`` of (layer4, layer3, layer2, layer1, conv1);
+    with all five, the stem's bn1 trains too."""
     trainable = set(_STAGES_LAST_FIRST[:trainable_layers])
     if trainable_layers == 5:
         trainable.add("bn1")
-    for name, parameter in body.named_parameters():
+    for name, parameter in resnet.named_parameters():
         if name.split(".")[0] not in trainable:
             parameter.requires_grad_(False)
-    return ResNetFPN(body, out_channels=out_channels, channels_last=channels_last)
 
 
-__all__ = ["FrozenBatchNorm2d", "NORM_LAYERS", "RESNETS", "group_norm", "LEVEL_STRIDES", "ResNetBody", "ResNetFPN", "resnet_fpn_backbone"]
+def build_resnet(depth: int, *, norm_layer: Callable[..., nn.Module], width: int = 64,
+                 stride_in_1x1: bool = False) -> torchvision.models.ResNet:
+    """A randomly initialized torchvision ResNet (module names and so
+    state-dict keys as torchvision's).
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        norm_layer: the normalization after every convolution.
+        width: channels of the stem and of the first stage (64 in the
+            standard ResNets); stage i has width * 2**i (times 4 at the
+            output of bottleneck blocks). A narrower net is what a small
+            model trained from scratch on a CPU affords.
+        stride_in_1x1: in the first bottleneck block of stages 2..4, stride
+            in the 1x1 convolution instead of the 3x3 one (the original
+            MSRA ResNet, as detectron2's ImageNet weights; torchvision's
+            "v1.5" strides in the 3x3). Same parameters and shapes either way.
+    """
+    resnet = RESNETS[depth](weights=None, norm_layer=norm_layer)
+    if width != 64:
+        # Rebuild the stem and stages at the given width with torchvision's
+        # own stage builder (it reads the input width from ``inplanes``).
+        block = type(resnet.layer1[0])
+        blocks = [len(stage) for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)]
+        resnet.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        resnet.bn1 = norm_layer(width)
+        resnet.inplanes = width
+        for index, count in enumerate(blocks):
+            stage = resnet._make_layer(block, width * 2**index, count, stride=1 if index == 0 else 2)
+            setattr(resnet, f"layer{index + 1}", stage)
+        for module in resnet.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if stride_in_1x1:
+        for stage in (resnet.layer2, resnet.layer3, resnet.layer4):
+            first = stage[0]
+            if hasattr(first, "conv3"):
+                first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    return resnet
+
+
+__all__ = ["FrozenBatchNorm2d", "NORM_LAYERS", "RESNETS", "group_norm", "LEVEL_STRIDES", "ResNetBody", "ResNetFPN",
+           "build_resnet", "check_resnet_settings", "freeze_resnet_stages", "resnet_fpn_backbone"]

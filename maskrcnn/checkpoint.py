@@ -3,7 +3,8 @@
 Our checkpoint is a dict::
 
     {"format": "maskrcnn-ops/maskrcnn", "format_version": 1,
-     "model_kwargs": {...},          # maskrcnn_resnet_fpn's keyword arguments
+     "model_kwargs": {...},          # the builder's keyword arguments
+     "architecture": "fpn" | "c4",   # the builder (maskrcnn.model.model_builder); absent: "fpn"
      "model": model.state_dict(),
      "class_names": [...],           # optional: a name per label (model.class_names)
      "keypoint_skeleton": [[i, j], ...],  # optional: model.keypoint_skeleton
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .model import MaskRCNN, maskrcnn_resnet_fpn
+from .model import MaskRCNN, model_builder
 from .torchvision_keys import current_key
 
 FORMAT = "maskrcnn-ops/maskrcnn"
@@ -43,6 +44,9 @@ PathLike = Union[str, Path]
 _RESNET_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
 _TORCHVISION_MARKERS = ("backbone.body.conv1.weight", "roi_heads.box_predictor.cls_score.weight")
 
+
+# The builder families a checkpoint can name (maskrcnn.model.model_builder).
+ARCHITECTURES = ("fpn", "c4")
 
 # What a run folder's weights are called (engine.CHECKPOINT_NAME, demo.WEIGHTS_NAME).
 WEIGHTS_NAMES = ("last.pt", "model.pt")
@@ -59,11 +63,11 @@ def save_checkpoint(path: PathLike, model: MaskRCNN, *, training: Optional[Mappi
     The file is written next to ``path`` and then renamed over it, so an
     interrupted save never leaves a truncated checkpoint behind."""
     if not model.build_kwargs:
-        raise ValueError("the model has no build_kwargs: build it with maskrcnn_resnet_fpn() to save it")
+        raise ValueError("the model has no build_kwargs: build it with a builder (maskrcnn_resnet_fpn, ...) to save it")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_kwargs": dict(model.build_kwargs),
-               "model": model.state_dict()}
+               "architecture": model.architecture, "model": model.state_dict()}
     if model.class_names:
         payload["class_names"] = list(model.class_names)
     if model.keypoint_skeleton:
@@ -95,17 +99,24 @@ def _load_failure(path: Path, error: Exception) -> str:
     return f"{path} is damaged: torch.load cannot read it ({type(error).__name__})"
 
 
+def resnet_depth(*, bottleneck: bool, blocks_in_res4: int) -> int:
+    """The ResNet depth with these blocks in its third stage (layer3, res4);
+    CheckpointError if none."""
+    depth = _RESNET_DEPTHS.get((bottleneck, blocks_in_res4))
+    if depth is None:
+        raise CheckpointError(
+            f"the backbone is not a ResNet-18/34/50/101/152 (layer3 has {blocks_in_res4} "
+            f"{'bottleneck' if bottleneck else 'basic'} blocks)"
+        )
+    return depth
+
+
 def torchvision_model_kwargs(state_dict: Mapping[str, Tensor]) -> Dict[str, Any]:
     """ResNet depth and number of classes of a torchvision Mask R-CNN state
     dict; for a Keypoint R-CNN's, its keypoints and no mask branch."""
     blocks_in_layer3 = {int(k.split(".")[3]) for k in state_dict if k.startswith("backbone.body.layer3.")}
     bottleneck = "backbone.body.layer1.0.conv3.weight" in state_dict
-    depth = _RESNET_DEPTHS.get((bottleneck, len(blocks_in_layer3)))
-    if depth is None:
-        raise CheckpointError(
-            f"the backbone is not a ResNet-18/34/50/101/152 (layer3 has {len(blocks_in_layer3)} "
-            f"{'bottleneck' if bottleneck else 'basic'} blocks)"
-        )
+    depth = resnet_depth(bottleneck=bottleneck, blocks_in_res4=len(blocks_in_layer3))
     kwargs = {"depth": depth, "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])}
     keypoint_logits = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
     if keypoint_logits is not None:
@@ -125,6 +136,7 @@ class Checkpoint(NamedTuple):
     training: Optional[Dict[str, Any]]
     class_names: List[str]
     keypoint_skeleton: List[Tuple[int, int]] = []
+    architecture: str = "fpn"
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
@@ -170,8 +182,12 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         if not isinstance(skeleton, (list, tuple)) or not all(
                 isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(i, int) for i in e) for e in skeleton):
             raise CheckpointError(f"{path}: 'keypoint_skeleton' must be a list of [i, j] integer pairs")
+        architecture = obj.get("architecture", "fpn")
+        if architecture not in ARCHITECTURES:
+            raise CheckpointError(f"{path}: unknown architecture {architecture!r}; "
+                                  f"this code builds {list(ARCHITECTURES)}")
         return Checkpoint(dict(kwargs), dict(state_dict), dict(training) if training is not None else None,
-                          list(class_names), [tuple(edge) for edge in skeleton])
+                          list(class_names), [tuple(edge) for edge in skeleton], architecture)
     if isinstance(obj, Mapping) and all(marker in obj for marker in _TORCHVISION_MARKERS):
         if not all(isinstance(v, Tensor) for v in obj.values()):
             raise CheckpointError(f"{path}: a state dict must map names to tensors")
@@ -211,11 +227,12 @@ def build_model(checkpoint: Checkpoint, *, source: str, **overrides: Any) -> Mas
     ``source`` if they do not fit) and its class names. In training mode, as
     built."""
     kwargs = checkpoint.model_kwargs
-    accepted = set(inspect.signature(maskrcnn_resnet_fpn).parameters)
+    builder = model_builder(checkpoint.architecture)
+    accepted = set(inspect.signature(builder).parameters)
     unknown = sorted(set(kwargs) - accepted) + sorted(set(overrides) - accepted)
     if unknown:
-        raise CheckpointError(f"{source}: unknown model arguments {unknown}; maskrcnn_resnet_fpn takes {sorted(accepted)}")
-    model = maskrcnn_resnet_fpn(**{**kwargs, **overrides})
+        raise CheckpointError(f"{source}: unknown model arguments {unknown}; {builder.__name__} takes {sorted(accepted)}")
+    model = builder(**{**kwargs, **overrides})
     check_state_dict(model, checkpoint.state_dict, source=source)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     model.class_names = checkpoint.class_names
@@ -229,7 +246,7 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
     Args:
         path: our checkpoint or a torchvision Mask R-CNN state dict.
         device: where the model goes.
-        overrides: keyword arguments of ``maskrcnn_resnet_fpn`` replacing the
+        overrides: keyword arguments of the builder replacing the
             file's (e.g. ``box_score_thresh``).
 
     Returns:
@@ -240,5 +257,5 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu", **ov
     return model.to(device).eval()
 
 
-__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
-           "save_checkpoint", "torchvision_model_kwargs"]
+__all__ = ["ARCHITECTURES", "FORMAT", "Checkpoint", "CheckpointError", "build_model", "check_state_dict", "load_model", "read_checkpoint",
+           "resnet_depth", "save_checkpoint", "torchvision_model_kwargs"]

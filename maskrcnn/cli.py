@@ -1,7 +1,7 @@
 """Command line: ``python -m maskrcnn <command> ...``.
 
     demo     [--out DIR] [--device D] [--iterations N]
-    train    [--dataset shapes | coco --images DIR --annotations FILE] [--config small|resnet50]
+    train    [--dataset shapes | coco --images DIR --annotations FILE] [--config small|resnet50|c4]
              [--iterations N | --epochs N] [--batch-size N] [--lr LR] [--warmup N] [--out DIR]
              [--resume FILE] [--amp] [--device D] ...   (torchrun: one process per GPU or CPU share)
     evaluate --weights FILE [--dataset shapes | coco --images DIR --annotations FILE] [--out FILE]

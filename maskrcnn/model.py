@@ -5,7 +5,7 @@ mode the losses; and the builders of the ResNet-FPN models."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +128,10 @@ class MaskRCNN(nn.Module):
     unknown), which checkpoints keep and training sets from its dataset,
     and likewise ``keypoint_skeleton`` (pairs of 1-based keypoint indices,
     COCO's ``skeleton``, to draw keypoints; empty when unknown).
+    ``architecture`` names the builder family (see :func:`model_builder`).
     """
+
+    architecture = "fpn"
 
     def __init__(
         self, *, transform: ImageTransform, backbone: ResNetFPN, rpn: RegionProposalNetwork, roi_heads: RoIHeads
@@ -209,8 +212,13 @@ class MaskRCNN(nn.Module):
         ``image_sizes`` an int64 tensor [N, 2]."""
         features = self.backbone(batch.tensors)
         proposals, _, num_proposals = self.rpn.forward_padded(batch, features)
-        scales = [1.0 / LEVEL_STRIDES[name] for name in FPN_LEVEL_NAMES]
-        return self.roi_heads.forward_padded(features, proposals, num_proposals, batch.image_sizes, scales)
+        return self.roi_heads.forward_padded(features, proposals, num_proposals, batch.image_sizes, self.pooled_scales())
+
+    def pooled_scales(self) -> List[float]:
+        """The spatial scales of the feature maps the RoI heads pool, which
+        a traced graph cannot infer from its symbolic image sizes: FPN levels
+        "0".."3", 1/4 to 1/32."""
+        return [1.0 / LEVEL_STRIDES[name] for name in FPN_LEVEL_NAMES]
 
     def losses(self, images: List[Tensor], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """The training losses of a batch (what ``forward`` returns in
@@ -246,6 +254,55 @@ def _keypoint_branch(fpn_channels: int, layers: Sequence[int], num_keypoints: in
         keypoint_head=KeypointHead(in_channels=fpn_channels, layers=tuple(layers)),
         keypoint_predictor=KeypointPredictor(in_channels=layers[-1], num_keypoints=num_keypoints),
     )
+
+
+def check_model_settings(*, num_classes: int, norm: str) -> None:
+    """ValueError unless ``num_classes`` >= 2 (background included) and
+    ``norm`` is a key of ``NORM_LAYERS``."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
+
+
+def region_proposal_network(
+    *,
+    in_channels: int,
+    anchor_sizes: Sequence[Sequence[int]],
+    aspect_ratios: Sequence[float],
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    train_pre_nms_top_n: int,
+    train_post_nms_top_n: int,
+    nms_thresh: float,
+    score_thresh: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+) -> RegionProposalNetwork:
+    """The RPN of the builders: per feature level a tuple of anchor sizes
+    (one per FPN level, or all five on the single C4 map), the same aspect
+    ratios on every level, and the head on ``in_channels`` channels."""
+    anchor_generator = maskrcnn_ops.AnchorGenerator(
+        sizes=tuple(tuple(sizes) for sizes in anchor_sizes), aspect_ratios=(tuple(aspect_ratios),) * len(anchor_sizes)
+    )
+    return RegionProposalNetwork(
+        anchor_generator=anchor_generator,
+        head=RPNHead(in_channels=in_channels, num_anchors=anchor_generator.num_anchors_per_location()[0]),
+        pre_nms_top_n=pre_nms_top_n,
+        post_nms_top_n=post_nms_top_n,
+        nms_thresh=nms_thresh,
+        score_thresh=score_thresh,
+        train_pre_nms_top_n=train_pre_nms_top_n,
+        train_post_nms_top_n=train_post_nms_top_n,
+        batch_size_per_image=batch_size_per_image,
+        positive_fraction=positive_fraction,
+    )
+
+
+def rpn_settings(build_kwargs: Dict[str, object]) -> Dict[str, object]:
+    """A builder's ``rpn_*`` arguments, named as ``region_proposal_network``'s
+    (the prefix dropped: ``rpn_nms_thresh`` -> ``nms_thresh``)."""
+    return {name[len("rpn_"):]: value for name, value in build_kwargs.items() if name.startswith("rpn_")}
 
 
 def maskrcnn_resnet_fpn(
@@ -320,10 +377,7 @@ def maskrcnn_resnet_fpn(
             faster, same results up to float rounding (see ResNetFPN).
     """
     build_kwargs = dict(locals())
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
-    if norm not in NORM_LAYERS:
-        raise ValueError(f"norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
+    check_model_settings(num_classes=num_classes, norm=norm)
     if len(anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per FPN level (P2..P6, 5 levels), got {tuple(anchor_sizes)}")
     if len(mask_head_layers) == 0:
@@ -333,21 +387,8 @@ def maskrcnn_resnet_fpn(
                          f"num_keypoints={num_keypoints}")
     backbone = resnet_fpn_backbone(depth=depth, trainable_layers=trainable_layers, out_channels=fpn_channels,
                                    norm_layer=NORM_LAYERS[norm], channels_last=channels_last)
-    anchor_generator = maskrcnn_ops.AnchorGenerator(
-        sizes=tuple((size,) for size in anchor_sizes), aspect_ratios=(tuple(aspect_ratios),) * len(anchor_sizes)
-    )
-    rpn = RegionProposalNetwork(
-        anchor_generator=anchor_generator,
-        head=RPNHead(in_channels=fpn_channels, num_anchors=anchor_generator.num_anchors_per_location()[0]),
-        pre_nms_top_n=rpn_pre_nms_top_n,
-        post_nms_top_n=rpn_post_nms_top_n,
-        nms_thresh=rpn_nms_thresh,
-        score_thresh=rpn_score_thresh,
-        train_pre_nms_top_n=rpn_train_pre_nms_top_n,
-        train_post_nms_top_n=rpn_train_post_nms_top_n,
-        batch_size_per_image=rpn_batch_size_per_image,
-        positive_fraction=rpn_positive_fraction,
-    )
+    rpn = region_proposal_network(in_channels=fpn_channels, anchor_sizes=[(size,) for size in anchor_sizes],
+                                  aspect_ratios=aspect_ratios, **rpn_settings(build_kwargs))
     box_pool_size = 7
     roi_heads = RoIHeads(
         box_roi_pool=fpn_roi_pooler(output_size=box_pool_size),
@@ -371,19 +412,34 @@ def maskrcnn_resnet_fpn(
     return model
 
 
+def model_builder(architecture: str) -> Callable[..., MaskRCNN]:
+    """The builder of an architecture family: "fpn" ``maskrcnn_resnet_fpn``,
+    "c4" ``maskrcnn.c4.maskrcnn_resnet_c4`` (what a checkpoint's
+    ``architecture`` and a preset's name)."""
+    if architecture == "fpn":
+        return maskrcnn_resnet_fpn
+    if architecture == "c4":
+        from .c4 import maskrcnn_resnet_c4  # c4 builds on this module's MaskRCNN
+
+        return maskrcnn_resnet_c4
+    raise ValueError(f"unknown architecture {architecture!r}; the architectures are ['c4', 'fpn']")
+
+
 def maskrcnn_from_preset(
     preset: ModelPreset, *, num_classes: int, image_size: Optional[int] = None, **overrides
 ) -> MaskRCNN:
     """A model of a named design (``maskrcnn.presets``), with random weights.
 
     Args:
-        preset: e.g. ``presets.SMALL`` or ``presets.RESNET50``.
+        preset: e.g. ``presets.SMALL``, ``presets.RESNET50`` or ``presets.C4``.
         num_classes: classes including the background.
         image_size: the images' side (short side resized to it, long side
             at most it); None: the preset's.
-        overrides: other ``maskrcnn_resnet_fpn`` arguments, replacing the preset's.
+        overrides: other arguments of the preset's builder
+            (``model_builder(preset.architecture)``), replacing the preset's.
     """
-    return maskrcnn_resnet_fpn(**{**preset.build_kwargs(num_classes=num_classes, image_size=image_size), **overrides})
+    builder = model_builder(preset.architecture)
+    return builder(**{**preset.build_kwargs(num_classes=num_classes, image_size=image_size), **overrides})
 
 
 def maskrcnn_small(*, num_classes: int, image_size: int = SMALL.image_size, **overrides) -> MaskRCNN:
@@ -434,6 +490,7 @@ def keypointrcnn_small(
                                 keypoint_head_layers=SMALL_KEYPOINT_HEAD_LAYERS, **overrides)
 
 
-__all__ = ["KEYPOINT_LOSS_NAME", "KEYPOINT_TRAIN_MIN_SIZES", "LOSS_NAMES", "MaskRCNN", "keypointrcnn_resnet50_fpn",
-           "keypointrcnn_small", "maskrcnn_from_preset", "maskrcnn_resnet_fpn", "maskrcnn_small",
-           "maskrcnn_resnet50_fpn", "box_masks_kept", "prepare_targets", "to_original_images"]
+__all__ = ["KEYPOINT_LOSS_NAME", "KEYPOINT_TRAIN_MIN_SIZES", "LOSS_NAMES", "MaskRCNN", "check_model_settings",
+           "keypointrcnn_resnet50_fpn", "keypointrcnn_small", "maskrcnn_from_preset", "model_builder",
+           "region_proposal_network", "rpn_settings", "maskrcnn_resnet_fpn", "maskrcnn_small", "maskrcnn_resnet50_fpn",
+           "box_masks_kept", "prepare_targets", "to_original_images"]
