@@ -25,7 +25,7 @@ DEVICES = [
 # each ATEN_CPU_CAPABILITY (`make test-numerics`): they carry the "numerics"
 # marker.
 NUMERIC_MODULES = frozenset({
-    "test_anchors", "test_boxes", "test_c4", "test_cuda_kernels_emulated", "test_export", "test_keypoint_ops", "test_model",
+    "test_anchors", "test_boxes", "test_cuda_kernels_emulated", "test_export", "test_keypoint_ops", "test_model",
     "test_multiscale_roi_align", "test_nms", "test_paste_ops", "test_rle", "test_patch", "test_proposals",
     "test_roi_align", "test_roi_align_max", "test_soft_nms", "test_torchvision_compat", "test_training",
     "test_training_blocks", "test_keypoint_rcnn",
