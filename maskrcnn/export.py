@@ -301,6 +301,9 @@ class ExportedDetector:
             raise ValueError(f"{metadata_path(path)} is not a description of format {FORMAT}")
         self.num_classes = int(self.metadata["num_classes"])
         self.class_names = list(self.metadata["class_names"])
+        # What predict draws keypoints with, as MaskRCNN's: the exported
+        # outputs (OUTPUT_NAMES) have no keypoints.
+        self.keypoint_skeleton = []
         if path.suffix == ".onnx":
             import onnxruntime
 
