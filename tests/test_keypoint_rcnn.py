@@ -271,7 +271,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     images, targets = shapes_batch(2, size=SMALL_SIDE, seed=5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
-    for _ in range(6):
+    for _ in range(12):
         torch.manual_seed(0)  # the same samples each step: only the weights change
         losses = model(images, targets)
         history.append({name: float(value.detach()) for name, value in losses.items()})
@@ -279,7 +279,12 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
         sum(losses.values()).backward()
         optimizer.step()
     assert set(history[0]) == set(model.loss_names) and "loss_keypoint" in history[0]
-    assert history[-1]["loss_keypoint"] < history[0]["loss_keypoint"]
+    # The keypoint loss of a from-scratch model is not monotone step to step
+    # (measured: 8.66 at the start, a spike to 8.6-10.6 at step 6 on every
+    # CPU capability, 3.7-4.1 averaged over steps 10-12), so the test looks at
+    # the last steps together.
+    last = [step["loss_keypoint"] for step in history[-3:]]
+    assert sum(last) / len(last) < 0.75 * history[0]["loss_keypoint"]
     assert sum(history[-1].values()) < sum(history[0].values())
 
 
