@@ -183,18 +183,18 @@ struct BlockLayout {
 // Copies the nc planes of a channel block (nc <= CB, `block` at the first)
 // into tile [H][W][CB], channels past nc zero. Loops over positions in runs
 // of 16 so that reads stay sequential per plane and the writes stay in L1.
-template <int CB, typename scalar_t>
+template <int CB, typename scalar_t, typename tile_t>
 MASKRCNN_ALWAYS_INLINE void interleave_planes(const scalar_t* block, int64_t plane,
-                                              int64_t nc, scalar_t* tile) {
+                                              int64_t nc, tile_t* tile) {
   constexpr int64_t kRun = 16;
   for (int64_t p0 = 0; p0 < plane; p0 += kRun) {
     const int64_t p1 = std::min(plane, p0 + kRun);
     for (int64_t j = 0; j < CB; ++j) {
       const scalar_t* src = block + j * plane;
       if (j < nc) {
-        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = src[p];
+        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = static_cast<tile_t>(src[p]);
       } else {
-        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = scalar_t(0);
+        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = tile_t(0);
       }
     }
   }
@@ -206,10 +206,10 @@ MASKRCNN_ALWAYS_INLINE void interleave_planes(const scalar_t* block, int64_t pla
 // shared by several samples are contracted once. The same operations in
 // the same order for either layout of the block, so a tiled and an untiled
 // block give the same bits. Writes channels [0, nc) of out_c.
-template <int CB, bool kTiled, typename scalar_t, typename acc_t>
+template <int CB, bool kTiled, typename in_t, typename scalar_t, typename acc_t>
 MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
                                             const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
-                                            const RoIRows& r, const scalar_t* in_c,
+                                            const RoIRows& r, const in_t* in_c,
                                             BlockLayout<CB, kTiled> layout, int64_t nc,
                                             int64_t pooled_h, int64_t pooled_w,
                                             acc_t* row_sums, scalar_t* out_c) {
@@ -217,14 +217,18 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
   const int64_t cs = layout.channel_stride(), xstride = layout.x_stride();
   // row_sums: [num_rows][pooled_w][CB]
   for (int64_t slot = 0; slot < num_rows; ++slot) {
-    const scalar_t* row = in_c + layout.row_offset(r.rows[slot]);
+    const in_t* row = in_c + layout.row_offset(r.rows[slot]);
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
-      acc_t sum[CB] = {};
+      // Accumulated in place: a local array copied out at the end was
+      // compiled into a lane-by-lane reassembly that cost a quarter of the
+      // kernel.
+      acc_t* __restrict__ sum = row_sums + (slot * pooled_w + pw) * CB;
+      for (int j = 0; j < CB; ++j) sum[j] = acc_t(0);
       const AxisTap<acc_t>* tx = xs + pw * g.grid_w;
       for (int ix = 0; ix < g.grid_w; ++ix) {
         if (tx[ix].outside()) continue;
-        const scalar_t* low = row + tx[ix].low * xstride;
-        const scalar_t* high = row + tx[ix].high * xstride;
+        const in_t* low = row + tx[ix].low * xstride;
+        const in_t* high = row + tx[ix].high * xstride;
         const acc_t wl = tx[ix].w_low, wh = tx[ix].w_high;
         if constexpr (kTiled) {
 #pragma omp simd
@@ -235,8 +239,6 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
             sum[j] += wl * static_cast<acc_t>(low[j * cs]) + wh * static_cast<acc_t>(high[j * cs]);
         }
       }
-      acc_t* dst = row_sums + (slot * pooled_w + pw) * CB;
-      for (int j = 0; j < CB; ++j) dst[j] = sum[j];
     }
   }
   // Blend: for each output row, an AXPY of whole contracted rows (all
@@ -283,7 +285,9 @@ struct NchwForward {
   // Scratch of one thread.
   struct Scratch {
     std::vector<acc_t> row_sums;
-    std::vector<scalar_t> tile;
+    // In the accumulation type: half types are widened once here (exactly)
+    // instead of at every tap.
+    std::vector<acc_t> tile;
   };
 
   const scalar_t* block_origin(int64_t k, int64_t c0) const {
@@ -301,7 +305,7 @@ struct NchwForward {
 
   template <bool kTiled>
   MASKRCNN_ALWAYS_INLINE void pool_run(int64_t s, int64_t e, int64_t c0, int64_t nc,
-                                       const scalar_t* tile, Scratch& scratch) const {
+                                       const acc_t* tile, Scratch& scratch) const {
     for (int64_t i = s; i < e; ++i) {
       const int64_t k = groups.order[i];
       if (!kTiled && i + 1 < e) prefetch(groups.order[i + 1], c0, nc);
@@ -326,9 +330,12 @@ struct NchwForward {
         continue;
       }
       const BlockLayout<kBlock, kTiled> layout{plane, width};
-      pool_nchw_block<kBlock, kTiled>(g, table.ys(k), table.xs(k), rows[k],
-                                      kTiled ? tile : block_origin(k, c0), layout, nc, pooled_h,
-                                      pooled_w, scratch.row_sums.data(), out);
+      if constexpr (kTiled)
+        pool_nchw_block<kBlock, true>(g, table.ys(k), table.xs(k), rows[k], tile, layout, nc,
+                                      pooled_h, pooled_w, scratch.row_sums.data(), out);
+      else
+        pool_nchw_block<kBlock, false>(g, table.ys(k), table.xs(k), rows[k], block_origin(k, c0),
+                                       layout, nc, pooled_h, pooled_w, scratch.row_sums.data(), out);
     }
   }
 
