@@ -15,10 +15,18 @@ PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(maskrcnn_ops::isa_name(maskrcnn_ops::active_isa()));
 }
 
+// Whether bfloat16 kernels use the AVX-512 BF16 instructions (csrc/cpu/isa.h).
+PyObject* cpu_bf16_instructions(PyObject*, PyObject*) {
+  return PyBool_FromLong(maskrcnn_ops::use_avx512_bf16());
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
      "The instruction set of the CPU kernels that run: baseline, avx2 or avx512 "
      "(ATen's CPU capability, which ATEN_CPU_CAPABILITY can lower)."},
+    {"cpu_bf16_instructions", cpu_bf16_instructions, METH_NOARGS,
+     "Whether the bfloat16 RoIAlign forward uses the AVX-512 BF16 instructions (the CPU has them "
+     "and the kernels run their AVX-512 copy)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -80,9 +80,11 @@ def build_info() -> dict:
     """How the loaded extension was built and runs: torch version, whether the
     CUDA kernels are compiled in, and which copy of the vectorized CPU kernels
     runs ("baseline", "avx2" or "avx512": ATen's CPU capability, lowered by
-    ATEN_CPU_CAPABILITY)."""
+    ATEN_CPU_CAPABILITY), and whether bfloat16 RoIAlign uses the CPU's AVX-512
+    BF16 instructions (then its results are within one bfloat16 rounding of
+    the other copies', not bitwise equal to them)."""
     return {"built_with_torch": _C.built_with_torch, "with_cuda": bool(_C.with_cuda),
-            "cpu_kernels": _C.cpu_kernel_isa()}
+            "cpu_kernels": _C.cpu_kernel_isa(), "cpu_bf16_instructions": _C.cpu_bf16_instructions()}
 
 
 __all__ = [

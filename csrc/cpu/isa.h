@@ -30,6 +30,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MASKRCNN_TARGET_AVX2 __attribute__((target("avx2")))
 #define MASKRCNN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2")))
+#define MASKRCNN_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2")))
 #define MASKRCNN_MULTI_ISA 1
 #else
 #define MASKRCNN_MULTI_ISA 0
@@ -49,6 +51,22 @@ inline Isa active_isa() {
     return Isa::kBaseline;
   }();
   return isa;
+}
+
+// Whether bfloat16 kernels may use the AVX-512 BF16 instructions (a
+// bfloat16 pair dot product accumulated in float32, VDPBF16PS, and float32
+// to bfloat16 rounding, VCVTNEPS2BF16): the CPU has them and the active
+// instruction set is AVX-512. Kernels that do round differently from the
+// other copies (the instructions flush denormals and their dot product
+// rounds its own way), so their results match the others to a tolerance,
+// not bit for bit; a lower ATEN_CPU_CAPABILITY turns them off.
+inline bool use_avx512_bf16() {
+#if MASKRCNN_MULTI_ISA
+  static const bool use = active_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return use;
+#else
+  return false;
+#endif
 }
 
 inline const char* isa_name(Isa isa) {
@@ -72,6 +90,15 @@ MASKRCNN_TARGET_AVX2 void run_avx2(Args&&... args) {
 
 template <typename Body, typename... Args>
 MASKRCNN_TARGET_AVX512 void run_avx512(Args&&... args) {
+  Body::run(std::forward<Args>(args)...);
+}
+#endif
+
+#if MASKRCNN_MULTI_ISA
+// Body::run(args...) compiled with the AVX-512 BF16 instructions: call only
+// when use_avx512_bf16().
+template <typename Body, typename... Args>
+MASKRCNN_TARGET_AVX512_BF16 void run_avx512_bf16(Args&&... args) {
   Body::run(std::forward<Args>(args)...);
 }
 #endif

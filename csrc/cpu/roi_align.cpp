@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -31,6 +32,10 @@
 #include "../common/roi_align_math.h"
 #include "../common/roi_align_pyramid.h"
 #include "isa.h"
+
+#if MASKRCNN_MULTI_ISA
+#include <immintrin.h>
+#endif
 
 namespace maskrcnn_ops {
 namespace {
@@ -200,19 +205,17 @@ MASKRCNN_ALWAYS_INLINE void interleave_planes(const scalar_t* block, int64_t pla
   }
 }
 
-// One RoI, CB channels at once, in two steps: (1) contract every distinct
-// row along x into one value per output column (the x taps are loaded once
-// for CB channels); (2) blend the contracted rows with the y weights. Rows
-// shared by several samples are contracted once. The same operations in
-// the same order for either layout of the block, so a tiled and an untiled
-// block give the same bits. Writes channels [0, nc) of out_c.
-template <int CB, bool kTiled, typename in_t, typename scalar_t, typename acc_t>
-MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
-                                            const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
-                                            const RoIRows& r, const in_t* in_c,
-                                            BlockLayout<CB, kTiled> layout, int64_t nc,
-                                            int64_t pooled_h, int64_t pooled_w,
-                                            acc_t* row_sums, scalar_t* out_c) {
+// One RoI, CB channels at once, in two steps: (1) contract_rows: every
+// distinct row along x into one value per output column (the x taps are
+// loaded once for CB channels); (2) blend_rows: the contracted rows with the
+// y weights. Rows shared by several samples are contracted once. The same
+// operations in the same order for either layout of the block, so a tiled
+// and an untiled block give the same bits.
+template <int CB, bool kTiled, typename in_t, typename acc_t>
+MASKRCNN_ALWAYS_INLINE void contract_rows(const RoIAlignGeometry<acc_t>& g, const AxisTap<acc_t>* xs,
+                                          const RoIRows& r, const in_t* in_c,
+                                          BlockLayout<CB, kTiled> layout, int64_t pooled_w,
+                                          acc_t* row_sums) {
   const int64_t num_rows = static_cast<int64_t>(r.rows.size());
   const int64_t cs = layout.channel_stride(), xstride = layout.x_stride();
   // row_sums: [num_rows][pooled_w][CB]
@@ -241,8 +244,27 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
       }
     }
   }
-  // Blend: for each output row, an AXPY of whole contracted rows (all
-  // columns and channels at once, contiguous, vectorized).
+}
+
+// Scales CB bin sums by 1 / count, rounds them to the output type and
+// writes the first nc, one per channel plane (out[j * plane]).
+struct RoundAndScatter {
+  template <int CB, typename scalar_t, typename acc_t>
+  static MASKRCNN_ALWAYS_INLINE void store(const acc_t* sums, acc_t inv_count, int64_t nc,
+                                           int64_t plane, scalar_t* out) {
+    for (int64_t j = 0; j < nc; ++j) out[j * plane] = static_cast<scalar_t>(sums[j] * inv_count);
+  }
+};
+
+// For each output row, an AXPY of whole contracted rows (all columns and
+// channels at once, contiguous, vectorized), then the average over the
+// samples, written through Store. Uses pooled_w * CB values of scratch after
+// the num_rows rows of row_sums.
+template <int CB, typename Store, typename scalar_t, typename acc_t>
+MASKRCNN_ALWAYS_INLINE void blend_rows(const RoIAlignGeometry<acc_t>& g, const AxisTap<acc_t>* ys,
+                                       const RoIRows& r, int64_t nc, int64_t pooled_h,
+                                       int64_t pooled_w, acc_t* row_sums, scalar_t* out_c) {
+  const int64_t num_rows = static_cast<int64_t>(r.rows.size());
   const int64_t out_plane = pooled_h * pooled_w;
   const int64_t span = pooled_w * CB;
   acc_t* bins = row_sums + num_rows * span;  // scratch of `span` values
@@ -258,10 +280,154 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
       for (int64_t i = 0; i < span; ++i) bins[i] += wl * lo[i] + wh * hi[i];
     }
     for (int64_t pw = 0; pw < pooled_w; ++pw)
-      for (int64_t j = 0; j < nc; ++j)
-        out_c[j * out_plane + ph * pooled_w + pw] = static_cast<scalar_t>(bins[pw * CB + j] * inv_count);
+      Store::template store<CB>(bins + pw * CB, inv_count, nc, out_plane, out_c + ph * pooled_w + pw);
   }
 }
+
+template <int CB, bool kTiled, typename in_t, typename scalar_t, typename acc_t>
+MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
+                                            const AxisTap<acc_t>* ys, const AxisTap<acc_t>* xs,
+                                            const RoIRows& r, const in_t* in_c,
+                                            BlockLayout<CB, kTiled> layout, int64_t nc,
+                                            int64_t pooled_h, int64_t pooled_w,
+                                            acc_t* row_sums, scalar_t* out_c) {
+  contract_rows<CB, kTiled>(g, xs, r, in_c, layout, pooled_w, row_sums);
+  blend_rows<CB, RoundAndScatter>(g, ys, r, nc, pooled_h, pooled_w, row_sums, out_c);
+}
+
+// How a tiled channel block is stored and pooled. FloatTile: the block's
+// planes interleaved into [H][W][CB] in the accumulation type (half types
+// widened once here, exactly, instead of at every tap), pooled by
+// pool_nchw_block like an untiled block, so tiling changes no bit.
+struct FloatTile {
+  template <typename scalar_t, typename acc_t>
+  using element = acc_t;
+
+  template <int CB, typename scalar_t, typename acc_t>
+  static MASKRCNN_ALWAYS_INLINE bool build(const scalar_t* block, int64_t plane, int64_t /*width*/,
+                                           int64_t nc, acc_t* tile) {
+    interleave_planes<CB>(block, plane, nc, tile);
+    return true;
+  }
+
+  template <int CB, typename scalar_t, typename acc_t>
+  static MASKRCNN_ALWAYS_INLINE void pool(const RoIAlignGeometry<acc_t>& g, const AxisTap<acc_t>* ys,
+                                          const AxisTap<acc_t>* xs, const RoIRows& r,
+                                          const acc_t* tile, int64_t plane, int64_t width,
+                                          int64_t nc, int64_t pooled_h, int64_t pooled_w,
+                                          acc_t* row_sums, uint32_t* /*weights*/, scalar_t* out) {
+    pool_nchw_block<CB, true>(g, ys, xs, r, tile, BlockLayout<CB, true>{plane, width}, nc,
+                              pooled_h, pooled_w, row_sums, out);
+  }
+};
+
+#if MASKRCNN_MULTI_ISA
+// bfloat16 with the AVX-512 BF16 instructions. The tile holds, per position
+// and channel, the pair (value, right neighbour) as two bfloat16 in 32 bits
+// ([H][W][CB] pairs, the last column paired with 0), so one VDPBF16PS
+// computes w_low * v[x] + w_high * v[x + 1] for 16 channels. The weights are
+// split into a bfloat16 high part and the bfloat16 rounding of the rest, two
+// dot products per tap, which keeps 16 significant bits of each weight (the
+// products themselves are exact in float32). Rows are then blended in
+// float32 as in the other copies, and the averages rounded to bfloat16 by
+// VCVTNEPS2BF16 (to nearest even, like a float-to-bfloat16 cast, except
+// that denormals become zero).
+//
+// Its functions are compiled for AVX-512 BF16 and called (not inlined: an
+// inlined caller would need the same target), once per map or RoI.
+struct Bf16PairTile {
+  template <typename scalar_t, typename acc_t>
+  using element = uint32_t;
+
+  // Builds the tile; false if the block holds an Inf or NaN, which the
+  // caller then pools with FloatTile: a weight's low part is often zero, and
+  // 0 * Inf would turn an Inf that the float32 path propagates into NaN.
+  template <int CB>
+  static MASKRCNN_TARGET_AVX512_BF16 bool build(
+      const c10::BFloat16* block, int64_t plane, int64_t width, int64_t nc, uint32_t* tile) {
+    static_assert(CB == 16, "one VDPBF16PS covers 16 channels");
+    constexpr uint16_t kExponent = 0x7F80;  // all ones: Inf or NaN
+    uint16_t non_finite = 0;
+    // In runs of 16 columns of one row, so that the writes stay in L1.
+    const int64_t height = plane / width;
+    for (int64_t y = 0; y < height; ++y) {
+      for (int64_t x0 = 0; x0 < width; x0 += 16) {
+        const int64_t x1 = std::min(width, x0 + 16);
+        uint32_t* dst = tile + (y * width) * CB;
+        for (int64_t j = 0; j < CB; ++j) {
+          if (j >= nc) {
+            for (int64_t x = x0; x < x1; ++x) dst[x * CB + j] = 0;
+            continue;
+          }
+          const uint16_t* src = reinterpret_cast<const uint16_t*>(block + j * plane + y * width);
+          for (int64_t x = x0; x < x1; ++x) {
+            const uint32_t right = x + 1 < width ? src[x + 1] : 0;
+            dst[x * CB + j] = uint32_t(src[x]) | (right << 16);
+            non_finite |= (src[x] & kExponent) == kExponent;
+          }
+        }
+      }
+    }
+    return !non_finite;
+  }
+
+  // The high and low bfloat16 parts of a tap's two weights, as the 32-bit
+  // pairs VDPBF16PS multiplies the tile's pairs with.
+  static MASKRCNN_ALWAYS_INLINE void weight_pairs(float w_low, float w_high, uint32_t& hi,
+                                                  uint32_t& lo) {
+    const c10::BFloat16 low_hi(w_low), high_hi(w_high);
+    const c10::BFloat16 low_lo(w_low - static_cast<float>(low_hi));
+    const c10::BFloat16 high_lo(w_high - static_cast<float>(high_hi));
+    hi = uint32_t(low_hi.x) | (uint32_t(high_hi.x) << 16);
+    lo = uint32_t(low_lo.x) | (uint32_t(high_lo.x) << 16);
+  }
+
+  // The first nc planes of averages ([nc][count] float32, contiguous) rounded
+  // into out's planes.
+  static MASKRCNN_TARGET_AVX512_BF16 void round_planes(
+      const float* averages, int64_t nc, int64_t count, c10::BFloat16* out) {
+    for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 lanes = _cvtu32_mask16(count - i >= 16 ? 0xFFFFu : (1u << (count - i)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(lanes, averages + j * count + i);
+        _mm256_mask_storeu_epi16(out + j * count + i, lanes,
+                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+  }
+
+  template <int CB>
+  static MASKRCNN_TARGET_AVX512_BF16 void pool(
+      const RoIAlignGeometry<float>& g, const AxisTap<float>* ys, const AxisTap<float>* xs,
+      const RoIRows& r, const uint32_t* tile, int64_t /*plane*/, int64_t width, int64_t nc,
+      int64_t pooled_h, int64_t pooled_w, float* row_sums, uint32_t* weights, c10::BFloat16* out) {
+    // weights: 2 * pooled_w * grid_w pairs of scratch.
+    const int64_t num_x = pooled_w * g.grid_w;
+    uint32_t* hi = weights;
+    uint32_t* lo = weights + num_x;
+    for (int64_t t = 0; t < num_x; ++t) weight_pairs(xs[t].w_low, xs[t].w_high, hi[t], lo[t]);
+    const int64_t num_rows = static_cast<int64_t>(r.rows.size());
+    for (int64_t slot = 0; slot < num_rows; ++slot) {
+      const uint32_t* row = tile + r.rows[slot] * width * CB;
+      for (int64_t pw = 0; pw < pooled_w; ++pw) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = pw * g.grid_w; t < (pw + 1) * g.grid_w; ++t) {
+          if (xs[t].outside()) continue;
+          const __m512bh pairs = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + xs[t].low * CB));
+          sum = _mm512_dpbf16_ps(sum, pairs, reinterpret_cast<__m512bh>(_mm512_set1_epi32(hi[t])));
+          sum = _mm512_dpbf16_ps(sum, pairs, reinterpret_cast<__m512bh>(_mm512_set1_epi32(lo[t])));
+        }
+        _mm512_storeu_ps(row_sums + (slot * pooled_w + pw) * CB, sum);
+      }
+    }
+    // The averages in float32 as [CB][pooled_h * pooled_w] after the rows'
+    // scratch, then rounded plane by plane (contiguous stores).
+    float* averages = row_sums + (num_rows + 1) * pooled_w * CB;
+    blend_rows<CB, RoundAndScatter>(g, ys, r, nc, pooled_h, pooled_w, row_sums, averages);
+    round_planes(averages, nc, pooled_h * pooled_w, out);
+  }
+};
+#endif
 
 // NCHW forward, channel-block-major: each unit of work is a block of kBlock
 // channels and a run of RoIs, ordered by feature map (level, image). For the
@@ -270,9 +436,10 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
 // every tap is one contiguous vector of kBlock channels (one cache line in
 // float32) instead of kBlock scattered loads, one per plane. RoIs that read
 // little of a map use the planes directly, with prefetching.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Tile = FloatTile>
 struct NchwForward {
   static constexpr int kBlock = 16;
+  using tile_t = typename Tile::template element<scalar_t, acc_t>;
   const TapTable<acc_t>& table;
   const RoIGroups& groups;
   const Pyramid<acc_t>& pyramid;
@@ -285,9 +452,9 @@ struct NchwForward {
   // Scratch of one thread.
   struct Scratch {
     std::vector<acc_t> row_sums;
-    // In the accumulation type: half types are widened once here (exactly)
-    // instead of at every tap.
-    std::vector<acc_t> tile;
+    std::vector<tile_t> tile;
+    std::vector<uint32_t> weights;  // Bf16PairTile's weight pairs
+    std::vector<acc_t> float_tile;  // when Tile::build declines
   };
 
   const scalar_t* block_origin(int64_t k, int64_t c0) const {
@@ -303,9 +470,12 @@ struct NchwForward {
     return (taps_before[e] - taps_before[s]) * 8 > plane;
   }
 
-  template <bool kTiled>
+  // Pools the RoIs at [s, e) of groups.order, from `tile` (built by
+  // TileOf) or, untiled, from the planes.
+  template <bool kTiled, typename TileOf = Tile>
   MASKRCNN_ALWAYS_INLINE void pool_run(int64_t s, int64_t e, int64_t c0, int64_t nc,
-                                       const acc_t* tile, Scratch& scratch) const {
+                                       const typename TileOf::template element<scalar_t, acc_t>* tile,
+                                       Scratch& scratch) const {
     for (int64_t i = s; i < e; ++i) {
       const int64_t k = groups.order[i];
       if (!kTiled && i + 1 < e) prefetch(groups.order[i + 1], c0, nc);
@@ -318,7 +488,9 @@ struct NchwForward {
       }
       const int64_t level = table.level[k];
       const int64_t plane = pyramid.plane(level), width = pyramid.width[level];
-      scratch.row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock);
+      // Rows, a blend row and (for Bf16PairTile) the averages of the block.
+      scratch.row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock +
+                              kBlock * pooled_h * pooled_w);
       if (!kTiled && nc < kBlock) {
         // The last block of the planes, partial: channel by channel, so
         // that no read goes past channel c0 + nc (a tile is zero-padded).
@@ -329,13 +501,14 @@ struct NchwForward {
                                     out + j * pooled_h * pooled_w);
         continue;
       }
-      const BlockLayout<kBlock, kTiled> layout{plane, width};
-      if constexpr (kTiled)
-        pool_nchw_block<kBlock, true>(g, table.ys(k), table.xs(k), rows[k], tile, layout, nc,
-                                      pooled_h, pooled_w, scratch.row_sums.data(), out);
-      else
+      if constexpr (kTiled) {
+        scratch.weights.resize(2 * pooled_w * g.grid_w);
+        TileOf::template pool<kBlock>(g, table.ys(k), table.xs(k), rows[k], tile, plane, width, nc,
+                                    pooled_h, pooled_w, scratch.row_sums.data(),
+                                    scratch.weights.data(), out);
+      } else
         pool_nchw_block<kBlock, false>(g, table.ys(k), table.xs(k), rows[k], block_origin(k, c0),
-                                       layout, nc, pooled_h, pooled_w, scratch.row_sums.data(), out);
+                                       BlockLayout<kBlock, false>{plane, width}, nc, pooled_h, pooled_w, scratch.row_sums.data(), out);
     }
   }
 
@@ -366,9 +539,15 @@ struct NchwForward {
         const int64_t plane = f.pyramid.plane(f.table.level[f.groups.order[s]]);
         if (f.worth_tiling(s, e, plane)) {
           scratch.tile.resize(plane * kBlock);
-          interleave_planes<kBlock>(f.block_origin(f.groups.order[s], c0), plane, nc,
-                                    scratch.tile.data());
-          f.template pool_run<true>(s, e, c0, nc, scratch.tile.data(), scratch);
+          const int64_t width = f.pyramid.width[f.table.level[f.groups.order[s]]];
+          const scalar_t* block = f.block_origin(f.groups.order[s], c0);
+          if (Tile::template build<kBlock>(block, plane, width, nc, scratch.tile.data())) {
+            f.template pool_run<true>(s, e, c0, nc, scratch.tile.data(), scratch);
+          } else {
+            scratch.float_tile.resize(plane * kBlock);
+            FloatTile::build<kBlock>(block, plane, width, nc, scratch.float_tile.data());
+            f.template pool_run<true, FloatTile>(s, e, c0, nc, scratch.float_tile.data(), scratch);
+          }
         } else {
           f.prefetch(f.groups.order[s], c0, nc);
           f.template pool_run<false>(s, e, c0, nc, nullptr, scratch);
@@ -383,9 +562,9 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
                   const Pyramid<acc_t>& pyramid,
                   const std::vector<const scalar_t*>& inputs, scalar_t* output,
                   int64_t channels, int64_t pooled_h, int64_t pooled_w) {
-  using Body = NchwForward<scalar_t, acc_t>;
   const int64_t num_rois = static_cast<int64_t>(table.geometry.size());
-  const int64_t blocks = (channels + Body::kBlock - 1) / Body::kBlock;
+  constexpr int64_t kBlock = NchwForward<scalar_t, acc_t>::kBlock;
+  const int64_t blocks = (channels + kBlock - 1) / kBlock;
   // With few channel blocks, also split the RoIs so every thread has work.
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(num_rois, (2 * at::get_num_threads() + blocks - 1) / blocks));
@@ -403,14 +582,28 @@ void forward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
   for (size_t map = 0; map + 1 < by_row.begin.size(); ++map)
     std::stable_sort(by_row.order.begin() + by_row.begin[map], by_row.order.begin() + by_row.begin[map + 1],
                      [&](int64_t a, int64_t b) { return first_row(a) < first_row(b); });
-  Body body{table, by_row, pyramid, inputs, output, channels, pooled_h, pooled_w, chunks,
-            std::move(rows), std::vector<int64_t>(num_rois + 1, 0)};
+  std::vector<int64_t> taps_before(num_rois + 1, 0);
   for (int64_t i = 0; i < num_rois; ++i) {
     const int64_t k = by_row.order[i];
     const int64_t num_x = table.x_begin[k + 1] - table.x_begin[k];
-    body.taps_before[i + 1] =
-        body.taps_before[i] + static_cast<int64_t>(body.rows[k].rows.size()) * num_x;
+    taps_before[i + 1] = taps_before[i] + static_cast<int64_t>(rows[k].rows.size()) * num_x;
   }
+#if MASKRCNN_MULTI_ISA
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_avx512_bf16()) {
+      using Body = NchwForward<scalar_t, acc_t, Bf16PairTile>;
+      const Body body{table, by_row, pyramid, inputs, output, channels, pooled_h, pooled_w,
+                      chunks, std::move(rows), std::move(taps_before)};
+      at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+        run_avx512_bf16<Body>(body, begin, end);
+      });
+      return;
+    }
+  }
+#endif
+  using Body = NchwForward<scalar_t, acc_t>;
+  const Body body{table, by_row, pyramid, inputs, output, channels, pooled_h, pooled_w, chunks,
+                  std::move(rows), std::move(taps_before)};
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
     run_for_isa<Body>(body, begin, end);
   });
