@@ -14,7 +14,9 @@ layout it takes (dense per-class scores for batched NMS) and back.
 Both runtimes get our thread count (``torch.get_num_threads()``) and one
 stream: ONNX Runtime ``intra_op_num_threads`` N, ``inter_op_num_threads`` 1;
 OpenVINO ``INFERENCE_NUM_THREADS`` N, the latency hint, and float32
-inference (its CPU plugin would otherwise run bf16 where the CPU has it).
+inference (its CPU plugin would otherwise run bf16 where the CPU has it),
+bfloat16 for the bfloat16 RoIAlign row (the one half-precision peer: ONNX
+Runtime's CPU RoiAlign takes float and double only).
 
 Semantics, measured against our ops (see the suite's agree columns):
 
@@ -99,16 +101,17 @@ def onnxruntime_session(model):
     return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def openvino_compile(model):
+def openvino_compile(model, precision: str = "f32"):
     """An OpenVINO model (or an ONNX model, read by OpenVINO's ONNX
-    frontend) compiled for the CPU with our thread count."""
+    frontend) compiled for the CPU with our thread count, inference in
+    `precision` ("f32" or "bf16")."""
     import openvino
 
     core = openvino.Core()
     if not isinstance(model, openvino.Model):
         model = core.read_model(io.BytesIO(model.SerializeToString()))
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32"}
+              "INFERENCE_PRECISION_HINT": precision}
     return core.compile_model(model, "CPU", config)
 
 
@@ -142,22 +145,47 @@ def roi_align_onnxruntime(features, rois, output: int, spatial_scale: float, sam
 
 
 def roi_align_openvino(features, rois, output: int, spatial_scale: float, sampling_ratio: int) -> Callable:
-    """OpenVINO ROIAlign-9, half_pixel_for_nn (= aligned=True)."""
+    """OpenVINO ROIAlign-9, half_pixel_for_nn (= aligned=True), in float32,
+    or in bfloat16 for bfloat16 features and rois (bfloat16 parameters and
+    inference precision: its CPU plugin's bfloat16 kernel)."""
     import openvino
     import openvino.opset9 as ops
 
-    x = ops.parameter([-1, features.size(1), -1, -1], np.float32)
-    boxes_in, batch_in = ops.parameter([-1, 4], np.float32), ops.parameter([-1], np.int32)
+    bf16 = features.dtype == torch.bfloat16
+    element = openvino.Type.bf16 if bf16 else openvino.Type.f32
+    x = ops.parameter([-1, features.size(1), -1, -1], element)
+    boxes_in, batch_in = ops.parameter([-1, 4], element), ops.parameter([-1], np.int32)
     pooled = ops.roi_align(x, boxes_in, batch_in, output, output, sampling_ratio, spatial_scale, "avg",
                            "half_pixel_for_nn")
-    compiled = openvino_compile(openvino.Model([pooled], [x, boxes_in, batch_in]))
+    compiled = openvino_compile(openvino.Model([pooled], [x, boxes_in, batch_in]),
+                                precision="bf16" if bf16 else "f32")
     boxes, batch = _split_rois(rois)
     batch = batch.int()
+    if not bf16:
+        def call():
+            return torch.from_numpy(compiled([numpy_view(features), boxes.numpy(), batch.numpy()])[0])
 
-    def call():
-        return torch.from_numpy(compiled([numpy_view(features), boxes.numpy(), batch.numpy()])[0])
+        return call
 
-    return call
+    request = compiled.create_infer_request()
+    boxes_tensor = _openvino_bf16(boxes)
+
+    def call_bf16():
+        # numpy has no bfloat16: the bits go in and come out as 16-bit integers.
+        result = request.infer([_openvino_bf16(features), boxes_tensor, batch.numpy()])
+        bits = np.asarray(next(iter(result.values()))).view(np.int16)
+        return torch.from_numpy(bits.copy()).view(torch.bfloat16)
+
+    return call_bf16
+
+
+def _openvino_bf16(tensor: torch.Tensor):
+    """An OpenVINO bf16 tensor holding the bits of a bfloat16 torch tensor."""
+    import openvino
+
+    result = openvino.Tensor(openvino.Type.bf16, list(tensor.shape))
+    result.data.view(np.int16)[...] = tensor.contiguous().view(torch.int16).numpy()
+    return result
 
 
 # ------------------------------------------------------- multi-level RoIAlign

@@ -114,8 +114,14 @@ def _roi_align_setup(device, dtype, channels_last, batch, channels, height, widt
             tol = 1e-2 if dtype == torch.float16 else 5e-2
             return bool(torch.allclose(a.float(), exact, atol=tol, rtol=tol))
 
-        if backward or dtype != torch.float32:
-            return ours, theirs, agree  # the peers have neither a backward nor half-precision CPU kernels
+        if backward or dtype == torch.float16:
+            return ours, theirs, agree  # the peers have neither a backward nor float16 CPU kernels
+        if dtype == torch.bfloat16:
+            # Both round float32 accumulations to bfloat16: a spacing apart
+            # at most (2^-7 of the leading power of two).
+            return ours, theirs, agree, Peers(
+                {"openvino": lambda: peers.roi_align_openvino(features, rois, *args[:3])},
+                lambda a, b: compare_tensors(a, b, tol=2.0**-6))
         builders = {
             "onnxruntime": lambda: peers.roi_align_onnxruntime(features, rois, *args[:3]),
             "openvino": lambda: peers.roi_align_openvino(features, rois, *args[:3]),

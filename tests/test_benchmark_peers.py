@@ -165,3 +165,22 @@ def test_peers_take_our_thread_count(peer):
             assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
+def test_openvino_bfloat16_roi_align_is_ours_within_a_bfloat16_spacing():
+    """The bfloat16 row's peer: OpenVINO's ROIAlign with bf16 parameters and
+    inference precision, bits in and out as bfloat16."""
+    import maskrcnn_ops
+    from benchmarks.suite import compare_tensors
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 32, 20, 24, generator=generator).bfloat16()
+    corners = torch.rand(40, 2, generator=generator) * 30
+    sides = torch.rand(40, 2, generator=generator) * 20 + 1
+    rois = torch.cat([torch.arange(2).repeat(20)[:, None].float(), corners, corners + sides], 1).bfloat16()
+    theirs = peers.roi_align_openvino(features, rois, 7, 0.5, 2)()
+    ours = maskrcnn_ops.roi_align(features, rois, (7, 7), 0.5, 2, True)
+    assert theirs.dtype == torch.bfloat16 and theirs.shape == ours.shape
+    agree, difference = compare_tensors(ours, theirs, tol=2.0**-6)
+    assert agree, difference
