@@ -24,7 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -185,24 +187,62 @@ struct BlockLayout {
   int64_t row_offset(int64_t y) const { return y * width * x_stride(); }
 };
 
+// 16 x 16 float32 transposed in registers: four stages, each swapping one
+// bit between the row and the column index of the elements whose two bits
+// differ (a 2 x 2 block transpose at that scale), as two-source shuffles
+// (one VPERMT2PS each with AVX-512).
+typedef float Float16 __attribute__((vector_size(64)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+// Shuffle indices of stage kBit (0-15: the first source, 16-31: the
+// second) for row i (bit kBit clear) and for row i | kBit.
+constexpr int32_t keep_low_index(int bit, int j) { return (j & bit) == 0 ? j : 16 + (j ^ bit); }
+constexpr int32_t keep_high_index(int bit, int j) { return (j & bit) == 0 ? (j ^ bit) : 16 + j; }
+template <int kBit>
+constexpr Int16 kKeepLow = {keep_low_index(kBit, 0), keep_low_index(kBit, 1), keep_low_index(kBit, 2), keep_low_index(kBit, 3), keep_low_index(kBit, 4), keep_low_index(kBit, 5), keep_low_index(kBit, 6), keep_low_index(kBit, 7), keep_low_index(kBit, 8), keep_low_index(kBit, 9), keep_low_index(kBit, 10), keep_low_index(kBit, 11), keep_low_index(kBit, 12), keep_low_index(kBit, 13), keep_low_index(kBit, 14), keep_low_index(kBit, 15)};
+template <int kBit>
+constexpr Int16 kKeepHigh = {keep_high_index(kBit, 0), keep_high_index(kBit, 1), keep_high_index(kBit, 2), keep_high_index(kBit, 3), keep_high_index(kBit, 4), keep_high_index(kBit, 5), keep_high_index(kBit, 6), keep_high_index(kBit, 7), keep_high_index(kBit, 8), keep_high_index(kBit, 9), keep_high_index(kBit, 10), keep_high_index(kBit, 11), keep_high_index(kBit, 12), keep_high_index(kBit, 13), keep_high_index(kBit, 14), keep_high_index(kBit, 15)};
+
+template <int kBit>
+MASKRCNN_ALWAYS_INLINE void transpose_stage(Float16* rows) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & kBit) continue;
+    const Float16 a = rows[i], b = rows[i | kBit];
+    rows[i] = __builtin_shuffle(a, b, kKeepLow<kBit>);
+    rows[i | kBit] = __builtin_shuffle(a, b, kKeepHigh<kBit>);
+  }
+}
+
+MASKRCNN_ALWAYS_INLINE void transpose16(Float16* rows) {
+  transpose_stage<8>(rows);
+  transpose_stage<4>(rows);
+  transpose_stage<2>(rows);
+  transpose_stage<1>(rows);
+}
+
 // Copies the nc planes of a channel block (nc <= CB, `block` at the first)
-// into tile [H][W][CB], channels past nc zero. Loops over positions in runs
-// of 16 so that reads stay sequential per plane and the writes stay in L1.
+// into tile [H][W][CB], channels past nc zero, 16 positions at a time: 16
+// channels x 16 positions loaded along the planes, transposed in registers
+// (where the tile is float32 and CB 16) and stored as 16 positions'
+// channel vectors; the rest one value at a time.
 template <int CB, typename scalar_t, typename tile_t>
 MASKRCNN_ALWAYS_INLINE void interleave_planes(const scalar_t* block, int64_t plane,
                                               int64_t nc, tile_t* tile) {
-  constexpr int64_t kRun = 16;
-  for (int64_t p0 = 0; p0 < plane; p0 += kRun) {
-    const int64_t p1 = std::min(plane, p0 + kRun);
-    for (int64_t j = 0; j < CB; ++j) {
-      const scalar_t* src = block + j * plane;
-      if (j < nc) {
-        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = static_cast<tile_t>(src[p]);
-      } else {
-        for (int64_t p = p0; p < p1; ++p) tile[p * CB + j] = tile_t(0);
+  int64_t p0 = 0;
+  if constexpr (CB == 16 && std::is_same_v<tile_t, float>) {
+    for (; p0 + 16 <= plane; p0 += 16) {
+      Float16 rows[16];
+      for (int j = 0; j < 16; ++j) {
+        const scalar_t* src = block + j * plane + p0;
+        for (int e = 0; e < 16; ++e) rows[j][e] = j < nc ? static_cast<float>(src[e]) : 0.0f;
       }
+      transpose16(rows);
+      std::memcpy(tile + p0 * CB, rows, sizeof(rows));
     }
   }
+  for (; p0 < plane; ++p0)
+    for (int64_t j = 0; j < CB; ++j)
+      tile[p0 * CB + j] = j < nc ? static_cast<tile_t>(block[j * plane + p0]) : tile_t(0);
 }
 
 // One RoI, CB channels at once, in two steps: (1) contract_rows: every
@@ -246,26 +286,15 @@ MASKRCNN_ALWAYS_INLINE void contract_rows(const RoIAlignGeometry<acc_t>& g, cons
   }
 }
 
-// Scales CB bin sums by 1 / count, rounds them to the output type and
-// writes the first nc, one per channel plane (out[j * plane]).
-struct RoundAndScatter {
-  template <int CB, typename scalar_t, typename acc_t>
-  static MASKRCNN_ALWAYS_INLINE void store(const acc_t* sums, acc_t inv_count, int64_t nc,
-                                           int64_t plane, scalar_t* out) {
-    for (int64_t j = 0; j < nc; ++j) out[j * plane] = static_cast<scalar_t>(sums[j] * inv_count);
-  }
-};
-
 // For each output row, an AXPY of whole contracted rows (all columns and
-// channels at once, contiguous, vectorized), then the average over the
-// samples, written through Store. Uses pooled_w * CB values of scratch after
-// the num_rows rows of row_sums.
-template <int CB, typename Store, typename scalar_t, typename acc_t>
+// channels at once, contiguous, vectorized), then the averages over the
+// samples into staged [pooled_h * pooled_w][CB]. Uses pooled_w * CB values
+// of scratch after the num_rows rows of row_sums.
+template <int CB, typename acc_t>
 MASKRCNN_ALWAYS_INLINE void blend_rows(const RoIAlignGeometry<acc_t>& g, const AxisTap<acc_t>* ys,
-                                       const RoIRows& r, int64_t nc, int64_t pooled_h,
-                                       int64_t pooled_w, acc_t* row_sums, scalar_t* out_c) {
+                                       const RoIRows& r, int64_t pooled_h, int64_t pooled_w,
+                                       acc_t* row_sums, acc_t* staged) {
   const int64_t num_rows = static_cast<int64_t>(r.rows.size());
-  const int64_t out_plane = pooled_h * pooled_w;
   const int64_t span = pooled_w * CB;
   acc_t* bins = row_sums + num_rows * span;  // scratch of `span` values
   const acc_t inv_count = acc_t(1) / g.count;
@@ -279,9 +308,48 @@ MASKRCNN_ALWAYS_INLINE void blend_rows(const RoIAlignGeometry<acc_t>& g, const A
       const acc_t wl = ys[t].w_low, wh = ys[t].w_high;
       for (int64_t i = 0; i < span; ++i) bins[i] += wl * lo[i] + wh * hi[i];
     }
-    for (int64_t pw = 0; pw < pooled_w; ++pw)
-      Store::template store<CB>(bins + pw * CB, inv_count, nc, out_plane, out_c + ph * pooled_w + pw);
+    acc_t* averages = staged + ph * span;
+    for (int64_t i = 0; i < span; ++i) averages[i] = bins[i] * inv_count;
   }
+}
+
+// out[j * count + i] = staged[i * CB + j] for channels j < nc and positions
+// i < count, rounded to T: the CB-channel vectors of the pooled bins become
+// the channels' output planes. Positions go 16 at a time through a register
+// transpose (contiguous stores) where CB is 16 float32 channels; scattered
+// stores (16 lane extractions per position) were a fifth of the kernel.
+template <int CB, typename acc_t, typename T>
+MASKRCNN_ALWAYS_INLINE void store_planes(const acc_t* staged, int64_t count, int64_t nc, T* out) {
+  int64_t i0 = 0;
+  if constexpr (CB == 16 && std::is_same_v<acc_t, float>) {
+    for (; i0 + 16 <= count; i0 += 16) {
+      Float16 rows[16];
+      std::memcpy(rows, staged + i0 * CB, sizeof(rows));
+      transpose16(rows);
+      const auto write = [&](int64_t j) __attribute__((always_inline)) {
+        T* dst = out + j * count + i0;
+        if constexpr (std::is_same_v<T, float>) {
+          std::memcpy(dst, &rows[j], sizeof(Float16));
+        } else {
+          for (int e = 0; e < 16; ++e) dst[e] = static_cast<T>(rows[j][e]);
+        }
+      };
+      // A fixed trip count for a full block: no test per channel.
+      if (nc == CB) {
+        for (int j = 0; j < CB; ++j) write(j);
+      } else {
+        for (int64_t j = 0; j < nc; ++j) write(j);
+      }
+    }
+  }
+  for (; i0 < count; ++i0)
+    for (int64_t j = 0; j < nc; ++j) out[j * count + i0] = static_cast<T>(staged[i0 * CB + j]);
+}
+
+// pool_nchw_block's scratch after the num_rows contracted rows: a blend
+// row and the staged averages.
+inline int64_t block_scratch(int64_t num_rows, int64_t pooled_h, int64_t pooled_w, int64_t cb) {
+  return (num_rows + 1) * pooled_w * cb + pooled_h * pooled_w * cb;
 }
 
 template <int CB, bool kTiled, typename in_t, typename scalar_t, typename acc_t>
@@ -292,7 +360,9 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
                                             int64_t pooled_h, int64_t pooled_w,
                                             acc_t* row_sums, scalar_t* out_c) {
   contract_rows<CB, kTiled>(g, xs, r, in_c, layout, pooled_w, row_sums);
-  blend_rows<CB, RoundAndScatter>(g, ys, r, nc, pooled_h, pooled_w, row_sums, out_c);
+  acc_t* staged = row_sums + (r.rows.size() + 1) * pooled_w * CB;
+  blend_rows<CB>(g, ys, r, pooled_h, pooled_w, row_sums, staged);
+  store_planes<CB>(staged, pooled_h * pooled_w, nc, out_c);
 }
 
 // How a tiled channel block is stored and pooled. FloatTile: the block's
@@ -420,10 +490,12 @@ struct Bf16PairTile {
         _mm512_storeu_ps(row_sums + (slot * pooled_w + pw) * CB, sum);
       }
     }
-    // The averages in float32 as [CB][pooled_h * pooled_w] after the rows'
-    // scratch, then rounded plane by plane (contiguous stores).
-    float* averages = row_sums + (num_rows + 1) * pooled_w * CB;
-    blend_rows<CB, RoundAndScatter>(g, ys, r, nc, pooled_h, pooled_w, row_sums, averages);
+    // The averages in float32 as [nc][pooled_h * pooled_w] after the
+    // block's scratch, then rounded plane by plane (contiguous stores).
+    float* staged = row_sums + (num_rows + 1) * pooled_w * CB;
+    float* averages = row_sums + block_scratch(num_rows, pooled_h, pooled_w, CB);
+    blend_rows<CB>(g, ys, r, pooled_h, pooled_w, row_sums, staged);
+    store_planes<CB>(staged, pooled_h * pooled_w, nc, averages);
     round_planes(averages, nc, pooled_h * pooled_w, out);
   }
 };
@@ -489,7 +561,9 @@ struct NchwForward {
       const int64_t level = table.level[k];
       const int64_t plane = pyramid.plane(level), width = pyramid.width[level];
       // Rows, a blend row and (for Bf16PairTile) the averages of the block.
-      scratch.row_sums.resize((rows[k].rows.size() + 1) * pooled_w * kBlock +
+      // pool_nchw_block's scratch and (for Bf16PairTile) the averages of the
+      // block's planes.
+      scratch.row_sums.resize(block_scratch(rows[k].rows.size(), pooled_h, pooled_w, kBlock) +
                               kBlock * pooled_h * pooled_w);
       if (!kTiled && nc < kBlock) {
         // The last block of the planes, partial: channel by channel, so
