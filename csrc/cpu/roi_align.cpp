@@ -848,47 +848,127 @@ at::Tensor multi_level_roi_align_forward_cpu(
 // (block) major: parallel_for hands each thread a contiguous range, and RoIs
 // are often all on one level or image (small boxes all map to P2), so
 // map-major numbering would give one thread all the work.
+
+// NCHW backward: units of (channel block, map). A map whose RoIs take
+// enough samples accumulates a block of kBlock channels at once in a tile
+// [H][W][kBlock] (every tap one vector update instead of kBlock scattered
+// ones, each RoI's bin gradients first interleaved the same way), copied
+// out to the channel planes at the end; a map with few samples is
+// accumulated channel by channel into its planes directly. Either way every
+// element receives the same products in the same order (RoI, bin, sample,
+// corner), starting from zero: the same bits.
+template <typename scalar_t, typename acc_t>
+struct NchwBackward {
+  static constexpr int kBlock = 16;
+  const TapTable<acc_t>& table;
+  const RoIGroups& groups;
+  const Pyramid<acc_t>& pyramid;
+  const scalar_t* grad;
+  const std::vector<acc_t*>& grad_inputs;
+  int64_t batch, channels, pooled_h, pooled_w;
+  std::vector<int64_t> samples;  // [maps] bin samples of the map's RoIs
+
+  // RoI k's gradient to the CB channels at `out` (channel stride cs,
+  // position stride ps); gbins: its bin gradients divided by the sample
+  // count, [pooled_h * pooled_w][CB].
+  template <int CB>
+  static MASKRCNN_ALWAYS_INLINE void add_roi(const RoIAlignGeometry<acc_t>& g, const AxisTap<acc_t>* ys,
+                                             const AxisTap<acc_t>* xs, const acc_t* gbins,
+                                             int64_t pooled_h, int64_t pooled_w, int64_t width,
+                                             int64_t ps, acc_t* out) {
+    for (int64_t ph = 0; ph < pooled_h; ++ph) {
+      for (int64_t pw = 0; pw < pooled_w; ++pw) {
+        const acc_t* gbin = gbins + (ph * pooled_w + pw) * CB;
+        const AxisTap<acc_t>* tx = xs + pw * g.grid_w;
+        for (int iy = 0; iy < g.grid_h; ++iy) {
+          const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
+          if (ty.outside()) continue;
+          acc_t g_lo[CB], g_hi[CB];
+          for (int j = 0; j < CB; ++j) {
+            g_lo[j] = gbin[j] * ty.w_low;
+            g_hi[j] = gbin[j] * ty.w_high;
+          }
+          acc_t* lo = out + ty.low * width * ps;
+          acc_t* hi = out + ty.high * width * ps;
+          for (int ix = 0; ix < g.grid_w; ++ix) {
+            if (tx[ix].outside()) continue;
+            const acc_t wl = tx[ix].w_low, wh = tx[ix].w_high;
+            // One corner after another: corners coincide at the border.
+            acc_t* a = lo + tx[ix].low * ps;
+#pragma omp simd
+            for (int j = 0; j < CB; ++j) a[j] += g_lo[j] * wl;
+            acc_t* b = lo + tx[ix].high * ps;
+#pragma omp simd
+            for (int j = 0; j < CB; ++j) b[j] += g_lo[j] * wh;
+            acc_t* c = hi + tx[ix].low * ps;
+#pragma omp simd
+            for (int j = 0; j < CB; ++j) c[j] += g_hi[j] * wl;
+            acc_t* d = hi + tx[ix].high * ps;
+#pragma omp simd
+            for (int j = 0; j < CB; ++j) d[j] += g_hi[j] * wh;
+          }
+        }
+      }
+    }
+  }
+
+  // Units [begin, end): unit = block * maps + map.
+  static MASKRCNN_ALWAYS_INLINE void run(const NchwBackward& f, int64_t begin, int64_t end) {
+    std::vector<acc_t> tile, gbins;
+    const int64_t maps = f.pyramid.levels * f.batch;
+    const int64_t bins = f.pooled_h * f.pooled_w;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t map = unit % maps, c0 = (unit / maps) * kBlock;
+      const int64_t nc = std::min<int64_t>(kBlock, f.channels - c0);
+      const int64_t level = map / f.batch, b = map % f.batch;
+      const int64_t width = f.pyramid.width[level], plane = f.pyramid.plane(level);
+      acc_t* gin = f.grad_inputs[level] + (b * f.channels + c0) * plane;
+      const bool tiled = f.samples[map] * 2 > plane;
+      if (tiled) tile.assign(plane * kBlock, acc_t(0));
+      for (int64_t i = f.groups.begin[map]; i < f.groups.begin[map + 1]; ++i) {
+        const int64_t k = f.groups.order[i];
+        const auto& g = f.table.geometry[k];
+        const scalar_t* grad_k = f.grad + (k * f.channels + c0) * bins;
+        if (tiled) {
+          gbins.resize(bins * kBlock);
+          interleave_planes<kBlock>(grad_k, bins, nc, gbins.data());
+          for (acc_t& v : gbins) v = v / g.count;
+          add_roi<kBlock>(g, f.table.ys(k), f.table.xs(k), gbins.data(), f.pooled_h, f.pooled_w, width,
+                          kBlock, tile.data());
+          continue;
+        }
+        gbins.resize(bins);
+        for (int64_t j = 0; j < nc; ++j) {
+          for (int64_t bin = 0; bin < bins; ++bin)
+            gbins[bin] = static_cast<acc_t>(grad_k[j * bins + bin]) / g.count;
+          add_roi<1>(g, f.table.ys(k), f.table.xs(k), gbins.data(), f.pooled_h, f.pooled_w, width, 1,
+                     gin + j * plane);
+        }
+      }
+      if (tiled) store_planes<kBlock>(tile.data(), plane, nc, gin);
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void backward_nchw(const TapTable<acc_t>& table, const RoIGroups& groups,
                    const Pyramid<acc_t>& pyramid, const scalar_t* grad,
                    const std::vector<acc_t*>& grad_inputs, int64_t batch,
                    int64_t channels, int64_t pooled_h, int64_t pooled_w) {
+  using Body = NchwBackward<scalar_t, acc_t>;
   const int64_t maps = pyramid.levels * batch;
-  at::parallel_for(0, maps * channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t c = unit / maps, map = unit % maps;
-      const int64_t level = map / batch, b = map % batch;
-      const int64_t width = pyramid.width[level];
-      const int64_t plane = pyramid.plane(level);
-      acc_t* gin = grad_inputs[level] + (b * channels + c) * plane;
-      for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
-        const int64_t k = groups.order[i];
-        const auto& g = table.geometry[k];
-        const auto *ys = table.ys(k), *xs = table.xs(k);
-        const scalar_t* grad_kc = grad + (k * channels + c) * pooled_h * pooled_w;
-        for (int64_t ph = 0; ph < pooled_h; ++ph) {
-          for (int64_t pw = 0; pw < pooled_w; ++pw) {
-            const acc_t gbin =
-                static_cast<acc_t>(grad_kc[ph * pooled_w + pw]) / g.count;
-            const AxisTap<acc_t>* tx = xs + pw * g.grid_w;
-            for (int iy = 0; iy < g.grid_h; ++iy) {
-              const AxisTap<acc_t> ty = ys[ph * g.grid_h + iy];
-              if (ty.outside()) continue;
-              acc_t* lo = gin + ty.low * width;
-              acc_t* hi = gin + ty.high * width;
-              const acc_t g_lo = gbin * ty.w_low, g_hi = gbin * ty.w_high;
-              for (int ix = 0; ix < g.grid_w; ++ix) {
-                if (tx[ix].outside()) continue;
-                lo[tx[ix].low] += g_lo * tx[ix].w_low;
-                lo[tx[ix].high] += g_lo * tx[ix].w_high;
-                hi[tx[ix].low] += g_hi * tx[ix].w_low;
-                hi[tx[ix].high] += g_hi * tx[ix].w_high;
-              }
-            }
-          }
-        }
-      }
+  std::vector<int64_t> samples(maps, 0);
+  for (int64_t map = 0; map < maps; ++map) {
+    for (int64_t i = groups.begin[map]; i < groups.begin[map + 1]; ++i) {
+      const auto& g = table.geometry[groups.order[i]];
+      samples[map] += pooled_h * pooled_w * g.grid_h * g.grid_w;
     }
+  }
+  const Body body{table, groups, pyramid, grad, grad_inputs, batch, channels, pooled_h, pooled_w,
+                  std::move(samples)};
+  const int64_t blocks = (channels + Body::kBlock - 1) / Body::kBlock;
+  at::parallel_for(0, blocks * maps, 1, [&](int64_t begin, int64_t end) {
+    run_for_isa<Body>(body, begin, end);
   });
 }
 
