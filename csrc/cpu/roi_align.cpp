@@ -868,6 +868,13 @@ struct NchwBackward {
   int64_t batch, channels, pooled_h, pooled_w;
   std::vector<int64_t> samples;  // [maps] bin samples of the map's RoIs
 
+  // dst[j] += values[j] * w for the CB channels of one position.
+  template <int CB>
+  static MASKRCNN_ALWAYS_INLINE void add_scaled(acc_t* dst, const acc_t* values, acc_t w) {
+#pragma omp simd
+    for (int j = 0; j < CB; ++j) dst[j] += values[j] * w;
+  }
+
   // RoI k's gradient to the CB channels at `out` (channel stride cs,
   // position stride ps); gbins: its bin gradients divided by the sample
   // count, [pooled_h * pooled_w][CB].
@@ -894,18 +901,10 @@ struct NchwBackward {
             if (tx[ix].outside()) continue;
             const acc_t wl = tx[ix].w_low, wh = tx[ix].w_high;
             // One corner after another: corners coincide at the border.
-            acc_t* a = lo + tx[ix].low * ps;
-#pragma omp simd
-            for (int j = 0; j < CB; ++j) a[j] += g_lo[j] * wl;
-            acc_t* b = lo + tx[ix].high * ps;
-#pragma omp simd
-            for (int j = 0; j < CB; ++j) b[j] += g_lo[j] * wh;
-            acc_t* c = hi + tx[ix].low * ps;
-#pragma omp simd
-            for (int j = 0; j < CB; ++j) c[j] += g_hi[j] * wl;
-            acc_t* d = hi + tx[ix].high * ps;
-#pragma omp simd
-            for (int j = 0; j < CB; ++j) d[j] += g_hi[j] * wh;
+            add_scaled<CB>(lo + tx[ix].low * ps, g_lo, wl);
+            add_scaled<CB>(lo + tx[ix].high * ps, g_lo, wh);
+            add_scaled<CB>(hi + tx[ix].low * ps, g_hi, wl);
+            add_scaled<CB>(hi + tx[ix].high * ps, g_hi, wh);
           }
         }
       }
