@@ -8,11 +8,12 @@
 // tables are tiny (a few hundred taps per RoI) and are reused across all
 // channels, so the inner loops only load, multiply and add.
 //
-// Forward: parallel over RoIs. NCHW walks channel planes and contracts each
-// sample row along x first; NHWC accumulates whole channel vectors per tap
-// (contiguous, auto-vectorized).
-// Backward: parallel over (image, channel block) units, each visiting the RoIs
-// of its image in index order, so no two threads write the same element and
+// Forward: NCHW in units of (16-channel block, run of RoIs), the block's
+// planes interleaved into a [H][W][16] tile where the RoIs read enough of a
+// map, each distinct sample row contracted along x first; NHWC parallel over
+// RoIs, whole channel vectors per tap (contiguous, vectorized).
+// Backward: parallel over (map, channel block) units, each visiting the RoIs
+// of its map in index order, so no two threads write the same element and
 // the summation order is fixed: the result is bitwise reproducible regardless
 // of thread count, which makes it deterministic without a slower variant.
 #include <ATen/Dispatch.h>
