@@ -104,7 +104,8 @@ def _c4_settings(image_size: Optional[int]) -> Dict[str, Any]:
     # on a shared 2-core "Intel(R) Xeon(R) Processor" (AVX-512), held-out mask
     # AP50 / box AP / training time: seed 0, this preset 0.872 / 0.706 /
     # 868 s, SMALL 0.900 / 0.708 / 904 s; seed 1, 0.900 / 0.737 / 1090 s, SMALL
-    # 0.890 / 0.707 / 1133 s. The former 64 samples with a quarter positive
+    # 0.890 / 0.707 / 1133 s; seed 2, 0.890 / 0.727 / 1144 s, SMALL 0.903 /
+    # 0.732 / 1149 s. The former 64 samples with a quarter positive
     # took 1.5x as long a step and reached mask AP50 0.752 in 630 steps (about
     # SMALL's time); widths 24 and 32 took 2x and 3x its step
     # (benchmarks/results/c4-shapes-2026-11-30).
