@@ -89,23 +89,32 @@ SMALL_KEYPOINT_HEAD_LAYERS = (64, 64, 64, 64)
 
 def _c4_settings(image_size: Optional[int]) -> Dict[str, Any]:
     # The paper's C4 design scaled to SMALL's budget: the ResNet-18 at a
-    # quarter of the standard width (stem and res2 16 channels, res3 32,
-    # res4 64: the C4 map of the RPN and the RoIAlign; res5 128 on the 7x7
-    # RoI features), all five anchor sizes on C4 with the three ratios, a
-    # 64-channel mask upsampling and 64 RoI samples per image. The preset's
-    # side is 256: the demo's 128-px shapes are upsampled 2x, so that C4 is
-    # 16x16 instead of 8x8 (at 128 px, 400 steps gave mask AP50 0.31
-    # instead of 0.47). res5 runs once per RoI (and again on the positives
-    # for the mask loss), so its cost grows with the samples and the square
-    # of the width, not with the image. Training steps of 4 images (1
-    # thread, busy 2-core CPU, medians of 4): this preset 1.33 s at 256 px
-    # and 1.32 s at 128 px, SMALL 1.01 s; the standard width took 3.3x this
-    # one's time, and at width 32, 128 samples per image 1.7x 64.
+    # quarter of the standard width (stem and res2 16 channels, res3 32, res4
+    # 64: the C4 map of the RPN and the RoIAlign; res5 128 on the 7x7 RoI
+    # features), all five anchor sizes on C4 with the three ratios, a
+    # 64-channel mask upsampling and 32 RoI samples per image, half of them
+    # positive. The preset's side is 256: the demo's 128-px shapes are
+    # upsampled 2x, so that C4 is 16x16 instead of 8x8 (at 128 px, 400 steps
+    # gave mask AP50 0.31 instead of 0.47). res5 runs once per RoI sample (and
+    # again on the positives for the mask loss), about two thirds of a
+    # training step (profiled), so the step's cost follows the samples and the
+    # square of the width, not the image; with a few shapes per image, 16
+    # background samples of 32 are enough. Trained as the demo trains SMALL
+    # (its 1000 steps of 4 images) beside SMALL, both at once, one thread each
+    # on a shared 2-core "Intel(R) Xeon(R) Processor" (AVX-512), held-out mask
+    # AP50 / box AP / training time: seed 0, this preset 0.872 / 0.706 /
+    # 868 s, SMALL 0.900 / 0.708 / 904 s; seed 1, 0.900 / 0.737 / 1090 s, SMALL
+    # 0.890 / 0.707 / 1133 s; seed 2, 0.890 / 0.727 / 1144 s, SMALL 0.903 /
+    # 0.732 / 1149 s. The former 64 samples with a quarter positive
+    # took 1.5x as long a step and reached mask AP50 0.752 in 630 steps (about
+    # SMALL's time); widths 24 and 32 took 2x and 3x its step
+    # (benchmarks/results/c4-shapes-2026-11-30).
     return dict(
         **_small_image_settings(image_size),
         width=16,
         mask_channels=64,
-        box_batch_size_per_image=64,
+        box_batch_size_per_image=32,
+        box_positive_fraction=0.5,
     )
 
 
