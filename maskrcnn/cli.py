@@ -329,6 +329,9 @@ def run_train(args: argparse.Namespace) -> int:
                 keypoint_branch["num_keypoints"] = len(dataset.keypoint_names)
                 if preset.name == SMALL.name:
                     keypoint_branch["keypoint_head_layers"] = SMALL_KEYPOINT_HEAD_LAYERS
+            # The initial weights follow --seed too, so that two runs with one
+            # seed train the same model.
+            torch.manual_seed(args.seed)
             model = maskrcnn_from_preset(preset, num_classes=dataset.num_classes, image_size=args.image_size,
                                          **keypoint_branch)
         model.to(context.device)
@@ -405,7 +408,7 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     add_device_argument(parser, "; under torchrun cuda:LOCAL_RANK")
     parser.add_argument("--workers", type=COUNT, default=0, help="data-loading processes (0: in this process)")
-    parser.add_argument("--seed", type=SEED, default=0, help="data order and sampling seed")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the initial weights, the data order and the sampling")
     parser.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=True,
                         help="CPU: choose the number of threads by timing steps, and again at once when steps "
                              "slow down (a busy neighbour); --no-adapt-threads keeps torch's count (default: on)")

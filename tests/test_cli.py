@@ -144,6 +144,20 @@ def test_resume_without_out_continues_in_the_checkpoint_folder(tmp_path, monkeyp
     assert not (tmp_path / "train_out").exists()
 
 
+def test_train_with_one_seed_trains_one_model(tmp_path):
+    """--seed fixes the initial weights as well as the data order: two runs
+    agree bit for bit, another seed gives other weights."""
+    tiny = ["--image-size", "64", "--batch-size", "2", "--shapes-images", "4", "--device", "cpu",
+            "--iterations", "1", "--no-adapt-threads"]
+    weights = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        assert main(["train", *tiny, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+        weights[name] = torch.load(tmp_path / name / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert weights["a"].keys() == weights["c"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
 def test_output_paths_that_are_files_are_one_line_errors(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("x")
