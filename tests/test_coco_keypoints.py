@@ -195,16 +195,19 @@ def test_shapes_keypoints_round_trip_through_a_coco_folder(tmp_path):
         assert torch.equal(coco[index][1]["keypoints"], shapes[index][1]["keypoints"])
 
 
-def test_cli_trains_a_keypoint_model_on_a_coco_file(person_folder, tmp_path, capsys):
+@pytest.mark.parametrize("keypoints", [True, False], ids=["keypoint-model", "mask-model"])
+def test_cli_trains_on_a_coco_keypoints_file(person_folder, tmp_path, capsys, keypoints):
+    """With --keypoints a keypoint model of the file's 17 keypoints; without,
+    a mask model on the same file (the targets' keypoints unused)."""
     images_dir, annotations_file, _ = person_folder
     run = tmp_path / "run"
-    assert main(["train", "--keypoints", "--dataset", "coco", "--images", str(images_dir), "--annotations",
-                 str(annotations_file), "--iterations", "2", "--batch-size", "2", "--device", "cpu",
+    assert main(["train", *(["--keypoints"] if keypoints else []), "--dataset", "coco", "--images", str(images_dir),
+                 "--annotations", str(annotations_file), "--iterations", "2", "--batch-size", "2", "--device", "cpu",
                  "--no-adapt-threads", "--out", str(run)]) == 0
-    assert "loss_keypoint" in capsys.readouterr().out
+    assert ("loss_keypoint" in capsys.readouterr().out) == keypoints
     model = load_model(run / "last.pt")
-    assert model.num_keypoints == J and model.num_classes == 3
-    assert model.keypoint_skeleton == [tuple(edge) for edge in SKELETON]
+    assert model.num_keypoints == (J if keypoints else 0) and model.num_classes == 3
+    assert model.keypoint_skeleton == ([tuple(edge) for edge in SKELETON] if keypoints else [])
 
 
 def test_cli_keypoints_need_a_file_with_keypoint_names(person_folder, tmp_path, capsys):
