@@ -276,15 +276,18 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, shapes_images: int
 
 def build_dataset(args: argparse.Namespace, *, keypoints: bool = False):
     """The dataset the --dataset arguments name (COCO files validated here);
-    with ``keypoints``, one whose targets have keypoints (shapes only)."""
+    with ``keypoints``, one whose targets have keypoints (the shapes'
+    corners, or a COCO file whose categories name keypoints)."""
     from .data import CocoDataset, ShapesDataset
 
     if args.dataset == "coco":
         if args.images is None or args.annotations is None:
             raise ValueError("--dataset coco needs --images DIR and --annotations FILE")
-        if keypoints:
-            raise ValueError("keypoint training and evaluation read the shapes dataset only (--dataset shapes)")
-        return CocoDataset(args.images, args.annotations)
+        dataset = CocoDataset(args.images, args.annotations)
+        if keypoints and dataset.keypoint_names is None:
+            raise ValueError(f"{args.annotations}: no category names keypoints ('keypoints' in 'categories', as in "
+                             f"COCO's person_keypoints files), so there is nothing to train or evaluate keypoints on")
+        return dataset
     return ShapesDataset(args.shapes_images, image_size=args.image_size or SMALL.image_size, seed=args.shapes_seed,
                          keypoints=keypoints)
 
@@ -399,7 +402,8 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--max-grad-norm", type=number_in(0.0), default=recipe.max_grad_norm,
                         help="clip the gradient norm to this (0: no clipping)")
     parser.add_argument("--keypoints", action="store_true",
-                        help="add a keypoint branch (Keypoint R-CNN) and train it on the shapes' corners")
+                        help="add a keypoint branch (Keypoint R-CNN) and train it on the shapes' corners or on the "
+                        "COCO file's keypoints (their number from the file)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: {DEFAULT_TRAIN_OUT}, or with --resume the checkpoint's folder)")
     parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=500, help="iterations between checkpoints")

@@ -13,8 +13,9 @@ tensor-out module with fixed-size outputs and no host synchronization
   ``maskrcnn_ops.onnx_translation_table()``.
 
 The program takes images already resized as the model resizes them
-(``resize_for_program``) and returns boxes and masks in those images'
-pixels; ``detections_from_outputs`` maps them back to the original images.
+(``resize_for_program``) and returns boxes, masks and (Keypoint R-CNN)
+keypoints in those images' pixels (``output_names``);
+``detections_from_outputs`` maps them back to the original images.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import maskrcnn_ops
 
 from .model import MaskRCNN
 from .paste import paste_masks_in_image
-from .preprocess import check_images, rescale_boxes, resized_size
+from .preprocess import check_images, rescale_boxes, rescale_keypoints, resized_size
 
 # Bounds of the dynamic dimensions of exported programs: images per batch,
 # and the side of the batch (at most the model's max_size rounded up to 32;
@@ -41,7 +42,11 @@ from .preprocess import check_images, rescale_boxes, resized_size
 MAX_BATCH = 8
 MIN_SIDE = 96
 
+# The outputs of a Mask R-CNN's program; a model with a keypoint branch
+# adds KEYPOINT_OUTPUT_NAMES, one without a mask branch has no "masks"
+# (``output_names``).
 OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "masks")
+KEYPOINT_OUTPUT_NAMES = ("keypoints", "keypoints_scores")
 
 # The version of the description written beside an artifact (write_metadata).
 FORMAT = "maskrcnn-ops exported detector 1"
@@ -66,8 +71,12 @@ class DeployableDetector(nn.Module):
     Returns ``num_detections`` int64 [N], ``boxes`` [N, D, 4] float32 (x1,
     y1, x2, y2 in the input's pixels), ``scores`` [N, D] float32 by
     decreasing score, ``labels`` [N, D] int64, ``masks`` [N, D, M, M]
-    float32 probabilities (or [N, D, H, W] uint8 with ``paste_masks``); rows
-    past ``num_detections`` are zeros. D = ``detections_per_img``.
+    float32 probabilities (or [N, D, H, W] uint8 with ``paste_masks``; none
+    without a mask branch), and with a keypoint branch ``keypoints`` [N, D,
+    K, 3] float32 (x, y, 1 in the input's pixels) and ``keypoints_scores``
+    [N, D, K] float32 (the heatmap logits at them); rows past
+    ``num_detections`` are zeros. D = ``detections_per_img``; the names in
+    order: ``output_names(model)``.
     """
 
     def __init__(self, model: MaskRCNN, *, paste_masks: bool = False, mask_threshold: float = 0.5) -> None:
@@ -76,7 +85,7 @@ class DeployableDetector(nn.Module):
         self.paste_masks = paste_masks
         self.mask_threshold = mask_threshold
 
-    def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, ...]:
         torch._check(images.dim() == 4 and images.size(1) == 3,
                      lambda: f"images must be [N, 3, H, W] RGB, got {tuple(images.shape)}")
         torch._check(image_sizes.shape == (images.size(0), 2),
@@ -84,7 +93,7 @@ class DeployableDetector(nn.Module):
         outputs = self.model.detect_padded(images, image_sizes)
         detections = outputs.detections
         masks = outputs.masks
-        if self.paste_masks:
+        if self.paste_masks and masks is not None:
             n, d = detections.boxes.shape[:2]
             height, width = images.shape[-2:]
             pasted = maskrcnn_ops.paste_masks(masks.reshape(n * d, *masks.shape[-2:]), detections.boxes.reshape(n * d, 4),
@@ -94,7 +103,19 @@ class DeployableDetector(nn.Module):
             inside = ((torch.arange(height, device=images.device) < image_sizes[:, :1])[:, :, None]
                       & (torch.arange(width, device=images.device) < image_sizes[:, 1:])[:, None, :])
             masks = (pasted.view(n, d, height, width) & inside[:, None]).to(torch.uint8)
-        return detections.num_detections, detections.boxes, detections.scores, detections.labels, masks
+        # Which outputs exist is fixed by the model's branches, not by data.
+        optional = (masks,) if masks is not None else ()
+        if outputs.keypoints is not None:
+            optional += (outputs.keypoints, outputs.keypoint_scores)
+        return (detections.num_detections, detections.boxes, detections.scores, detections.labels) + optional
+
+
+def output_names(model: MaskRCNN) -> Tuple[str, ...]:
+    """The names of a program's outputs, in order (see DeployableDetector):
+    OUTPUT_NAMES (less "masks" without a mask branch), then
+    KEYPOINT_OUTPUT_NAMES for a model with a keypoint branch."""
+    names = OUTPUT_NAMES if model.roi_heads.has_masks else OUTPUT_NAMES[:-1]
+    return names + (KEYPOINT_OUTPUT_NAMES if model.roi_heads.has_keypoints else ())
 
 
 class ProgramInputs(NamedTuple):
@@ -132,25 +153,33 @@ def resize_for_program(images: Sequence[Tensor], *, min_size: int, max_size: int
 
 
 def detections_from_outputs(
-    outputs: Sequence[Tensor], inputs: ProgramInputs, *, pasted: bool = False
+    outputs: Sequence[Tensor], inputs: ProgramInputs, *, pasted: bool = False, names: Sequence[str] = OUTPUT_NAMES
 ) -> List[Dict[str, Tensor]]:
-    """A program's outputs -> one dict per image as ``MaskRCNN.forward``
-    returns (boxes in the original image, masks [D_i, 1, H, W] float32
-    probabilities pasted into it). With ``pasted`` outputs (uint8 masks in
-    the resized image) the masks are resized to the original by nearest
-    neighbour and stay 0/1."""
-    num_detections, boxes, scores, labels, masks = outputs
+    """A program's outputs (named ``names``: its model's ``output_names``)
+    -> one dict per image as ``MaskRCNN.forward`` returns (boxes in the
+    original image, masks [D_i, 1, H, W] float32 probabilities pasted into
+    it, keypoints [D_i, K, 3] and keypoints_scores [D_i, K] when the
+    program has them). With ``pasted`` outputs (uint8 masks in the resized
+    image) the masks are resized to the original by nearest neighbour and
+    stay 0/1."""
+    if len(outputs) != len(names):
+        raise ValueError(f"a program with outputs {list(names)} returned {len(outputs)} tensors")
+    named = dict(zip(names, outputs))
     results = []
-    for i, count in enumerate(num_detections.tolist()):
+    for i, count in enumerate(named["num_detections"].tolist()):
         resized = tuple(inputs.image_sizes[i].tolist())
         original = inputs.original_sizes[i]
-        image_boxes = rescale_boxes(boxes[i, :count], resized, original)
-        if pasted:
-            image_masks = masks[i, :count, : resized[0], : resized[1]]
-            image_masks = F.interpolate(image_masks[:, None].float(), size=original).to(torch.uint8)
-        else:
-            image_masks = paste_masks_in_image(masks[i, :count, None], image_boxes, original)
-        results.append(dict(boxes=image_boxes, labels=labels[i, :count], scores=scores[i, :count], masks=image_masks))
+        image_boxes = rescale_boxes(named["boxes"][i, :count], resized, original)
+        result = dict(boxes=image_boxes, labels=named["labels"][i, :count], scores=named["scores"][i, :count])
+        if "masks" in named and pasted:
+            image_masks = named["masks"][i, :count, : resized[0], : resized[1]]
+            result["masks"] = F.interpolate(image_masks[:, None].float(), size=original).to(torch.uint8)
+        elif "masks" in named:
+            result["masks"] = paste_masks_in_image(named["masks"][i, :count, None], image_boxes, original)
+        if "keypoints" in named:
+            result["keypoints"] = rescale_keypoints(named["keypoints"][i, :count], resized, original)
+            result["keypoints_scores"] = named["keypoints_scores"][i, :count]
+        results.append(result)
     return results
 
 
@@ -223,11 +252,14 @@ def metadata_path(path: Path) -> Path:
 
 def write_metadata(model: MaskRCNN, path: Path, *, paste_masks: bool) -> None:
     """Writes what a runner needs besides the program (``metadata_path``):
-    how to resize images, the bounds of the inputs, the class names."""
+    how to resize images, the bounds of the inputs, the class names, the
+    outputs' names and the keypoints' skeleton."""
     metadata = dict(format=FORMAT, min_size=model.transform.min_size, max_size=model.transform.max_size,
                     max_side=max_side(model), min_side=MIN_SIDE, max_batch=MAX_BATCH, paste_masks=paste_masks,
                     num_classes=model.num_classes, class_names=list(model.class_names),
-                    detections_per_img=model.roi_heads.detections_per_img)
+                    detections_per_img=model.roi_heads.detections_per_img, outputs=list(output_names(model)),
+                    num_keypoints=model.num_keypoints,
+                    keypoint_skeleton=[list(edge) for edge in model.keypoint_skeleton])
     metadata_path(path).write_text(json.dumps(metadata, indent=1))
 
 
@@ -261,7 +293,12 @@ def export_onnx(
 ) -> Path:
     """The program as an ONNX model at ``path``, for onnxruntime (the
     maskrcnn_ops operators become standard ONNX ops). ``program``: the
-    model's ``export_program``, if already made."""
+    model's ``export_program``, if already made. A keypoint model raises a
+    one-line ValueError: its keypoint decoding (``heatmaps_to_keypoints``)
+    has no ONNX translation (export it with ``compile_package``)."""
+    if model.roi_heads.has_keypoints:
+        raise ValueError("ONNX export of a keypoint model is not supported (maskrcnn_ops.heatmaps_to_keypoints has "
+                         "no ONNX translation): export it as an AOTInductor package (.pt2)")
     program = program if program is not None else export_program(model, paste_masks=paste_masks)
     # paste_masks (with paste_masks=True) has no ONNX translation: decomposed
     # (a program without it goes to the exporter untouched).
@@ -269,7 +306,7 @@ def export_onnx(
         program = program.run_decompositions(maskrcnn_ops.onnx_decompositions())
     onnx_program = torch.onnx.export(
         program, dynamo=True, custom_translation_table=maskrcnn_ops.onnx_translation_table(),
-        input_names=["images", "image_sizes"], output_names=list(OUTPUT_NAMES),
+        input_names=["images", "image_sizes"], output_names=list(output_names(model)),
     )
     onnx_program.save(str(path))
     write_metadata(model, Path(path), paste_masks=paste_masks)
@@ -280,7 +317,8 @@ class ExportedDetector:
     """A ``.pt2`` (AOTInductor) or ``.onnx`` artifact of ``compile_package``
     or ``export_onnx`` with MaskRCNN's eval interface: called on a list of
     [3, H, W] float images in [0, 1], it returns one dict per image
-    (``boxes``, ``labels``, ``scores``, ``masks`` [D, 1, H, W]) in the
+    (``boxes``, ``labels``, ``scores``, ``masks`` [D, 1, H, W], and
+    ``keypoints``, ``keypoints_scores`` for a keypoint model) in the
     original images. Runs on CPU; needs maskrcnn_ops (for a .pt2, whose
     operators it calls) or onnxruntime (for a .onnx).
 
@@ -301,9 +339,10 @@ class ExportedDetector:
             raise ValueError(f"{metadata_path(path)} is not a description of format {FORMAT}")
         self.num_classes = int(self.metadata["num_classes"])
         self.class_names = list(self.metadata["class_names"])
-        # What predict draws keypoints with, as MaskRCNN's: the exported
-        # outputs (OUTPUT_NAMES) have no keypoints.
-        self.keypoint_skeleton = []
+        # Descriptions written before keypoints were exported name no outputs: OUTPUT_NAMES.
+        self.output_names = tuple(self.metadata.get("outputs", OUTPUT_NAMES))
+        # What predict draws keypoints with, as MaskRCNN's.
+        self.keypoint_skeleton = [tuple(edge) for edge in self.metadata.get("keypoint_skeleton", [])]
         if path.suffix == ".onnx":
             import onnxruntime
 
@@ -329,9 +368,10 @@ class ExportedDetector:
                                     max_size=meta["max_size"])
         check_inputs(inputs.images, inputs.image_sizes, max_side=meta["max_side"], max_batch=meta["max_batch"])
         return detections_from_outputs(self.run(inputs.images, inputs.image_sizes), inputs,
-                                       pasted=meta["paste_masks"])
+                                       pasted=meta["paste_masks"], names=self.output_names)
 
 
-__all__ = ["DeployableDetector", "ExportedDetector", "FORMAT", "check_inputs", "metadata_path", "write_metadata", "MAX_BATCH", "MIN_SIDE", "OUTPUT_NAMES", "ProgramInputs", "check_program_inputs",
+__all__ = ["DeployableDetector", "ExportedDetector", "FORMAT", "KEYPOINT_OUTPUT_NAMES", "check_inputs", "metadata_path",
+           "write_metadata", "MAX_BATCH", "MIN_SIDE", "OUTPUT_NAMES", "ProgramInputs", "check_program_inputs",
            "compile_package", "detections_from_outputs", "dynamic_shapes", "example_inputs", "export_onnx",
-           "export_program", "max_side", "resize_for_program"]
+           "export_program", "max_side", "output_names", "resize_for_program"]

@@ -416,13 +416,6 @@ def test_train_keypoints_then_evaluate_and_predict(tmp_path, capsys):
     assert all(len(a["keypoints"]) == 12 for a in detections["annotations"])
 
 
-def test_train_keypoints_needs_the_shapes_dataset(tmp_path, capsys):
-    assert main(["train", "--keypoints", "--dataset", "coco", "--images", str(tmp_path), "--annotations",
-                 str(tmp_path / "a.json"), "--iterations", "1", "--out", str(tmp_path / "run"),
-                 "--device", "cpu"]) == 1
-    assert "shapes dataset only" in capsys.readouterr().err
-
-
 def test_keypoint_checkpoint_round_trip(tmp_path):
     model = small_keypoint_model()
     model.keypoint_skeleton = list(SHAPE_SKELETON)

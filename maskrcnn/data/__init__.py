@@ -23,7 +23,7 @@ from .shapes import (
     ShapesDataset,
     boxes_from_masks,
 )
-from .augment import RandomHorizontalFlip, horizontal_flip
+from .augment import RandomHorizontalFlip, flip_keypoints, horizontal_flip, keypoint_flip_permutation
 from .validation import validate_target
 
 __all__ = [
@@ -49,5 +49,7 @@ __all__ = [
     "EpochBatchSampler",
     "RandomHorizontalFlip",
     "horizontal_flip",
+    "flip_keypoints",
+    "keypoint_flip_permutation",
     "validate_target",
 ]

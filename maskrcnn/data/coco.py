@@ -1,6 +1,7 @@
 """A COCO-format instance-segmentation dataset: an images folder and an
-instances JSON (polygons, compressed or uncompressed RLE masks), read with
-pycocotools, returning the same (image, target) samples as ShapesDataset."""
+instances JSON (polygons, compressed or uncompressed RLE masks; keypoints
+as in COCO's person_keypoints files), read with pycocotools, returning the
+same (image, target) samples as ShapesDataset."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .augment import keypoint_flip_permutation
 from .coco_format import decode_segmentation
-from .coco_schema import load_coco_json
+from .coco_schema import CocoFormatError, load_coco_json
 
 
 def load_rgb_image(path: Path) -> Tensor:
@@ -44,7 +46,15 @@ class CocoDataset(Dataset):
       the image, and an annotation whose clamped box has zero width or height
       is dropped (it cannot be a training target: it has no IoU with anything);
     * images without annotations are kept, with empty targets of the right
-      shapes: boxes [0, 4], labels [0], masks [0, H, W].
+      shapes: boxes [0, 4], labels [0], masks [0, H, W] (keypoints [0, J, 3]);
+    * keypoints, when categories name them (COCO's ``keypoints`` and
+      ``skeleton`` of a category, e.g. person_keypoints files): every
+      target gets ``keypoints`` [K, J, 3]; an annotation without
+      ``keypoints`` (another category's, in a file that mixes them) has J
+      unlabeled ones, and unlabeled keypoints (v 0) are (0, 0, 0) whatever
+      x, y the file gives them (they are no training target). All
+      categories that name keypoints must name the same ones: one model
+      predicts one list.
 
     The whole file is validated when the dataset is built (``CocoFormatError``
     naming the entry and the problem), and so are the image files if
@@ -68,11 +78,20 @@ class CocoDataset(Dataset):
         image_ids: COCO image id of each index, in the file's order.
         coco: a pycocotools ``COCO`` of the whole file (crowd regions
             included), built on first use: the ground truth for evaluation.
+        keypoint_names: the categories' keypoint names (J), None when no
+            category names any.
+        skeleton: the keypoint category's ``skeleton`` (pairs of 1-based
+            keypoint numbers), () without keypoints.
+        keypoint_flip_permutation: the left-right swap of the keypoints in a
+            mirror image (``keypoint_flip_permutation`` of the names), for
+            ``RandomHorizontalFlip(keypoint_permutation=...)``.
 
     ``dataset[i]`` returns ``(image, target)``: image [3, H, W] float32 in
     [0, 1]; target ``boxes`` [K, 4] float32, ``labels`` [K] int64, ``masks``
     [K, H, W] uint8, ``image_id`` int, ``area`` [K] float32 (the file's),
-    ``iscrowd`` [K] int64 (zeros).
+    ``iscrowd`` [K] int64 (zeros); with keypoint names also ``keypoints``
+    [K, J, 3] float32 (x, y, v), v as in the file (0 not labeled, 1 hidden,
+    2 visible), x and y in pixels (pixel edges, as the boxes).
     """
 
     def __init__(
@@ -105,6 +124,7 @@ class CocoDataset(Dataset):
             largest = max(names, default=0)
             self.class_names = ["__background__"] + [names.get(i, "N/A") for i in range(1, largest + 1)]
         self.category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
+        self.keypoint_names, self.skeleton = _keypoint_names_and_skeleton(categories, str(self.annotations_file))
         self.transform = transform
         self._coco = None
         if check_images:
@@ -113,6 +133,12 @@ class CocoDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def keypoint_flip_permutation(self) -> Optional[List[int]]:
+        """The keypoints' left-right swap (None without keypoints); raises
+        ValueError where a name has no mirror (see keypoint_flip_permutation)."""
+        return None if self.keypoint_names is None else keypoint_flip_permutation(self.keypoint_names)
 
     @property
     def coco(self):
@@ -178,7 +204,7 @@ class CocoDataset(Dataset):
             torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
         )
         areas = [float(a["area"]) if "area" in a else float(m.sum()) for a, m in zip(kept, masks)]
-        return {
+        target = {
             "boxes": boxes[torch.tensor(keep, dtype=torch.bool)] if keep else boxes,
             "labels": torch.tensor([self.category_id_to_label[a["category_id"]] for a in kept], dtype=torch.int64),
             "masks": mask_tensor,
@@ -186,3 +212,34 @@ class CocoDataset(Dataset):
             "area": torch.tensor(areas, dtype=torch.float32),
             "iscrowd": torch.zeros(len(kept), dtype=torch.int64),
         }
+        if self.keypoint_names is not None:
+            target["keypoints"] = _keypoints_tensor(kept, len(self.keypoint_names))
+        return target
+
+
+def _keypoint_names_and_skeleton(categories: List[Dict], source: str) -> Tuple[Optional[Tuple[str, ...]], Tuple]:
+    """The keypoint names and skeleton the categories state (None, () when
+    none does); ``CocoFormatError`` when two categories name different
+    keypoints (the file's keypoint lists were validated on loading)."""
+    named = [c for c in categories if "keypoints" in c]
+    if not named:
+        return None, ()
+    first = named[0]
+    for other in named[1:]:
+        if other["keypoints"] != first["keypoints"]:
+            raise CocoFormatError(
+                f"{source}: categories {first['id']} and {other['id']} name different keypoints "
+                f"({len(first['keypoints'])} and {len(other['keypoints'])} names, or another order): "
+                f"a keypoint model predicts one list for every class"
+            )
+    return tuple(first["keypoints"]), tuple(tuple(edge) for edge in first.get("skeleton", []))
+
+
+def _keypoints_tensor(annotations: List[Dict], num_keypoints: int) -> Tensor:
+    """[K, J, 3] float32 of the annotations' COCO ``keypoints`` [x1, y1,
+    v1, ...]; (0, 0, 0) for unlabeled points and annotations without them."""
+    keypoints = torch.zeros((len(annotations), num_keypoints, 3), dtype=torch.float32)
+    for row, annotation in enumerate(annotations):
+        if "keypoints" in annotation:
+            keypoints[row] = torch.tensor(annotation["keypoints"], dtype=torch.float32).reshape(num_keypoints, 3)
+    return torch.where(keypoints[..., 2:] > 0, keypoints, torch.zeros((), dtype=torch.float32))

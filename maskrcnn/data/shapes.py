@@ -23,6 +23,10 @@ CIRCLE, SQUARE, TRIANGLE = 1, 2, 3
 # labeled), a circle none. COCO visibility: 2 visible, 1 in the image but
 # hidden under a later shape, 0 not labeled (no such corner, or outside the
 # image; then x = y = 0, as COCO writes them).
+# A mirror image lists a shape's corners anticlockwise, and a square
+# (1 4 3 2) and a triangle (1 3 2) would need different swaps: no one
+# permutation of these names flips them (keypoint_flip_permutation keeps
+# them in place), so the keypoint demo trains without flips.
 SHAPE_KEYPOINT_NAMES = ("first_corner", "second_corner", "third_corner", "fourth_corner")
 # Consecutive corners, 1-based as COCO's ``skeleton``: a square's outline
 # (a triangle's has its third edge from corner 3 to 1, not drawn).
