@@ -34,6 +34,7 @@
 #include "../common/roi_align_checks.h"
 #include "../common/roi_align_math.h"
 #include "../common/roi_align_pyramid.h"
+#include "huge_pages.h"
 #include "isa.h"
 
 #if MASKRCNN_MULTI_ISA
@@ -246,6 +247,44 @@ MASKRCNN_ALWAYS_INLINE void interleave_planes(const scalar_t* block, int64_t pla
       tile[p0 * CB + j] = j < nc ? static_cast<tile_t>(block[j * plane + p0]) : tile_t(0);
 }
 
+// contract_rows for a float32 tile of 16 channels, kRowBlock rows at a
+// time: each tap's weights are broadcast once for the rows of a block
+// instead of once per row, and the rows' sums stay in registers instead of
+// being added to and stored back to memory at every tap. Each sum takes the
+// same operations in the same order as contract_rows' generic loop, so the
+// bits are the same. A partial last block repeats its last row in the unused
+// lanes of the block and does not store them.
+MASKRCNN_ALWAYS_INLINE void contract_tile_rows(const RoIAlignGeometry<float>& g,
+                                               const AxisTap<float>* xs, const RoIRows& r,
+                                               const float* tile, int64_t row_stride,
+                                               int64_t pooled_w, float* row_sums) {
+  constexpr int kRowBlock = 4;
+  const int64_t num_rows = static_cast<int64_t>(r.rows.size());
+  for (int64_t first = 0; first < num_rows; first += kRowBlock) {
+    const int64_t count = std::min<int64_t>(kRowBlock, num_rows - first);
+    const float* row[kRowBlock];
+    for (int i = 0; i < kRowBlock; ++i)
+      row[i] = tile + r.rows[first + std::min<int64_t>(i, count - 1)] * row_stride;
+    for (int64_t pw = 0; pw < pooled_w; ++pw) {
+      Float16 sum[kRowBlock] = {};
+      const AxisTap<float>* tx = xs + pw * g.grid_w;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        if (tx[ix].outside()) continue;
+        const int64_t low = tx[ix].low * 16, high = tx[ix].high * 16;
+        const float wl = tx[ix].w_low, wh = tx[ix].w_high;
+        for (int i = 0; i < kRowBlock; ++i) {
+          Float16 at_low, at_high;
+          std::memcpy(&at_low, row[i] + low, sizeof(Float16));
+          std::memcpy(&at_high, row[i] + high, sizeof(Float16));
+          sum[i] += wl * at_low + wh * at_high;
+        }
+      }
+      for (int64_t i = 0; i < count; ++i)
+        std::memcpy(row_sums + ((first + i) * pooled_w + pw) * 16, &sum[i], sizeof(Float16));
+    }
+  }
+}
+
 // One RoI, CB channels at once, in two steps: (1) contract_rows: every
 // distinct row along x into one value per output column (the x taps are
 // loaded once for CB channels); (2) blend_rows: the contracted rows with the
@@ -258,6 +297,10 @@ MASKRCNN_ALWAYS_INLINE void contract_rows(const RoIAlignGeometry<acc_t>& g, cons
                                           BlockLayout<CB, kTiled> layout, int64_t pooled_w,
                                           acc_t* row_sums) {
   const int64_t num_rows = static_cast<int64_t>(r.rows.size());
+  if constexpr (kTiled && CB == 16 && std::is_same_v<in_t, float> && std::is_same_v<acc_t, float>) {
+    contract_tile_rows(g, xs, r, in_c, layout.row_offset(1), pooled_w, row_sums);
+    return;
+  }
   const int64_t cs = layout.channel_stride(), xstride = layout.x_stride();
   // row_sums: [num_rows][pooled_w][CB]
   for (int64_t slot = 0; slot < num_rows; ++slot) {
@@ -347,6 +390,40 @@ MASKRCNN_ALWAYS_INLINE void store_planes(const acc_t* staged, int64_t count, int
     for (int64_t j = 0; j < nc; ++j) out[j * count + i0] = static_cast<T>(staged[i0 * CB + j]);
 }
 
+// The output of an NCHW forward is far larger than the caches and written
+// once: the CB planes of one (RoI, channel block) are one contiguous run of
+// count * CB floats, which non-temporal stores write to memory without
+// first reading each line in (a plain store's read-for-ownership doubles
+// the traffic, and the stores of store_planes were a fifth of the kernel).
+// SSE stores, so every instruction-set copy has them; the write-combining
+// buffers merge the four of a line. The run must start on a cache line
+// (it does when the channel count is a multiple of 16); stream_fence
+// orders the stores before the results are read.
+MASKRCNN_ALWAYS_INLINE bool is_stream_aligned(const float* p) {
+#if MASKRCNN_MULTI_ISA
+  return reinterpret_cast<uintptr_t>(p) % 64 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+MASKRCNN_ALWAYS_INLINE void stream_copy(const float* src, int64_t count, float* dst) {
+#if MASKRCNN_MULTI_ISA
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  for (; i < count; ++i) dst[i] = src[i];
+#else
+  std::memcpy(dst, src, count * sizeof(float));
+#endif
+}
+
+MASKRCNN_ALWAYS_INLINE void stream_fence() {
+#if MASKRCNN_MULTI_ISA
+  _mm_sfence();
+#endif
+}
+
 // pool_nchw_block's scratch after the num_rows contracted rows: a blend
 // row and the staged averages.
 inline int64_t block_scratch(int64_t num_rows, int64_t pooled_h, int64_t pooled_w, int64_t cb) {
@@ -363,7 +440,18 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
   contract_rows<CB, kTiled>(g, xs, r, in_c, layout, pooled_w, row_sums);
   acc_t* staged = row_sums + (r.rows.size() + 1) * pooled_w * CB;
   blend_rows<CB>(g, ys, r, pooled_h, pooled_w, row_sums, staged);
-  store_planes<CB>(staged, pooled_h * pooled_w, nc, out_c);
+  const int64_t count = pooled_h * pooled_w;
+  if constexpr (CB == 16 && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (nc == CB && is_stream_aligned(out_c)) {
+      // The scratch after block_scratch holds the planes until they are
+      // streamed out.
+      float* planes = row_sums + block_scratch(r.rows.size(), pooled_h, pooled_w, CB);
+      store_planes<CB>(staged, count, nc, planes);
+      stream_copy(planes, count * CB, out_c);
+      return;
+    }
+  }
+  store_planes<CB>(staged, count, nc, out_c);
 }
 
 // How a tiled channel block is stored and pooled. FloatTile: the block's
@@ -561,9 +649,9 @@ struct NchwForward {
       }
       const int64_t level = table.level[k];
       const int64_t plane = pyramid.plane(level), width = pyramid.width[level];
-      // Rows, a blend row and (for Bf16PairTile) the averages of the block.
-      // pool_nchw_block's scratch and (for Bf16PairTile) the averages of the
-      // block's planes.
+      // pool_nchw_block's scratch, then the block's planes ([CB][pooled_h *
+      // pooled_w]: the float32 averages that Bf16PairTile rounds, or the
+      // planes pool_nchw_block streams out).
       scratch.row_sums.resize(block_scratch(rows[k].rows.size(), pooled_h, pooled_w, kBlock) +
                               kBlock * pooled_h * pooled_w);
       if (!kTiled && nc < kBlock) {
@@ -629,6 +717,7 @@ struct NchwForward {
         }
       }
     }
+    stream_fence();
   }
 };
 
@@ -780,8 +869,8 @@ at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& features,
   const int64_t num_rois = rois.size(0);
   const int64_t batch = first.size(0), channels = spec.channels;
   at::Tensor output =
-      at::empty({num_rois, channels, pooled_h, pooled_w},
-                first.options().memory_format(memory_format));
+      empty_for_overwrite({num_rois, channels, pooled_h, pooled_w},
+                          first.options().memory_format(memory_format));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cpu",
       [&] {
@@ -1063,8 +1152,8 @@ std::vector<at::Tensor> pool_backward(const char* op, const at::Tensor& grad,
   std::vector<at::Tensor> grad_inputs;
   for (int64_t l = 0; l < spec.levels; ++l) {
     grad_inputs.push_back(
-        at::empty({batch, channels, spec.height[l], spec.width[l]},
-                  grad.options().dtype(acc_dtype).memory_format(memory_format))
+        empty_for_overwrite({batch, channels, spec.height[l], spec.width[l]},
+                            grad.options().dtype(acc_dtype).memory_format(memory_format))
             .zero_());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -1228,10 +1317,10 @@ std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cpu(
                                          spatial_scale, use_channels_last(input));
   const auto memory_format = memory_format_of(spec);
   const int64_t batch = input.size(0);
-  at::Tensor output = at::empty({rois.size(0), spec.channels, pooled_h, pooled_w},
-                                input.options().memory_format(memory_format));
-  at::Tensor argmax = at::empty(output.sizes(),
-                                input.options().dtype(at::kInt).memory_format(memory_format));
+  at::Tensor output = empty_for_overwrite({rois.size(0), spec.channels, pooled_h, pooled_w},
+                                          input.options().memory_format(memory_format));
+  at::Tensor argmax = empty_for_overwrite(
+      output.sizes(), input.options().dtype(at::kInt).memory_format(memory_format));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_max_forward_cpu",
       [&] {
@@ -1267,8 +1356,8 @@ at::Tensor roi_align_max_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const auto memory_format = memory_format_of(spec);
   const auto acc_dtype = accumulate_dtype(grad.scalar_type());
   at::Tensor grad_input =
-      at::empty({batch, channels, height, width},
-                grad.options().dtype(acc_dtype).memory_format(memory_format))
+      empty_for_overwrite({batch, channels, height, width},
+                          grad.options().dtype(acc_dtype).memory_format(memory_format))
           .zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_max_backward_cpu",
