@@ -391,31 +391,25 @@ MASKRCNN_ALWAYS_INLINE void store_planes(const acc_t* staged, int64_t count, int
 }
 
 // The output of an NCHW forward is far larger than the caches and written
-// once: the CB planes of one (RoI, channel block) are one contiguous run of
-// count * CB floats, which non-temporal stores write to memory without
-// first reading each line in (a plain store's read-for-ownership doubles
-// the traffic, and the stores of store_planes were a fifth of the kernel).
-// SSE stores, so every instruction-set copy has them; the write-combining
-// buffers merge the four of a line. The run must start on a cache line
-// (it does when the channel count is a multiple of 16); stream_fence
-// orders the stores before the results are read.
-MASKRCNN_ALWAYS_INLINE bool is_stream_aligned(const float* p) {
+// once: the planes of one (RoI, channel block) are one contiguous run, which
+// non-temporal stores write to memory without first reading each line in (a
+// plain store's read-for-ownership doubles the traffic, and the stores of
+// store_planes were a fifth of the kernel). SSE stores, so every
+// instruction-set copy has them; the write-combining buffers merge the four
+// of a line. The run is copied from a staging buffer in the cache;
+// stream_fence orders the stores before the results are read.
+MASKRCNN_ALWAYS_INLINE void stream_copy(const void* src, int64_t bytes, void* dst) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
 #if MASKRCNN_MULTI_ISA
-  return reinterpret_cast<uintptr_t>(p) % 64 == 0;
-#else
-  (void)p;
-  return false;
+  const int64_t head =
+      std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 16; bytes -= 16, d += 16, s += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
 #endif
-}
-
-MASKRCNN_ALWAYS_INLINE void stream_copy(const float* src, int64_t count, float* dst) {
-#if MASKRCNN_MULTI_ISA
-  int64_t i = 0;
-  for (; i + 4 <= count; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-  for (; i < count; ++i) dst[i] = src[i];
-#else
-  std::memcpy(dst, src, count * sizeof(float));
-#endif
+  std::memcpy(d, s, bytes);
 }
 
 MASKRCNN_ALWAYS_INLINE void stream_fence() {
@@ -441,17 +435,15 @@ MASKRCNN_ALWAYS_INLINE void pool_nchw_block(const RoIAlignGeometry<acc_t>& g,
   acc_t* staged = row_sums + (r.rows.size() + 1) * pooled_w * CB;
   blend_rows<CB>(g, ys, r, pooled_h, pooled_w, row_sums, staged);
   const int64_t count = pooled_h * pooled_w;
-  if constexpr (CB == 16 && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if (nc == CB && is_stream_aligned(out_c)) {
-      // The scratch after block_scratch holds the planes until they are
-      // streamed out.
-      float* planes = row_sums + block_scratch(r.rows.size(), pooled_h, pooled_w, CB);
-      store_planes<CB>(staged, count, nc, planes);
-      stream_copy(planes, count * CB, out_c);
-      return;
-    }
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // The scratch after block_scratch holds the planes until they are
+    // streamed out.
+    float* planes = row_sums + block_scratch(r.rows.size(), pooled_h, pooled_w, CB);
+    store_planes<CB>(staged, count, nc, planes);
+    stream_copy(planes, nc * count * sizeof(float), out_c);
+  } else {
+    store_planes<CB>(staged, count, nc, out_c);
   }
-  store_planes<CB>(staged, count, nc, out_c);
 }
 
 // How a tiled channel block is stored and pooled. FloatTile: the block's
@@ -542,17 +534,19 @@ struct Bf16PairTile {
   }
 
   // The first nc planes of averages ([nc][count] float32, contiguous) rounded
-  // into out's planes.
+  // in place (the bfloat16 planes fill the first half of the buffer: each
+  // vector is read before its rounding is written, at or below it), then
+  // streamed into out's planes.
   static MASKRCNN_TARGET_AVX512_BF16 void round_planes(
-      const float* averages, int64_t nc, int64_t count, c10::BFloat16* out) {
-    for (int64_t j = 0; j < nc; ++j) {
-      for (int64_t i = 0; i < count; i += 16) {
-        const __mmask16 lanes = _cvtu32_mask16(count - i >= 16 ? 0xFFFFu : (1u << (count - i)) - 1u);
-        const __m512 v = _mm512_maskz_loadu_ps(lanes, averages + j * count + i);
-        _mm256_mask_storeu_epi16(out + j * count + i, lanes,
-                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-      }
+      float* averages, int64_t nc, int64_t count, c10::BFloat16* out) {
+    const int64_t n = nc * count;
+    auto* rounded = reinterpret_cast<char*>(averages);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 lanes = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, averages + i);
+      _mm256_mask_storeu_epi16(rounded + 2 * i, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
+    stream_copy(rounded, n * sizeof(c10::BFloat16), out);
   }
 
   template <int CB>
