@@ -34,7 +34,6 @@
 #include "../common/roi_align_checks.h"
 #include "../common/roi_align_math.h"
 #include "../common/roi_align_pyramid.h"
-#include "huge_pages.h"
 #include "isa.h"
 
 #if MASKRCNN_MULTI_ISA
@@ -862,9 +861,14 @@ at::Tensor pool_forward(const char* op, const std::vector<at::Tensor>& features,
   const auto memory_format = memory_format_of(spec);
   const int64_t num_rois = rois.size(0);
   const int64_t batch = first.size(0), channels = spec.channels;
+  // Plain at::empty: a fresh output costs a page fault per 4 KiB on first
+  // touch (a third of the box-head forward), and transparent huge pages
+  // (madvise) would save most of that, but on a VM that hands freed huge
+  // pages back to its host they made a call after a pause 10x slower
+  // (benchmarks/results/cpu-2026-12-01-b/huge_pages.md).
   at::Tensor output =
-      empty_for_overwrite({num_rois, channels, pooled_h, pooled_w},
-                          first.options().memory_format(memory_format));
+      at::empty({num_rois, channels, pooled_h, pooled_w},
+                first.options().memory_format(memory_format));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward_cpu",
       [&] {
@@ -1146,8 +1150,8 @@ std::vector<at::Tensor> pool_backward(const char* op, const at::Tensor& grad,
   std::vector<at::Tensor> grad_inputs;
   for (int64_t l = 0; l < spec.levels; ++l) {
     grad_inputs.push_back(
-        empty_for_overwrite({batch, channels, spec.height[l], spec.width[l]},
-                            grad.options().dtype(acc_dtype).memory_format(memory_format))
+        at::empty({batch, channels, spec.height[l], spec.width[l]},
+                  grad.options().dtype(acc_dtype).memory_format(memory_format))
             .zero_());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -1311,10 +1315,10 @@ std::tuple<at::Tensor, at::Tensor> roi_align_max_forward_cpu(
                                          spatial_scale, use_channels_last(input));
   const auto memory_format = memory_format_of(spec);
   const int64_t batch = input.size(0);
-  at::Tensor output = empty_for_overwrite({rois.size(0), spec.channels, pooled_h, pooled_w},
-                                          input.options().memory_format(memory_format));
-  at::Tensor argmax = empty_for_overwrite(
-      output.sizes(), input.options().dtype(at::kInt).memory_format(memory_format));
+  at::Tensor output = at::empty({rois.size(0), spec.channels, pooled_h, pooled_w},
+                                input.options().memory_format(memory_format));
+  at::Tensor argmax = at::empty(output.sizes(),
+                                input.options().dtype(at::kInt).memory_format(memory_format));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_max_forward_cpu",
       [&] {
@@ -1350,8 +1354,8 @@ at::Tensor roi_align_max_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const auto memory_format = memory_format_of(spec);
   const auto acc_dtype = accumulate_dtype(grad.scalar_type());
   at::Tensor grad_input =
-      empty_for_overwrite({batch, channels, height, width},
-                          grad.options().dtype(acc_dtype).memory_format(memory_format))
+      at::empty({batch, channels, height, width},
+                grad.options().dtype(acc_dtype).memory_format(memory_format))
           .zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_max_backward_cpu",
