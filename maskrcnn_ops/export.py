@@ -6,8 +6,9 @@
 shapes (NMS returns a data-dependent number of indices, an unbacked size).
 
 ONNX has standard operators for both, box coding is elementwise
-arithmetic and keypoint decoding a Loop of Resize and ArgMax, so ``torch.onnx.export(..., dynamo=True)`` maps our ops onto
-standard ONNX through the translation table built here::
+arithmetic and keypoint decoding a Loop of Resize and ArgMax, so
+``torch.onnx.export(..., dynamo=True)`` maps our ops onto standard ONNX
+through the translation table built here::
 
     onnx_program = torch.onnx.export(
         model, args, dynamo=True,
@@ -133,10 +134,10 @@ Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
   equal (at most 1 ulp apart).
 - ``heatmaps_to_keypoints`` resizes as ATen's bicubic upsampling with
   align_corners=False ("half_pixel" is ATen's source position for every
-  size; "pytorch_half_pixel" samples 0 for a side of 1), but onnxruntime sums
-  the taps otherwise: resized values differ by up to ~4e-6 of the map's
-  largest magnitude, so a map whose maximum is that close to another value
-  may have its keypoint at the other, and scores differ by as much. Map
+  size; "pytorch_half_pixel" samples 0 for a side of 1), with onnxruntime's
+  own arithmetic: resized values differ by up to 4.4e-6 of the map's largest
+  magnitude (measured), so scores differ by as much, and a map whose maximum
+  is that close to another value may have its keypoint at the other. Map
   sides, coordinates and the NaN rule are the kernel's (float32 boxes, or
   float64 for float64 heatmaps); the maps are resized in float32 (onnxruntime
   has no float64 Resize; half types are rounded back to their type, as
