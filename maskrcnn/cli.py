@@ -241,7 +241,7 @@ def add_export_parser(commands) -> None:
         help="write the detector as one graph: an AOTInductor package (.pt2) or an ONNX model",
         description="Exports the eval-mode detector as a program with fixed-size outputs (num_detections, boxes, "
         "scores, labels per image, then masks and, for a keypoint model, keypoints and keypoints_scores) and "
-        "dynamic batch size and image size (keypoint models: pt2 only): --format pt2 compiles it "
+        "dynamic batch size and image size: --format pt2 compiles it "
         "with AOTInductor (loaded with torch._inductor.aoti_load_package after `import maskrcnn_ops`), "
         "--format onnx converts it for onnxruntime. OUT.json beside it holds the resizing and class names; "
         "`predict --exported OUT` runs it.",

@@ -293,12 +293,10 @@ def export_onnx(
 ) -> Path:
     """The program as an ONNX model at ``path``, for onnxruntime (the
     maskrcnn_ops operators become standard ONNX ops). ``program``: the
-    model's ``export_program``, if already made. A keypoint model raises a
-    one-line ValueError: its keypoint decoding (``heatmaps_to_keypoints``)
-    has no ONNX translation (export it with ``compile_package``)."""
-    if model.roi_heads.has_keypoints:
-        raise ValueError("ONNX export of a keypoint model is not supported (maskrcnn_ops.heatmaps_to_keypoints has "
-                         "no ONNX translation): export it as an AOTInductor package (.pt2)")
+    model's ``export_program``, if already made. Outputs are named
+    ``output_names(model)``, keypoints included for a keypoint model (its
+    decoding is an ONNX Loop over the detections, see
+    ``maskrcnn_ops.export``)."""
     program = program if program is not None else export_program(model, paste_masks=paste_masks)
     # paste_masks (with paste_masks=True) has no ONNX translation: decomposed
     # (a program without it goes to the exporter untouched).

@@ -5,9 +5,10 @@
 :func:`maskrcnn_ops.roi_align` or :func:`maskrcnn_ops.nms` with dynamic
 shapes (NMS returns a data-dependent number of indices, an unbacked size).
 
-ONNX has standard operators for both, and box coding is elementwise
-arithmetic, so ``torch.onnx.export(..., dynamo=True)`` maps our ops onto
-standard ONNX through the translation table built here::
+ONNX has standard operators for both, box coding is elementwise
+arithmetic and keypoint decoding a Loop of Resize and ArgMax, so
+``torch.onnx.export(..., dynamo=True)`` maps our ops onto standard ONNX
+through the translation table built here::
 
     onnx_program = torch.onnx.export(
         model, args, dynamo=True,
@@ -51,6 +52,13 @@ maskrcnn_ops op                    ONNX
                                    ``Gather``-ed from image_sizes) and keep =
                                    both sides >= min_size ``And`` score >=
                                    score_thresh (``GreaterOrEqual``)
+``heatmaps_to_keypoints``          an ONNX ``Loop`` over the detections
+                                   (``_onnx_keypoint_maxima``): ``Resize``
+                                   (cubic, A = -0.75, "half_pixel",
+                                   exclude_outside=0) of the detection's
+                                   maps to its box's size, ``ArgMax`` (first
+                                   maximum, NaN first), ``GatherElements``;
+                                   the sizes and the coordinates elementwise
 ``aten::sort.stable``              ``TopK`` over the whole dimension
 ``aten::searchsorted.Tensor``      the number of the sequence's entries
                                    below (right: not above) each value
@@ -124,6 +132,17 @@ Semantics, as checked against onnxruntime (CPU) by ``tests/test_export.py``:
   of its box (``y`` alike; measured under 2 eps, the tests allow 4). Half
   types, computed in float32 and rounded as ours, almost always come out
   equal (at most 1 ulp apart).
+- ``heatmaps_to_keypoints`` resizes as ATen's bicubic upsampling with
+  align_corners=False ("half_pixel" is ATen's source position for every
+  size; "pytorch_half_pixel" samples 0 for a side of 1), with onnxruntime's
+  own arithmetic: resized values differ by up to 4.4e-6 of the map's largest
+  magnitude (measured), so scores differ by as much, and a map whose maximum
+  is that close to another value may have its keypoint at the other. Map
+  sides, coordinates and the NaN rule are the kernel's (float32 boxes, or
+  float64 for float64 heatmaps); the maps are resized in float32 (onnxruntime
+  has no float64 Resize; half types are rounded back to their type, as
+  torch's). A static K of 0 gives empty outputs without a Loop; D = 0 runs
+  no iteration.
 - ``rpn_decode_filter`` rounds the decoded boxes to the deltas' dtype, clips
   (x to [0, width], y to [0, height]), rounds again and tests the stored
   boxes, as the kernel. Scores compare exactly; a box whose side is within
@@ -137,6 +156,7 @@ from typing import Callable, Dict, Sequence
 
 import torch
 
+from .keypoint_ops import MAX_KEYPOINT_MAP_SIDE
 from .multiscale import LEVEL_EPS, first_pyramid_level
 
 # ONNX RoiAlign-16 computes in the features' type, which must be one of
@@ -612,6 +632,66 @@ def _rpn_decode_filter_to_onnx(
     return stored, op.And(op.And(wide, tall), scored)
 
 
+def _keypoint_map_sides(extents):
+    """The resized map's side along each axis of extents [D, 2] (already at
+    least 1, or non-finite), int64 [D, 2]: ceil, at most
+    MAX_KEYPOINT_MAP_SIDE, 1 for NaN and infinity (keypoint_map_side in
+    csrc/common/keypoint_math.h)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    def constant(value: float):
+        return op.CastLike(op.Constant(value_float=value), extents)
+
+    limit = constant(float(MAX_KEYPOINT_MAP_SIDE))
+    sides = op.Ceil(extents)
+    sides = op.Where(op.Greater(sides, limit), limit, sides)  # +inf too: non-finite tested on the extents
+    sides = op.Where(op.Or(op.IsNaN(extents), op.IsInf(extents)), constant(1.0), sides)
+    return op.Cast(sides, to=ir.DataType.INT64)
+
+
+def _heatmaps_to_keypoints_to_onnx(heatmaps, boxes):
+    """maskrcnn_ops::heatmaps_to_keypoints(heatmaps [D, K, H, W], boxes [D,
+    4]) -> (keypoints [D, K, 3], scores [D, K]): an ONNX Loop over the
+    detections (``_onnx_keypoint_maxima.resized_maxima``: Resize, ArgMax,
+    GatherElements), then the maxima's coordinates as the kernel computes
+    them."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    compute_type = _opmath_type(heatmaps)
+    detections_keypoints = op.Shape(heatmaps, start=0, end=2)  # [D, K]
+    if isinstance(heatmaps.shape[1], int) and heatmaps.shape[1] == 0:  # nothing to resize
+        zero = ir.tensor([0.0], dtype=compute_type)
+        keypoints_shape = op.Concat(detections_keypoints, op.Constant(value_ints=[3]), axis=0)
+        return op.ConstantOfShape(keypoints_shape, value=zero), op.ConstantOfShape(detections_keypoints, value=zero)
+    boxes = _as_type(boxes, compute_type)
+    corner = _pair(boxes, 0)  # (x1, y1) [D, 2]
+    extents = op.Sub(_pair(boxes, 2), corner)
+    one = op.CastLike(op.Constant(value_float=1.0), extents)
+    extents = op.Where(op.Less(extents, one), one, extents)  # max(., 1), NaN stays NaN
+    sides = _keypoint_map_sides(extents)  # (width, height)
+    from ._onnx_keypoint_maxima import resized_maxima
+
+    # Resized in float32 whatever the heatmaps' type: onnxruntime's Resize
+    # has no float64, and half types are resized in float32 by torch too
+    # (rounded to their type after, as below).
+    positions, values = resized_maxima(
+        _as_type(heatmaps, ir.DataType.FLOAT), op.Gather(sides, op.Constant(value_ints=[1, 0]), axis=1))
+    # The Loop's outputs carry no shape: [D, K] spelled out for what follows.
+    positions = op.Reshape(positions, detections_keypoints)
+    values = _as_type(_as_type(op.Reshape(values, detections_keypoints), heatmaps.dtype), compute_type)
+    # (column, row) [D, K, 2], then (cell + 0.5) * (extent / side) + corner.
+    widths = op.Slice(sides, [0], [1], [1])  # [D, 1]
+    cells = op.Concat(op.Unsqueeze(op.Mod(positions, widths), [2]), op.Unsqueeze(op.Div(positions, widths), [2]),
+                      axis=2)
+    half = op.CastLike(op.Constant(value_float=0.5), extents)
+    pixel = op.Unsqueeze(op.Div(extents, op.Cast(sides, to=compute_type)), [1])  # [D, 1, 2]
+    xy = op.Add(op.Mul(op.Add(op.Cast(cells, to=compute_type), half), pixel), op.Unsqueeze(corner, [1]))
+    ones = op.ConstantOfShape(op.Shape(values), value=ir.tensor([1.0], dtype=compute_type))
+    return op.Concat(xy, op.Unsqueeze(ones, [2]), axis=2), values
+
+
 def onnx_translation_table() -> Dict[Callable, Callable]:
     """The ``custom_translation_table`` for ``torch.onnx.export(...,
     dynamo=True)``: our ops to ONNX's RoiAlign and NonMaxSuppression, and box
@@ -627,6 +707,7 @@ def onnx_translation_table() -> Dict[Callable, Callable]:
         ops.multi_level_roi_align.default: _multi_level_roi_align_to_onnx,
         ops.decode_boxes.default: _decode_boxes_to_onnx,
         ops.rpn_decode_filter.default: _rpn_decode_filter_to_onnx,
+        ops.heatmaps_to_keypoints.default: _heatmaps_to_keypoints_to_onnx,
         # ATen ops our Python code calls that torchlib does not translate (right).
         aten.sort.stable: _sort_to_onnx,
         aten.searchsorted.Tensor: _searchsorted_to_onnx,

@@ -6,8 +6,9 @@ the eager padded outputs (keypoints [N, D, K, 3] and keypoint scores [N,
 D, K] included) on sizes other than the traced ones, and the padded
 outputs mapped back equal the eager per-image detections. One AOTInductor
 package (the keypoint model, `slow`: compiling takes minutes) runs through
-ExportedDetector; ONNX of a keypoint model is refused in one line (its
-keypoint decoding has no ONNX translation).
+ExportedDetector; the keypoint model exported to ONNX through the CLI gives
+the eager padded outputs in onnxruntime, and keypoints through
+ExportedDetector.
 
 Random weights at 128 px with 10 detections per image keep the traces
 short and fill the padded outputs.
@@ -137,19 +138,10 @@ def test_detections_from_outputs_checks_the_output_count(models):
         export.detections_from_outputs(outputs, inputs)  # the default names: a mask model's five
 
 
-def test_onnx_of_a_keypoint_model_is_refused_in_one_line(models, tmp_path):
-    with pytest.raises(ValueError, match="heatmaps_to_keypoints has no ONNX translation") as error:
-        export.export_onnx(models["keypoints"], tmp_path / "kp.onnx")
-    assert "\n" not in str(error.value) and not (tmp_path / "kp.onnx").exists()
-
-
-@pytest.mark.slow
-def test_aoti_package_of_the_keypoint_model(models, programs, tmp_path):
-    model = models["keypoints"]
-    package = export.compile_package(model, tmp_path / "kp.pt2", program=program_of("keypoints", models, programs))
-    detector = export.ExportedDetector(package)
-    assert detector.output_names == export.output_names(model)
-    assert detector.keypoint_skeleton == SKELETON
+def assert_detector_equals_the_model(detector, model) -> None:
+    """An ExportedDetector of the keypoint model against the model's eval
+    interface on two images of other sizes: same labels, boxes, masks and
+    keypoints (within 1e-3 px) in the original images."""
     images = random_images([(150, 200), (200, 130)], seed=7)
     with torch.no_grad():
         ours, reference = detector(images), model(images)
@@ -160,3 +152,64 @@ def test_aoti_package_of_the_keypoint_model(models, programs, tmp_path):
         torch.testing.assert_close(a["masks"], b["masks"], **MASK_TOLERANCE)
         torch.testing.assert_close(a["keypoints"], b["keypoints"], rtol=0, atol=1e-3)
         torch.testing.assert_close(a["keypoints_scores"], b["keypoints_scores"], rtol=0, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def keypoint_onnx(models, tmp_path_factory):
+    """The keypoint model written by `python -m maskrcnn export --format onnx`
+    from a checkpoint (the export takes about half a minute)."""
+    pytest.importorskip("onnxruntime")
+    from maskrcnn.cli import main
+
+    folder = tmp_path_factory.mktemp("keypoint_onnx")
+    weights = folder / "kp.pt"
+    maskrcnn.save_checkpoint(weights, models["keypoints"])
+    artifact = folder / "kp.onnx"
+    assert main(["export", "--weights", str(weights), "--format", "onnx", "--out", str(artifact)]) == 0
+    return artifact
+
+
+@pytest.mark.numerics  # onnxruntime's float32 arithmetic against ATen's
+def test_onnx_of_the_keypoint_model_equals_eager_padded_outputs(models, keypoint_onnx):
+    import onnxruntime
+
+    model = models["keypoints"]
+    names = export.output_names(model)
+    session = onnxruntime.InferenceSession(str(keypoint_onnx), providers=["CPUExecutionProvider"])
+    assert tuple(output.name for output in session.get_outputs()) == names
+    for sizes, seed in (([(120, 100), (100, 128)], 2), ([(97, 128)], 5)):
+        inputs = inputs_for(model, sizes, seed)
+        with torch.no_grad():
+            eager = export.DeployableDetector(model)(inputs.images, inputs.image_sizes)
+        ours = session.run(None, {"images": inputs.images.numpy(), "image_sizes": inputs.image_sizes.numpy()})
+        named = dict(zip(names, eager))
+        assert bool((named["num_detections"] > 0).all()), "the test needs detections to compare"
+        assert named["keypoints"].shape == (len(sizes), DETECTIONS, NUM_KEYPOINTS, 3)
+        # Keypoints within 1e-3 px: the keypoint of a map whose maximum is
+        # within float rounding of another value could move (not seen here).
+        tolerance = {"boxes": dict(rtol=0, atol=1e-4), "scores": MASK_TOLERANCE, "masks": MASK_TOLERANCE,
+                     "keypoints": dict(rtol=0, atol=1e-3), "keypoints_scores": dict(rtol=0, atol=1e-4)}
+        for name, a, b in zip(names, ours, eager):
+            a = torch.from_numpy(a)
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            torch.testing.assert_close(a, b, **tolerance.get(name, dict(rtol=0, atol=0)), msg=name)
+
+
+@pytest.mark.numerics
+def test_exported_detector_runs_the_keypoint_onnx(models, keypoint_onnx):
+    """ExportedDetector on the .onnx returns the keypoints of the model's
+    eval interface, mapped back to the original images."""
+    model = models["keypoints"]
+    detector = export.ExportedDetector(keypoint_onnx)
+    assert detector.output_names == export.output_names(model)
+    assert_detector_equals_the_model(detector, model)
+
+
+@pytest.mark.slow
+def test_aoti_package_of_the_keypoint_model(models, programs, tmp_path):
+    model = models["keypoints"]
+    package = export.compile_package(model, tmp_path / "kp.pt2", program=program_of("keypoints", models, programs))
+    detector = export.ExportedDetector(package)
+    assert detector.output_names == export.output_names(model)
+    assert detector.keypoint_skeleton == SKELETON
+    assert_detector_equals_the_model(detector, model)
