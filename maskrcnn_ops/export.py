@@ -632,21 +632,18 @@ def _rpn_decode_filter_to_onnx(
     return stored, op.And(op.And(wide, tall), scored)
 
 
-def _keypoint_map_sides(extents):
-    """The resized map's side along each axis of extents [D, 2] (already at
+def _keypoint_map_sides(extents, compute_type):
+    """The resized map's side along each axis of extents [D, 2] in compute_type (already at
     least 1, or non-finite), int64 [D, 2]: ceil, at most
     MAX_KEYPOINT_MAP_SIDE, 1 for NaN and infinity (keypoint_map_side in
     csrc/common/keypoint_math.h)."""
     from onnxscript import ir
     from onnxscript import opset18 as op
 
-    def constant(value: float):
-        return op.CastLike(op.Constant(value_float=value), extents)
-
-    limit = constant(float(MAX_KEYPOINT_MAP_SIDE))
+    limit = _coding_constant(float(MAX_KEYPOINT_MAP_SIDE), compute_type)
     sides = op.Ceil(extents)
     sides = op.Where(op.Greater(sides, limit), limit, sides)  # +inf too: non-finite tested on the extents
-    sides = op.Where(op.Or(op.IsNaN(extents), op.IsInf(extents)), constant(1.0), sides)
+    sides = op.Where(op.Or(op.IsNaN(extents), op.IsInf(extents)), _coding_constant(1.0, compute_type), sides)
     return op.Cast(sides, to=ir.DataType.INT64)
 
 
@@ -668,9 +665,9 @@ def _heatmaps_to_keypoints_to_onnx(heatmaps, boxes):
     boxes = _as_type(boxes, compute_type)
     corner = _pair(boxes, 0)  # (x1, y1) [D, 2]
     extents = op.Sub(_pair(boxes, 2), corner)
-    one = op.CastLike(op.Constant(value_float=1.0), extents)
+    one = _coding_constant(1.0, compute_type)
     extents = op.Where(op.Less(extents, one), one, extents)  # max(., 1), NaN stays NaN
-    sides = _keypoint_map_sides(extents)  # (width, height)
+    sides = _keypoint_map_sides(extents, compute_type)  # (width, height)
     from ._onnx_keypoint_maxima import resized_maxima
 
     # Resized in float32 whatever the heatmaps' type: onnxruntime's Resize
@@ -685,7 +682,7 @@ def _heatmaps_to_keypoints_to_onnx(heatmaps, boxes):
     widths = op.Slice(sides, [0], [1], [1])  # [D, 1]
     cells = op.Concat(op.Unsqueeze(op.Mod(positions, widths), [2]), op.Unsqueeze(op.Div(positions, widths), [2]),
                       axis=2)
-    half = op.CastLike(op.Constant(value_float=0.5), extents)
+    half = _coding_constant(0.5, compute_type)
     pixel = op.Unsqueeze(op.Div(extents, op.Cast(sides, to=compute_type)), [1])  # [D, 1, 2]
     xy = op.Add(op.Mul(op.Add(op.Cast(cells, to=compute_type), half), pixel), op.Unsqueeze(corner, [1]))
     ones = op.ConstantOfShape(op.Shape(values), value=ir.tensor([1.0], dtype=compute_type))
