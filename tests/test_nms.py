@@ -349,7 +349,7 @@ def test_non_contiguous_inputs(device):
 # The CPU kernel tests a box only against kept boxes whose width and height
 # are within the ratio t of its own and whose centres are within reach, found
 # in a grid of (width bin, height bin, centre cell) (csrc/cpu/nms.cpp); a
-# segment of >= 256 boxes that can overlap goes through it. These cases sit
+# segment of >= 512 boxes that can overlap goes through it. These cases sit
 # at the edges of its bounds: any pair the pruning wrongly skipped would show
 # as a difference from torchvision's exhaustive loop.
 
@@ -516,12 +516,12 @@ def test_grid_lattice_ious_equal_to_the_threshold(device, dtype):
 
 @st.composite
 def grid_cases(draw):
-    """Segments large enough for the grid (256 to 700 boxes) built to be
+    """Segments large enough for the grid (512 to 1000 boxes) built to be
     degenerate: corners on a coarse lattice of a random pitch (duplicates,
     shared edges and centres, IoUs equal to simple fractions), sides up to
     a random multiple of the pitch, optionally stretched into thin boxes,
     tied scores, and a threshold from a list or any float in [0, 1)."""
-    n = draw(st.integers(256, 700))
+    n = draw(st.integers(512, 1000))
     return dict(
         n=n,
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -568,6 +568,25 @@ def test_cpu_buffers_across_calls():
     for k, (b, s) in enumerate(regions):
         assert torch.equal(kept[20000 * k : 20000 * (k + 1)], keep_mask(maskrcnn_ops.nms(b, s, 0.5), 20000))
     assert_same(maskrcnn_ops.nms(small, small_scores, 0.5), expected)
+
+
+@pytest.mark.parametrize("kept_before", [1, 5, 15, 16, 17])
+def test_cpu_lanes_past_the_kept_boxes_are_ignored(kept_before):
+    """The CPU kernel tests a box against the kept boxes in whole vectors of
+    16, reading slots past the last kept box (left from earlier calls) and
+    masking them off. A first call keeps 40 disjoint boxes (the slots then
+    hold them); a second call keeps `kept_before` boxes far from them and
+    then meets copies of the first call's boxes: nothing suppresses them, so
+    every box is kept, as torchvision keeps them."""
+    g = torch.Generator().manual_seed(95)
+    disjoint = torch.arange(40, dtype=torch.float32)[:, None] * 20 + torch.tensor([0.0, 0.0, 10.0, 10.0])
+    assert len(maskrcnn_ops.nms(disjoint, torch.linspace(1, 0.5, 40), 0.5)) == 40
+    far = disjoint[:kept_before] + 5000
+    boxes = torch.cat([far, disjoint])
+    scores = torch.cat([torch.full((kept_before,), 2.0), torch.rand(40, generator=g)])
+    ours = maskrcnn_ops.nms(boxes, scores, 0.5)
+    assert_same(ours, torchvision.ops.nms(boxes, scores, 0.5))
+    assert len(ours) == len(boxes)
 
 
 @pytest.mark.parametrize("iou_threshold", [0.5, 0.7])

@@ -59,19 +59,23 @@
 #include "../common/box_iou.h"
 #include "../common/dtypes.h"
 #include "../common/nms_common.h"
+#include "isa.h"
 
 namespace maskrcnn_ops {
 namespace {
 
 // Boxes as structure of arrays: the kept boxes a candidate is tested against.
+// Each array has kLanes values past its size, so that any_exceeds reads
+// whole blocks of kLanes.
 template <typename acc_t>
 struct BoxArrays {
+  static constexpr int kLanes = 16;
   std::vector<acc_t> x1, y1, x2, y2, area;
 
   void resize(int64_t n) {
-    for (auto* v : {&x1, &y1, &x2, &y2, &area}) v->resize(n);
+    for (auto* v : {&x1, &y1, &x2, &y2, &area}) v->resize(n + kLanes);
   }
-  void set(int64_t j, const acc_t* b, acc_t a) {
+  MASKRCNN_ALWAYS_INLINE void set(int64_t j, const acc_t* b, acc_t a) {
     x1[j] = b[0];
     y1[j] = b[1];
     x2[j] = b[2];
@@ -79,20 +83,27 @@ struct BoxArrays {
     area[j] = a;
   }
 
-  // Whether any box of [begin, end) has IoU > threshold with b. Branch-free
-  // inner loop over blocks of 64 (vectorizable), leaving early between blocks.
-  bool any_exceeds(int64_t begin, int64_t end, const acc_t* b, acc_t b_area,
-                   acc_t threshold) const {
-    const acc_t *px1 = x1.data(), *py1 = y1.data(), *px2 = x2.data(), *py2 = y2.data(),
-                *parea = area.data();
+  // Whether any box of [begin, end) has IoU > threshold with b. In blocks
+  // of kLanes boxes, the lanes past `end` masked off (their values are read
+  // but not used): a fixed trip count, which compiles to whole vectors
+  // (one with AVX-512) without a scalar remainder loop. A remainder cost
+  // more than the vectors when most ranges are short (the grid's cells, or
+  // the few boxes kept so far). Leaves at the first block with a hit.
+  MASKRCNN_ALWAYS_INLINE bool any_exceeds(int64_t begin, int64_t end, const acc_t* b, acc_t b_area,
+                                          acc_t threshold) const {
     const acc_t bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
-    for (int64_t j0 = begin; j0 < end; j0 += 64) {
-      const int64_t j1 = std::min<int64_t>(end, j0 + 64);
+    for (int64_t j0 = begin; j0 < end; j0 += kLanes) {
+      const acc_t *px1 = x1.data() + j0, *py1 = y1.data() + j0, *px2 = x2.data() + j0,
+                  *py2 = y2.data() + j0, *parea = area.data() + j0;
+      // An int, so that the lane test is a 32-bit compare (SSE2 has no
+      // 64-bit one, and the baseline copy would not be vectorized).
+      const int live = static_cast<int>(std::min<int64_t>(end - j0, kLanes));
       int hit = 0;
 #pragma omp simd reduction(| : hit)
-      for (int64_t j = j0; j < j1; ++j)
-        hit |= static_cast<int>(iou_exceeds(px1[j], py1[j], px2[j], py2[j], parea[j], bx1,
-                                            by1, bx2, by2, b_area, threshold));
+      for (int j = 0; j < kLanes; ++j)
+        hit |= static_cast<int>(j < live) &
+               static_cast<int>(iou_exceeds(px1[j], py1[j], px2[j], py2[j], parea[j], bx1, by1,
+                                            bx2, by2, b_area, threshold));
       if (hit) return true;
     }
     return false;
@@ -103,7 +114,7 @@ struct BoxArrays {
 // the mantissa's fraction; within 0.09 of log2). Binning only needs a
 // monotone function: which bins a box visits is derived through the same
 // function, so its error costs a little pruning, never a missed box.
-inline double fast_log2(double x) {
+MASKRCNN_ALWAYS_INLINE double fast_log2(double x) {
   uint64_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   const auto exponent = static_cast<int64_t>(bits >> 52) - 1023;
@@ -146,9 +157,14 @@ constexpr double kCellsPerBox = 2.0;
 // The largest |centre distance| a box of side s can have with an overlapping
 // box of side in [lo, hi] (one axis): max over b of (s + b) / 2 - t max(s, b),
 // piecewise linear in b with its kink at s.
-inline double reach(double s, double lo, double hi, double t) {
-  const auto g = [&](double b) { return 0.5 * (s + b) - t * std::max(s, b); };
-  return std::max({g(lo), g(hi), g(std::clamp(s, lo, hi))});
+MASKRCNN_ALWAYS_INLINE double reach_to(double s, double b, double t) {
+  return 0.5 * (s + b) - t * (s < b ? b : s);
+}
+MASKRCNN_ALWAYS_INLINE double reach(double s, double lo, double hi, double t) {
+  const double at_lo = reach_to(s, lo, t), at_hi = reach_to(s, hi, t);
+  const double at_s = reach_to(s, s < lo ? lo : (hi < s ? hi : s), t);
+  const double most = at_lo < at_hi ? at_hi : at_lo;
+  return most < at_s ? at_s : most;
 }
 
 // The grid cell of value v on an axis starting at lo, at most top: the
@@ -156,7 +172,7 @@ inline double reach(double s, double lo, double hi, double t) {
 // stored boxes and for the ends of visited ranges, so a centre inside a
 // range falls in a cell inside the range's cells. Negative values (only
 // range ends) and NaN (0 * inf, in degenerate grids) give cell 0.
-inline int64_t cell_index(double v, double lo, double inv_cell, int64_t top) {
+MASKRCNN_ALWAYS_INLINE int64_t cell_index(double v, double lo, double inv_cell, int64_t top) {
   const double c = (v - lo) * inv_cell;
   return c > 0 ? static_cast<int64_t>(std::min(c, static_cast<double>(top))) : 0;
 }
@@ -332,7 +348,7 @@ class KeptGrid {
 
   // Greedy step for member j: false if a kept box suppresses it, else it is
   // kept (and stored) and true.
-  bool keep(int64_t j) {
+  MASKRCNN_ALWAYS_INLINE bool keep(int64_t j) {
     const acc_t* b = boxes_ + 4 * (*members_)[j];
     if (suppressed(j, b)) return false;
     for (int64_t k = store_begin_[j]; k < store_begin_[j + 1]; ++k) {
@@ -364,7 +380,7 @@ class KeptGrid {
 
   // The cells [first, last] of an axis of n cells that a centre c with
   // reach r visits; false when there are none. (A NaN end visits every cell.)
-  static bool cell_range(double c, double r, double lo, double inv_cell, int64_t n,
+  static MASKRCNN_ALWAYS_INLINE bool cell_range(double c, double r, double lo, double inv_cell, int64_t n,
                          int64_t& first, int64_t& last) {
     const double z = (c + r - lo) * inv_cell;
     if (z < 0) return false;  // every stored centre is >= lo
@@ -373,7 +389,7 @@ class KeptGrid {
     return first <= last;
   }
 
-  bool suppressed(int64_t j, const acc_t* b) const {
+  MASKRCNN_ALWAYS_INLINE bool suppressed(int64_t j, const acc_t* b) const {
     const double w = w_[j], h = h_[j], cx = cx_[j], cy = cy_[j];
     const PairGrid& g = grids_[pair_[j]];
     const Extents& c = g.candidates;
@@ -419,7 +435,7 @@ class KeptGrid {
 
 // Below this many boxes that can overlap, a segment tests each box against
 // all kept boxes: cheaper than building a grid.
-constexpr int64_t kGridMinBoxes = 256;
+constexpr int64_t kGridMinBoxes = 512;
 
 // Buffers reused across the segments and the calls a thread processes
 // (fresh large allocations cost a page fault per page, each call), released
@@ -443,50 +459,53 @@ struct Workspace {
 };
 
 // Greedy NMS of the sorted boxes [begin, end) of one segment; writes keep
-// flags for those positions.
+// flags for those positions. A Body of run_for_isa (isa.h), so that the IoU
+// tests of any_exceeds, the hot loop, fill the CPU's widest vectors.
 template <typename acc_t>
-void nms_segment(const acc_t* boxes, int64_t begin, int64_t end, acc_t threshold,
-                 Workspace<acc_t>& ws, bool* keep) {
-  const auto area_of = [&](int64_t i) {
-    const acc_t* b = boxes + 4 * i;
-    return box_area(b[0], b[1], b[2], b[3]);
-  };
-  if (threshold < acc_t(0)) {
-    // IoU 0 already exceeds a negative threshold, so no pruning is exact:
-    // test every kept box.
-    ws.kept.resize(end - begin);
-    int64_t kept = 0;
+struct NmsSegment {
+  static MASKRCNN_ALWAYS_INLINE void run(const acc_t* boxes, int64_t begin, int64_t end,
+                                         acc_t threshold, Workspace<acc_t>& ws, bool* keep) {
+    const auto area_of = [&](int64_t i) {
+      const acc_t* b = boxes + 4 * i;
+      return box_area(b[0], b[1], b[2], b[3]);
+    };
+    if (threshold < acc_t(0)) {
+      // IoU 0 already exceeds a negative threshold, so no pruning is exact:
+      // test every kept box.
+      ws.kept.resize(end - begin);
+      int64_t kept = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t a = area_of(i);
+        keep[i] = !ws.kept.any_exceeds(0, kept, boxes + 4 * i, a, threshold);
+        if (keep[i]) ws.kept.set(kept++, boxes + 4 * i, a);
+      }
+      return;
+    }
+    // For t >= 0 only boxes of finite positive area overlap anything
+    // (box_iou.h), and of those only boxes with x2 > x1 (hence y2 > y1): an
+    // inverted box has an empty intersection with every box. The others are
+    // kept and never suppress. With t >= 1 no pair passes (IoU <= 1).
+    ws.members.clear();
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t a = area_of(i);
-      keep[i] = !ws.kept.any_exceeds(0, kept, boxes + 4 * i, a, threshold);
-      if (keep[i]) ws.kept.set(kept++, boxes + 4 * i, a);
+      keep[i] = true;
+      if (can_overlap(area_of(i)) && boxes[4 * i + 2] > boxes[4 * i]) ws.members.push_back(i);
     }
-    return;
-  }
-  // For t >= 0 only boxes of finite positive area overlap anything
-  // (box_iou.h), and of those only boxes with x2 > x1 (hence y2 > y1): an
-  // inverted box has an empty intersection with every box. The others are
-  // kept and never suppress. With t >= 1 no pair passes (IoU <= 1).
-  ws.members.clear();
-  for (int64_t i = begin; i < end; ++i) {
-    keep[i] = true;
-    if (can_overlap(area_of(i)) && boxes[4 * i + 2] > boxes[4 * i]) ws.members.push_back(i);
-  }
-  const auto m = static_cast<int64_t>(ws.members.size());
-  if (threshold >= acc_t(1) || m < 2) return;
-  if (m < kGridMinBoxes) {
-    ws.kept.resize(m);
-    int64_t kept = 0;
-    for (const int64_t i : ws.members) {
-      const acc_t a = area_of(i);
-      keep[i] = !ws.kept.any_exceeds(0, kept, boxes + 4 * i, a, threshold);
-      if (keep[i]) ws.kept.set(kept++, boxes + 4 * i, a);
+    const auto m = static_cast<int64_t>(ws.members.size());
+    if (threshold >= acc_t(1) || m < 2) return;
+    if (m < kGridMinBoxes) {
+      ws.kept.resize(m);
+      int64_t kept = 0;
+      for (const int64_t i : ws.members) {
+        const acc_t a = area_of(i);
+        keep[i] = !ws.kept.any_exceeds(0, kept, boxes + 4 * i, a, threshold);
+        if (keep[i]) ws.kept.set(kept++, boxes + 4 * i, a);
+      }
+      return;
     }
-    return;
+    ws.grid.build(boxes, ws.members, threshold);
+    for (int64_t j = 0; j < m; ++j) keep[ws.members[j]] = ws.grid.keep(j);
   }
-  ws.grid.build(boxes, ws.members, threshold);
-  for (int64_t j = 0; j < m; ++j) keep[ws.members[j]] = ws.grid.keep(j);
-}
+};
 
 // ------------------------------------------------------------------ order --
 //
@@ -654,7 +673,7 @@ std::vector<char> keep_in_order(const at::Tensor& boxes, const FlatIndex& offset
     const auto t = threshold_as<acc_t>(iou_threshold);
     bool* flags = reinterpret_cast<bool*>(keep_sorted.data());
     const auto run = [&](int64_t s, Workspace<acc_t>& ws) {
-      nms_segment<acc_t>(sorted.data(), bounds[s], bounds[s + 1], t, ws, flags);
+      run_for_isa<NmsSegment<acc_t>>(sorted.data(), bounds[s], bounds[s + 1], t, ws, flags);
     };
     if (segments < 2 || n < kParallelMinBoxes || at::get_num_threads() < 2 ||
         at::in_parallel_region()) {
