@@ -156,7 +156,10 @@ constexpr double kCellsPerBox = 2.0;
 
 // The largest |centre distance| a box of side s can have with an overlapping
 // box of side in [lo, hi] (one axis): max over b of (s + b) / 2 - t max(s, b),
-// piecewise linear in b with its kink at s.
+// piecewise linear in b with its kink at s. Written without a lambda or
+// std::max({...}): those stay out-of-line calls, compiled once for the
+// baseline, and called from the vector copies of the greedy pass they made
+// it 3x slower (isa.h).
 MASKRCNN_ALWAYS_INLINE double reach_to(double s, double b, double t) {
   return 0.5 * (s + b) - t * (s < b ? b : s);
 }
@@ -380,8 +383,8 @@ class KeptGrid {
 
   // The cells [first, last] of an axis of n cells that a centre c with
   // reach r visits; false when there are none. (A NaN end visits every cell.)
-  static MASKRCNN_ALWAYS_INLINE bool cell_range(double c, double r, double lo, double inv_cell, int64_t n,
-                         int64_t& first, int64_t& last) {
+  static MASKRCNN_ALWAYS_INLINE bool cell_range(double c, double r, double lo, double inv_cell,
+                                                int64_t n, int64_t& first, int64_t& last) {
     const double z = (c + r - lo) * inv_cell;
     if (z < 0) return false;  // every stored centre is >= lo
     first = cell_index(c - r, lo, inv_cell, n);
@@ -434,7 +437,8 @@ class KeptGrid {
 };
 
 // Below this many boxes that can overlap, a segment tests each box against
-// all kept boxes: cheaper than building a grid.
+// all kept boxes: cheaper than building a grid, with any instruction set
+// (measured: benchmarks/results/cpu-2026-12-01-nms/notes.md).
 constexpr int64_t kGridMinBoxes = 512;
 
 // Buffers reused across the segments and the calls a thread processes
