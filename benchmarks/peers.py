@@ -15,8 +15,9 @@ Both runtimes get our thread count (``torch.get_num_threads()``) and one
 stream: ONNX Runtime ``intra_op_num_threads`` N, ``inter_op_num_threads`` 1;
 OpenVINO ``INFERENCE_NUM_THREADS`` N, the latency hint, and float32
 inference (its CPU plugin would otherwise run bf16 where the CPU has it),
-bfloat16 for the bfloat16 RoIAlign row (the one half-precision peer: ONNX
-Runtime's CPU RoiAlign takes float and double only).
+bfloat16 for the bfloat16 RoIAlign and NMS rows (the half-precision peer:
+ONNX Runtime's CPU RoiAlign takes float and double only, its
+NonMaxSuppression float only).
 
 Semantics, measured against our ops (see the suite's agree columns):
 
@@ -291,7 +292,7 @@ def nms_openvino(boxes, scores, iou: float, idxs=None, classes: int = 1) -> Call
     compiled = openvino_compile(openvino.Model([selected.output(0), selected.output(2)], [boxes_in, scores_in]),
                                 precision="bf16" if bf16 else "f32")
     # numpy has no bfloat16: bfloat16 inputs go in as OpenVINO tensors of their bits.
-    as_input = (lambda t: _openvino_bf16(t)) if bf16 else numpy_view
+    as_input = _openvino_bf16 if bf16 else numpy_view
 
     def call():
         dense = _dense_class_scores(scores, idxs, classes)
