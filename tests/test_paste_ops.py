@@ -17,6 +17,8 @@ test_cuda_kernels_emulated.py.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -214,12 +216,57 @@ def _allocated_bytes(fn):
 def test_memory_is_the_output_alone():
     """The threshold path allocates the bool output and nothing of D x H x W
     floats (no padded, resized or full-size float masks): what the op
-    allocates beyond its output is under a kilobyte per mask."""
-    masks, boxes = torch.rand(50, 28, 28), make_boxes(50, 400, 600, seed=19)
-    output_bytes = 50 * 400 * 600
-    allocated, out = _allocated_bytes(lambda: ops.paste_masks(masks, boxes, 400, 600, 1, 0.5))
+    allocates beyond its output is under a kilobyte per mask. (An output
+    under the 8 MiB from which csrc/cpu/paste.cpp maps fresh pages, so the
+    allocator, which the profiler sees, gives it.)"""
+    masks, boxes = torch.rand(50, 28, 28), make_boxes(50, 300, 500, seed=19)
+    output_bytes = 50 * 300 * 500
+    allocated, out = _allocated_bytes(lambda: ops.paste_masks(masks, boxes, 300, 500, 1, 0.5))
     assert out.dtype == torch.bool
     assert output_bytes <= allocated <= output_bytes + 50 * 1024, allocated
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_large_output_matches_the_reference(threshold):
+    """Outputs from 8 MiB on start as fresh zero pages (csrc/cpu/paste.cpp):
+    the same values as the reference, zero outside the windows, and the
+    tensor behaves as any other (written to, freed)."""
+    masks, boxes = torch.rand(30, 28, 28), make_boxes(30, 600, 500, seed=23, outside=True)
+    out = maskrcnn_ops.paste_masks(masks, boxes, (600, 500), threshold=threshold)
+    assert out.numel() * out.element_size() >= 8 << 20
+    expected = reference.paste_masks(masks, boxes, (600, 500), threshold=threshold)
+    if threshold is None:
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(out, expected)
+    out.fill_(1)
+    assert bool(out.all())
+    del out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fresh pages are mapped on Linux only")
+def test_large_output_is_resident_only_where_boxes_are():
+    """20 float masks of 2000 x 3000 (480 MB) with boxes of at most about
+    100 x 100 pixels: the resident memory grows by the pages the windows
+    touch (a few MB), not by the output's size, until it is written."""
+
+    def resident_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    g = torch.Generator().manual_seed(29)
+    corners = torch.rand(20, 2, generator=g) * torch.tensor([2900.0, 1900.0])
+    boxes = torch.cat([corners, corners + 20 + torch.rand(20, 2, generator=g) * 80], 1)
+    masks = torch.rand(20, 28, 28)
+    before = resident_bytes()
+    out = maskrcnn_ops.paste_masks(masks, boxes, (2000, 3000))
+    grown = resident_bytes() - before
+    assert out.shape == (20, 2000, 3000)
+    assert grown < 32 << 20, grown
+    total = out.sum(dtype=torch.float64)  # reading the zeros maps no memory either
+    assert resident_bytes() - before < 64 << 20
+    expected = sum(float(reference.paste_masks(masks[i : i + 1], boxes[i : i + 1], (2000, 3000)).sum(dtype=torch.float64)) for i in range(20))
+    assert math.isclose(float(total), expected, rel_tol=1e-6)
 
 
 def test_backward_raises():

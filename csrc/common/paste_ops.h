@@ -2,15 +2,14 @@
 // checks (also masks_to_rle's), the output, and the dtypes each tensor is
 // read in. A backend (csrc/cpu/paste.cpp, csrc/cuda/paste.cu) supplies
 //   Backend::Guard                  made from the inputs' device
-//   Backend::kZeroFirst             whether the output is zeroed before the
-//                                   kernel (CUDA: it writes the windows only)
+//   Backend::zeros(sizes, options)  a zeroed output (the kernels write the
+//                                   boxes' windows only)
 //   Backend::run<mask_t, out_t>(masks, boxes, out, padding, threshold)
 // and registers paste_masks<Backend> as its kernel. Host-only.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -50,12 +49,12 @@ inline void check_threshold(const char* op, double threshold) {
 }
 
 // The output of paste_masks: [D, height, width] in the masks' dtype, or
-// bool when a threshold is given. Uninitialized: the kernels write (CPU) or
-// zero (CUDA) every pixel.
-inline at::Tensor paste_output(const at::Tensor& masks, int64_t height, int64_t width,
-                               const c10::optional<double>& threshold) {
-  return at::empty({masks.size(0), height, width},
-                   masks.options().dtype(threshold.has_value() ? at::kBool : masks.scalar_type()));
+// bool when a threshold is given, zeroed by the backend.
+template <typename Backend>
+at::Tensor paste_output(const at::Tensor& masks, int64_t height, int64_t width,
+                        const c10::optional<double>& threshold) {
+  return Backend::zeros({masks.size(0), height, width},
+                        masks.options().dtype(threshold.has_value() ? at::kBool : masks.scalar_type()));
 }
 
 // masks [D, M, M], boxes [D, 4] -> [D, height, width] (see csrc/ops.cpp).
@@ -68,9 +67,8 @@ at::Tensor paste_masks(const at::Tensor& masks, const at::Tensor& boxes, int64_t
   check_paste_args(op, masks, boxes, height, width, padding);
   if (threshold.has_value()) check_threshold(op, *threshold);
   const typename Backend::Guard guard(masks.device());
-  at::Tensor out = paste_output(masks, height, width, threshold);
+  at::Tensor out = paste_output<Backend>(masks, height, width, threshold);
   if (out.numel() == 0) return out;
-  if (Backend::kZeroFirst) out.zero_();
   const at::Tensor m = masks.contiguous();
   const at::Tensor b = boxes.to(accumulate_dtype(masks.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "paste_masks", [&] {

@@ -1,15 +1,28 @@
-// Mask pasting on CPU: one parallel loop over the D x height output rows.
-// A row outside its mask's window is zeroed; a row inside it is zeroed left
-// and right of the window and computed in between, from the shared geometry
-// and bilinear value of csrc/common/paste_math.h (which the CUDA kernel
-// runs too). So every output byte is written once, and the interpolation
-// runs only on the boxes' visible pixels. Each task takes consecutive rows,
-// mostly of one mask, and computes that mask's window and column taps once.
+// Mask pasting on CPU: the output starts zeroed, and one parallel loop over
+// the D x height output rows computes the pixels of each mask's window (rows
+// outside it are skipped), from the shared geometry and bilinear value of
+// csrc/common/paste_math.h (which the CUDA kernel runs too). Each task takes
+// consecutive rows, mostly of one mask, and computes that mask's window and
+// column taps once.
+//
+// The output is mostly zeros (a few boxes in each whole image: 100 float
+// masks of 800 x 1088 are 348 MB, of which the boxes cover a few percent).
+// A large one is therefore taken as fresh anonymous pages, which read as
+// zero until written: only the pages a window touches are faulted in and
+// become resident; writing the zeros would fault in, clear and write every
+// page (most of the op's time, and its whole size in resident memory).
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/Device.h>
 #include <torch/library.h>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -23,6 +36,28 @@ namespace {
 
 // Output pixels below which a task is not worth a thread.
 constexpr int64_t kPixelsPerTask = 32768;
+
+// Outputs from this size on are mapped afresh (see the top of the file);
+// smaller ones come from the allocator and are zeroed (a mapping costs two
+// system calls and a fault per page written).
+constexpr int64_t kFreshPagesMinBytes = int64_t(8) << 20;
+
+// A zeroed CPU tensor, contiguous.
+at::Tensor zeroed_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  // Throws on a size that overflows, as the allocator's path does.
+  const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
+  if (bytes >= static_cast<size_t>(kFreshPagesMinBytes)) {
+    void* pages = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (pages != MAP_FAILED) {
+      const auto unmap = [bytes](void* p) { munmap(p, bytes); };
+      return at::from_blob(pages, sizes, unmap, options);
+    }
+    // Out of address space or mappings: the allocator reports it as usual.
+  }
+#endif
+  return at::zeros(sizes, options);
+}
 
 template <typename mask_t, typename out_t>
 void paste_rows(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
@@ -52,16 +87,11 @@ void paste_rows(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& ou
         for (int64_t x = window.left; x < window.left + window.cols(); ++x)
           col_taps[x - window.left] = paste_col_tap<acc_t>(window, x, source);
       }
-      if (window.empty() || y < window.top || y >= window.bottom) {
-        std::fill(row, row + width, out_t(0));
-        continue;
-      }
+      if (window.empty() || y < window.top || y >= window.bottom) continue;
       const PaddedMask<mask_t> mask{mask_data + n * side * side, side, padding};
       const PasteTap<acc_t> row_tap = paste_row_tap<acc_t>(window, y, source);
-      std::fill(row, row + window.left, out_t(0));
       for (int64_t x = window.left; x < window.right; ++x)
         row[x] = paste_store<out_t>(mask.template value<acc_t>(row_tap, col_taps[x - window.left]), cut);
-      std::fill(row + window.right, row + width, out_t(0));
     }
   });
 }
@@ -70,7 +100,9 @@ struct CpuBackend {
   struct Guard {
     explicit Guard(c10::Device) {}
   };
-  static constexpr bool kZeroFirst = false;  // paste_rows writes every pixel
+  static at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return zeroed_cpu(sizes, options);
+  }
 
   template <typename mask_t, typename out_t>
   static void run(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,

@@ -5,6 +5,7 @@
 // M x M masks and the boxes to the CPU (maskrcnn_ops/paste_ops.py).
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,7 +19,9 @@ namespace {
 
 struct CudaBackend {
   using Guard = c10::cuda::CUDAGuard;
-  static constexpr bool kZeroFirst = true;  // the kernel writes the windows only
+  static at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::zeros(sizes, options);  // one memset; the kernel writes the windows only
+  }
 
   template <typename mask_t, typename out_t>
   static void run(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
