@@ -46,7 +46,10 @@ def paste_masks(
 
     Returns:
         [D, height, width] in masks' dtype (rounded once from float32), or
-        bool with ``threshold``; zero outside each box's visible part.
+        bool with ``threshold``; zero outside each box's visible part. On
+        the CPU (Linux) an output of 8 MiB or more is fresh anonymous
+        memory: resident only where boxes were written until it is written
+        to (reading the zeros maps no memory).
     """
     height, width = image_size
     if threshold is not None:
