@@ -42,23 +42,6 @@ constexpr int64_t kPixelsPerTask = 32768;
 // system calls and a fault per page written).
 constexpr int64_t kFreshPagesMinBytes = int64_t(8) << 20;
 
-// A zeroed CPU tensor, contiguous.
-at::Tensor zeroed_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#ifdef __linux__
-  // Throws on a size that overflows, as the allocator's path does.
-  const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
-  if (bytes >= static_cast<size_t>(kFreshPagesMinBytes)) {
-    void* pages = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (pages != MAP_FAILED) {
-      const auto unmap = [bytes](void* p) { munmap(p, bytes); };
-      return at::from_blob(pages, sizes, unmap, options);
-    }
-    // Out of address space or mappings: the allocator reports it as usual.
-  }
-#endif
-  return at::zeros(sizes, options);
-}
-
 template <typename mask_t, typename out_t>
 void paste_rows(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
                 double threshold) {
@@ -100,8 +83,21 @@ struct CpuBackend {
   struct Guard {
     explicit Guard(c10::Device) {}
   };
+  // A zeroed output, contiguous: fresh pages from kFreshPagesMinBytes on.
   static at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return zeroed_cpu(sizes, options);
+#ifdef __linux__
+    // Throws on a size that overflows, as the allocator's path does.
+    const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
+    if (bytes >= static_cast<size_t>(kFreshPagesMinBytes)) {
+      void* pages = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (pages != MAP_FAILED) {
+        const auto unmap = [bytes](void* p) { munmap(p, bytes); };
+        return at::from_blob(pages, sizes, unmap, options);
+      }
+      // Out of address space or mappings: the allocator reports it as usual.
+    }
+#endif
+    return at::zeros(sizes, options);
   }
 
   template <typename mask_t, typename out_t>
